@@ -1,0 +1,248 @@
+"""How analysis and compile times grow with the graph, against fixed targets.
+
+    python benchmarks/scaling.py                  # every case, PASS/MISS table
+    python benchmarks/scaling.py --profile        # + cProfile top entries of each MISS
+    python benchmarks/scaling.py --case resnet50  # one case, JSON lines (used internally)
+
+Cases run in fresh subprocesses (clean peak RSS, no cache carried between cases), each
+after a warm-up on a tiny model. "analyse+compile" is ``fxprune.analyze`` (trace, shape
+propagation, find_groups) plus ``fxprune.compile`` (slice_weights, check_sliced) of an
+l1 plan at ratio 0.5; the plan itself is timed apart. Times are medians of ``--repeats``
+runs in one process (one run for the 1000-block net and ViT-H/14). Targets are judged
+on wall-clock medians; the process CPU time of analyse + compile (all threads) is
+printed beside them because a loaded machine inflates wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import fxprune  # noqa: E402
+
+SCALING_TARGET = 12.0       # 1000-block analyse+compile <= 12x the 100-block one
+RESNET50_TARGET_S = 1.0
+VIT_B_TARGET_S = 2.0
+
+
+class Block(nn.Module):
+    """conv-bn-relu-conv-bn + identity add."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+
+
+class ResidualNet(nn.Module):
+    """A stem, ``blocks`` residual blocks that all share one residual channel space, a head."""
+
+    def __init__(self, blocks: int, c: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.blocks = nn.Sequential(*[Block(c) for _ in range(blocks)])
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+# ----------------------------------------------------------------------------------
+# One case, in this process
+# ----------------------------------------------------------------------------------
+def _model(case: str) -> tuple[nn.Module, tuple]:
+    if case.startswith("blocks-"):
+        return ResidualNet(int(case.split("-")[1])).eval(), (torch.randn(1, 3, 8, 8),)
+    import torchvision
+
+    if case == "vit_h_14-meta":
+        with torch.device("meta"):
+            model = torchvision.models.get_model("vit_h_14", weights=None).eval()
+        return model, (torch.randn(1, 3, 224, 224, device="meta"),)
+    return torchvision.models.get_model(case, weights=None).eval(), (torch.randn(1, 3, 224, 224),)
+
+
+def _emit(**fields: Any) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run_case(case: str, repeats: int, profile: bool) -> None:
+    torch.manual_seed(0)
+    warm, warm_x = ResidualNet(2).eval(), (torch.randn(1, 3, 8, 8),)
+    fxprune.compile(warm, fxprune.Plan.from_ratio(fxprune.analyze(warm, warm_x), 0.5))
+    _emit(case=case, rss_after_warmup_mb=_peak_rss_mb())
+    model, inputs = _model(case)
+    _emit(case=case, params=sum(p.numel() for p in model.parameters()))
+    with_compile = case != "vit_h_14-meta"
+    runs = 1 if case in ("blocks-1000", "vit_h_14-meta") or profile else repeats
+    prof = cProfile.Profile() if profile else None
+    analyse_s, plan_s, compile_s, cpu_s = [], [], [], []
+    for _ in range(runs):
+        if prof:
+            prof.enable()
+        cpu, start = time.process_time(), time.perf_counter()
+        analysis = fxprune.analyze(model, inputs)
+        analyse_s.append(time.perf_counter() - start)
+        cpu_s.append(time.process_time() - cpu)
+        _emit(case=case, analyse_s=analyse_s[-1], nodes=len(analysis.gm.graph.nodes),
+              groups=len(analysis.groups), units=sum(g.size for g in analysis.groups))
+        if with_compile:
+            start = time.perf_counter()
+            plan = fxprune.Plan.from_ratio(analysis, 0.5, criterion="l1")
+            plan_s.append(time.perf_counter() - start)
+            _emit(case=case, plan_s=plan_s[-1])
+            cpu, start = time.process_time(), time.perf_counter()
+            fxprune.compile(model, plan)
+            compile_s.append(time.perf_counter() - start)
+            cpu_s[-1] += time.process_time() - cpu  # analyse + compile, all threads
+            _emit(case=case, compile_s=compile_s[-1])
+        if prof:
+            prof.disable()
+    result = {"case": case, "runs": runs, "analyse_s": statistics.median(analyse_s),
+              "peak_rss_mb": _peak_rss_mb(), "cpu_s": statistics.median(cpu_s)}
+    if with_compile:
+        total = [a + c for a, c in zip(analyse_s, compile_s)]
+        result.update(plan_s=statistics.median(plan_s), compile_s=statistics.median(compile_s),
+                      total_s=statistics.median(total), total_min_s=min(total))
+    _emit(final=True, **result)
+    if prof:
+        for key in ("tottime", "cumulative"):
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).strip_dirs().sort_stats(key).print_stats(15)
+            print(f"--- cProfile {case}, top 15 by {key} ---")
+            print("\n".join(ln for ln in text.getvalue().splitlines()
+                            if ln.strip() and not ln.lstrip().startswith(("Ordered", "List"))))
+
+
+# ----------------------------------------------------------------------------------
+# Driver: every case in a subprocess, then the table
+# ----------------------------------------------------------------------------------
+def run_sub(case: str, args: argparse.Namespace, profile: bool = False) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--case", case, "--repeats", str(args.repeats)]
+    if profile:
+        cmd.append("--profile")
+    merged: dict[str, Any] = {"case": case}
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        out, err, code = done.stdout, done.stderr, done.returncode
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        err, code = "", None
+        merged["timeout"] = True
+    for line in out.splitlines():
+        if line.startswith("{"):
+            merged.update(json.loads(line))
+    if profile:
+        merged["profile"] = "\n".join(ln for ln in out.splitlines() if not ln.startswith("{"))
+    if code not in (0, None):
+        merged["error"] = (err.strip().splitlines() or ["?"])[-1][:300]
+    return merged
+
+
+def _secs(r: dict[str, Any], key: str) -> str:
+    if key in r:
+        return f"{r[key]:.2f} s"
+    return f"> {r['timeout_s']:.0f} s (timeout)" if r.get("timeout") else r.get("error", "-")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--case", help="run one case here and print JSON lines")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per case")
+    parser.add_argument("--profile", action="store_true",
+                        help="with --case: profile it; otherwise profile every MISS")
+    args = parser.parse_args(argv)
+    if args.case:
+        run_case(args.case, args.repeats, args.profile)
+        return 0
+
+    from tabulate import tabulate
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s); "
+          f"medians of {args.repeats} runs; each case in a fresh process", flush=True)
+    results = {}
+    for case in ("blocks-100", "blocks-1000", "resnet50", "vit_b_16", "vit_h_14-meta"):
+        results[case] = run_sub(case, args)
+        results[case]["timeout_s"] = args.timeout
+        print(f"  {case}: {json.dumps({k: v for k, v in results[case].items() if k != 'profile'})}",
+              file=sys.stderr, flush=True)
+
+    detail = []
+    for case, r in results.items():
+        detail.append([case, r.get("nodes", "-"), r.get("groups", "-"), r.get("units", "-"),
+                       _secs(r, "analyse_s"), _secs(r, "plan_s") if "vit_h" not in case else "-",
+                       _secs(r, "compile_s") if "vit_h" not in case else "-",
+                       _secs(r, "total_s") if "vit_h" not in case else "-",
+                       _secs(r, "cpu_s"),
+                       f"{r['peak_rss_mb']:.0f} MB" if "peak_rss_mb" in r else "-"])
+    print(tabulate(detail, headers=["case", "nodes", "groups", "units", "analyse", "plan",
+                                    "compile", "analyse+compile", "(CPU time)",
+                                    "peak RSS"]))
+    print()
+
+    b100, b1000 = results["blocks-100"], results["blocks-1000"]
+    if "total_s" in b100 and "total_s" in b1000:
+        ratio = b1000["total_s"] / b100["total_s"]
+        measured = f"{ratio:.1f}x ({b1000['total_s']:.2f} s / {b100['total_s']:.2f} s)"
+        ok = ratio <= SCALING_TARGET
+    else:
+        low = b1000.get("analyse_s", 0) + args.timeout if b1000.get("timeout") else None
+        measured = (f"> {low / b100['total_s']:.0f}x (1000 blocks timed out after "
+                    f"{args.timeout:.0f} s; 100 blocks {b100['total_s']:.2f} s)"
+                    if low and "total_s" in b100 else "not measured: " + b1000.get("error", "?"))
+        ok = False
+    rows = [["1000-block / 100-block analyse+compile", f"<= {SCALING_TARGET:.0f}x", measured,
+             "PASS" if ok else "MISS", "blocks-100"]]
+    for case, target in (("resnet50", RESNET50_TARGET_S), ("vit_b_16", VIT_B_TARGET_S)):
+        r = results[case]
+        got = r.get("total_s")
+        rows.append([f"{case} analyse+compile", f"< {target:.0f} s",
+                     f"{got:.2f} s (min {r['total_min_s']:.2f} s)" if got else _secs(r, "x"),
+                     "PASS" if got is not None and got < target else "MISS", case])
+    vh = results["vit_h_14-meta"]
+    weights_mb = vh.get("params", 0) * 4 / 2**20  # what real float32 weights would take
+    rss = vh.get("peak_rss_mb")
+    rows.append(["vit_h_14 on meta: analyse time", "report", _secs(vh, "analyse_s"),
+                 "PASS" if "analyse_s" in vh else "MISS", "vit_h_14-meta"])
+    rows.append(["vit_h_14 on meta: peak RSS", f"< its fp32 weights ({weights_mb:.0f} MB)",
+                 f"{rss:.0f} MB (after imports+warm-up {vh['rss_after_warmup_mb']:.0f} MB)"
+                 if rss else "-", "PASS" if rss and rss < weights_mb else "MISS",
+                 "vit_h_14-meta"])
+    print(tabulate([r[:4] for r in rows], headers=["target", "wanted", "measured", ""]))
+
+    if args.profile:
+        missed = list(dict.fromkeys(r[4] for r in rows if r[3] == "MISS"))
+        for case in missed:
+            prof = run_sub(case, args, profile=True)
+            print(f"\n=== MISS: cProfile of {case} (one run) ===")
+            print(prof.get("profile") or _secs(prof, "total_s"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,141 @@
+"""Analysis results: coupled groups of parameter slices (frozen, keyed by names)."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch.fx
+
+__all__ = ["Member", "ChannelGroup", "GroupAnalysis"]
+
+
+@dataclass(frozen=True)
+class Member:
+    """One parameter (or buffer) dim that a group slices.
+
+    ``units[i]`` is the group-local unit that index ``i`` along ``dim`` belongs to, or -1
+    when that index belongs to another group or is never pruned (a concat consumer's
+    columns span several groups).
+    """
+
+    fqn: str
+    dim: int
+    role: str  # "out": starts the space; "in": consumes it; "dep": follows it
+    units: np.ndarray = field(repr=False, compare=False)
+
+    def indices(self, unit: int) -> np.ndarray:
+        """Indices along ``dim`` removed together with ``unit``."""
+        return np.flatnonzero(self.units == unit)
+
+    @property
+    def index_map(self) -> str:
+        """Short description: how units map to indices (identity, offset, xK, blocked)."""
+        inside = np.flatnonzero(self.units >= 0)
+        if not len(inside):
+            return "-"
+        lo, hi = int(inside[0]), int(inside[-1]) + 1
+        u = self.units[lo:hi]
+        per = len(inside) // max(len(np.unique(u[u >= 0])), 1)
+        span = f"[{lo}:{hi}]" if (lo, hi) != (0, len(self.units)) else ""
+        contiguous = len(inside) == hi - lo
+        if per == 1:
+            kind = "identity" if contiguous and np.all(np.diff(u) >= 0) else "permuted"
+        elif np.all(np.diff(u) >= 0):
+            kind = f"x{per} blocks"
+        else:
+            kind = f"x{per} strided"
+        return f"{kind}{span}" if contiguous else f"{kind}{span} (partial)"
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """A coupled group: parameter slices that must be removed together.
+
+    ``size`` prunable units, each covering ``granularity`` indices of the group's source
+    weight (1 for channels, head_dim for heads). ``exact`` is False when the group passes
+    a channel mixer (LayerNorm, softmax over channels): pruning it is legal, not exact.
+    """
+
+    id: int
+    size: int
+    granularity: int
+    exact: bool
+    members: tuple[Member, ...]
+    nodes: tuple[str, ...]
+    edges: tuple[tuple[str, str], ...] = field(repr=False)
+    merged_by: tuple[str, ...] = field(repr=False)
+    inexact_because: tuple[str, ...] = field(repr=False)
+    pinned_because: tuple[str, ...] = field(repr=False)
+    origin: str = ""
+
+    @property
+    def name(self) -> str:
+        """Stable, readable key: the first source slice, e.g. ``layer1.0.conv1.weight[0]``."""
+        for m in self.members:
+            if m.role == "out":
+                return f"{m.fqn}[{m.dim}]"
+        return self.members[0].fqn + f"[{self.members[0].dim}]" if self.members else self.origin
+
+    def to_networkx(self):
+        """The group's channel space as a DiGraph: FX nodes, data edges, parameter slices."""
+        from fxprune.inspect import group_graph
+
+        return group_graph(self)
+
+    def to_dot(self) -> str:
+        from fxprune.inspect import group_dot
+
+        return group_dot(self)
+
+    def why(self) -> str:
+        """Which coupling nodes merged this group's spaces (the answer to "why coupled?")."""
+        from fxprune.inspect import explain
+
+        return explain(self)
+
+
+@dataclass(frozen=True)
+class GroupAnalysis:
+    """Result of ``find_groups``: groups plus the per-node unit labels the rewrites use.
+
+    Labels are global prunable-unit ids: ``group_of[label]`` and ``local_of[label]`` give
+    the group id and the unit's index inside it; -1 marks indices that are never pruned.
+    """
+
+    gm: torch.fx.GraphModule = field(repr=False, compare=False)
+    groups: tuple[ChannelGroup, ...]
+    fingerprint: str
+    node_labels: Mapping[str, Any] = field(repr=False, compare=False)
+    tensor_labels: Mapping[tuple[str, int], np.ndarray] = field(repr=False, compare=False)
+    group_of: np.ndarray = field(repr=False, compare=False)
+    local_of: np.ndarray = field(repr=False, compare=False)
+    barriers: tuple[str, ...] = field(repr=False, default=())
+    example_inputs: tuple = field(repr=False, compare=False, default=())
+    module_notes: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
+    tensor_aliases: Mapping[str, tuple[str, ...]] = field(repr=False, compare=False,
+                                                          default_factory=dict)
+    pin_reasons: Mapping[tuple[str, int], tuple[str, ...]] = field(
+        repr=False, compare=False, default_factory=dict)  # why a tensor dim is (partly) pinned
+
+    def group(self, key: int | str) -> ChannelGroup:
+        """A group by id or by name (``"conv1.weight[0]"``)."""
+        for g in self.groups:
+            if g.id == key or g.name == key:
+                return g
+        raise KeyError(f"no group {key!r}; groups are {[g.name for g in self.groups][:10]}...")
+
+    @property
+    def num_units(self) -> int:
+        return int(len(self.group_of))
+
+    def table(self, *, max_members: int = 4, tablefmt: str = "simple") -> str:
+        from fxprune.inspect import analysis_table
+
+        return analysis_table(self, max_members=max_members, tablefmt=tablefmt)
+
+    def to_networkx(self):
+        from fxprune.inspect import analysis_graph
+
+        return analysis_graph(self)

@@ -1,0 +1,375 @@
+"""Plans: for each group, the unit indices to keep. Serializable and graph-bound."""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from fxprune.errors import PlanError
+from fxprune.groups import ChannelGroup, GroupAnalysis
+
+__all__ = ["Plan", "magnitude_scores"]
+
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Kept unit indices per group, bound to one graph by ``fingerprint``.
+
+    ``keep`` maps group names (``"layer1.0.conv1.weight[0]"``) to sorted unit indices;
+    groups not named keep everything. ``sizes`` records each named group's size so that
+    a plan is checked against the graph it is applied to.
+    """
+
+    fingerprint: str
+    keep: Mapping[str, tuple[int, ...]]
+    sizes: Mapping[str, int]
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    analysis: GroupAnalysis | None = field(default=None, repr=False, compare=False)
+
+    # -- construction --------------------------------------------------------------------
+    @classmethod
+    def keep_all(cls, analysis: GroupAnalysis) -> "Plan":
+        return cls.from_indices(analysis, {})
+
+    @classmethod
+    def from_indices(cls, analysis: GroupAnalysis, keep: Mapping[int | str, Iterable[int]],
+                     *, remove: bool = False) -> "Plan":
+        """From explicit unit indices per group (by id or name); ``remove=True`` inverts."""
+        out: dict[str, tuple[int, ...]] = {}
+        for key, idx in keep.items():
+            g = analysis.group(key)
+            chosen = sorted({int(i) for i in idx})
+            if any(i < 0 or i >= g.size for i in chosen):
+                raise PlanError(f"group {g.name}: unit indices must lie in [0, {g.size})")
+            if remove:
+                chosen = sorted(set(range(g.size)) - set(chosen))
+            out[g.name] = tuple(chosen)
+        return cls._make(analysis, out)
+
+    @classmethod
+    def from_tensor_indices(cls, analysis: GroupAnalysis,
+                            keep: Mapping[str | tuple[str, int], Iterable[int]], *,
+                            block: int = 1) -> "Plan":
+        """From kept indices of parameter dims: ``{"l0.q_proj.weight": rows}`` (dim 0) or
+        ``{(fqn, dim): indices}``; ``block`` counts in blocks (``block=head_dim``: heads).
+
+        A unit may span several indices of several tensors (a key/value head with its
+        query heads under GQA; a rotary pair ``(i, i + head_dim/2)`` in every head): a cut
+        through one raises ``PlanError`` naming the module and the valid index sets.
+        """
+        removed: dict[str, set[int]] = {}
+        kept_units: dict[str, set[int]] = {}
+        for key, idx in keep.items():
+            fqn, dim = (key, 0) if isinstance(key, str) else key
+            labels, where = _tensor_labels(analysis, fqn, dim)
+            mask = np.zeros(len(labels), dtype=bool)
+            for i in {int(i) for i in idx}:
+                if not 0 <= i * block < len(labels):
+                    raise PlanError(f"{where}: index {i} out of range ({len(labels) // block} "
+                                    f"{'blocks' if block > 1 else 'indices'})")
+                mask[i * block:(i + 1) * block] = True
+            pinned = ~mask & (labels < 0)
+            if pinned.any():
+                reasons = "; ".join(analysis.pin_reasons.get((fqn, dim), ())) or "never coupled"
+                raise PlanError(f"{where}: indices {_ranges(np.flatnonzero(pinned) // block)} "
+                                f"cannot be removed, they are pinned ({reasons})")
+            split = np.intersect1d(labels[mask & (labels >= 0)], labels[~mask & (labels >= 0)])
+            if len(split):
+                raise PlanError(_split_message(analysis, where, labels, int(split[0]), block))
+            for lab in np.unique(labels[labels >= 0]).tolist():
+                g = analysis.groups[int(analysis.group_of[lab])]
+                local = int(analysis.local_of[lab])
+                side = kept_units if mask[labels == lab][0] else removed
+                other = removed if side is kept_units else kept_units
+                if local in other.get(g.name, ()):
+                    raise PlanError(f"{where}: unit {local} of group {g.name} is kept by one "
+                                    "entry and removed by another")
+                side.setdefault(g.name, set()).add(local)
+        out = {name: tuple(sorted(set(range(analysis.group(name).size)) - units))
+               for name, units in removed.items()}
+        return cls._make(analysis, out, meta={"from": "tensor_indices"})
+
+    @classmethod
+    def from_ratio(cls, analysis: GroupAnalysis, ratio: float, *,
+                   criterion: str | Callable[[GroupAnalysis, ChannelGroup], np.ndarray] = "l1",
+                   round_to: int = 1, ignore: Iterable[str] = (), exact_only: bool = False,
+                   seed: int = 0) -> "Plan":
+        """Remove ``ratio`` of every group's units, lowest score first.
+
+        ``criterion``: "l1" / "l2" magnitude of every member slice, "random", or a callable
+        ``(analysis, group) -> scores``. ``round_to``: kept counts are multiples of it.
+        ``ignore``: module or parameter name prefixes whose groups stay whole.
+        """
+        if not 0.0 <= ratio < 1.0 or math.isnan(ratio):
+            raise PlanError(f"ratio must lie in [0, 1), got {ratio}")
+        if round_to < 1:
+            raise PlanError("round_to must be >= 1")
+        ignore = tuple(ignore)
+        rng = np.random.default_rng(seed)
+        out: dict[str, tuple[int, ...]] = {}
+        scored: dict[str, np.ndarray] = {}
+        for g in analysis.groups:
+            if exact_only and not g.exact:
+                continue
+            if any(m.fqn == p or m.fqn.startswith(p + ".") for m in g.members for p in ignore):
+                continue
+            n_keep = max(round_to, int(round(g.size * (1 - ratio) / round_to)) * round_to)
+            n_keep = min(n_keep, g.size)
+            if n_keep >= g.size:
+                continue
+            if criterion == "random":
+                scores = rng.random(g.size)
+            elif callable(criterion):
+                scores = np.asarray(criterion(analysis, g), dtype=np.float64)
+            else:
+                scores = magnitude_scores(analysis, g, p=2 if criterion == "l2" else 1)
+            order = np.argsort(-scores, kind="stable")
+            out[g.name] = tuple(sorted(order[:n_keep].tolist()))
+            scored[g.name] = scores
+        out = _keep_every_dim(analysis, out, scored)
+        return cls._make(analysis, out, meta={"ratio": ratio, "criterion": str(criterion)})
+
+    @classmethod
+    def from_counts(cls, analysis: GroupAnalysis, counts: Mapping[str | tuple[str, int], int],
+                    *, criterion: str | Callable[[GroupAnalysis, ChannelGroup], np.ndarray]
+                    = "l1", seed: int = 0) -> "Plan":
+        """Keep ``n`` indices of parameter dims: ``{"blocks.0.attn.qkv.weight": 288}`` (dim
+        0) or ``{(fqn, dim): n}``; which units stay is chosen by ``criterion`` (as in
+        ``from_ratio``) within the dim's group.
+
+        ``n`` must be reachable with whole units. On a head-structured dim a unit covers
+        several indices (``split_policy="heads"``: one head's q, k and v rows;
+        ``"head_dim"``: one index of every head), so a count that does not divide into
+        whole units raises ``PlanError`` naming the module and the valid counts.
+        """
+        rng = np.random.default_rng(seed)
+        out: dict[str, tuple[int, ...]] = {}
+        for key, n in counts.items():
+            fqn, dim = (key, 0) if isinstance(key, str) else key
+            labels, where = _tensor_labels(analysis, fqn, dim)
+            g, units, step, fixed = _dim_units(analysis, labels, where)
+            valid = [fixed + step * j for j in range(1, len(units) + 1)]
+            if n not in valid:
+                raise PlanError(_count_message(where, n, len(labels), g, step, valid))
+            n_units = (n - fixed) // step
+            if g.name in out:
+                kept = np.intersect1d(out[g.name], units)
+                if len(kept) != n_units:
+                    raise PlanError(f"{where}: {n} indices keep {n_units} units of group "
+                                    f"{g.name}, another entry keeps {len(kept)} of them")
+                continue
+            if criterion == "random":
+                scores = rng.random(g.size)
+            elif callable(criterion):
+                scores = np.asarray(criterion(analysis, g), dtype=np.float64)
+            else:
+                scores = magnitude_scores(analysis, g, p=2 if criterion == "l2" else 1)
+            chosen = units[np.argsort(-scores[units], kind="stable")[:n_units]]
+            elsewhere = np.setdiff1d(np.arange(g.size), units)  # units not on this dim stay
+            out[g.name] = tuple(sorted(np.concatenate([chosen, elsewhere]).tolist()))
+        out = {name: keep for name, keep in out.items()
+               if len(keep) < analysis.group(name).size}
+        return cls._make(analysis, out, meta={"from": "counts", "criterion": str(criterion)})
+
+    @classmethod
+    def _make(cls, analysis: GroupAnalysis, keep: dict[str, tuple[int, ...]],
+              meta: Mapping[str, Any] | None = None) -> "Plan":
+        sizes = {name: analysis.group(name).size for name in keep}
+        for name, idx in keep.items():
+            if not idx:
+                raise PlanError(f"plan removes every unit of group {name}: keep at least one "
+                                "(removing whole layers is not supported by this plan)")
+        _check_no_empty_slice(analysis, keep)
+        return cls(analysis.fingerprint, keep, sizes, dict(meta or {}), analysis)
+
+    # -- use -------------------------------------------------------------------------
+    def check(self, analysis: GroupAnalysis) -> None:
+        """Raise ``PlanError`` unless this plan was made for ``analysis``'s graph."""
+        if self.fingerprint != analysis.fingerprint:
+            raise PlanError(
+                f"plan was made for graph {self.fingerprint}, not {analysis.fingerprint}: "
+                "re-create the plan from fxprune.analyze() of this model and inputs")
+        for name, size in self.sizes.items():
+            g = analysis.group(name)
+            if g.size != size:
+                raise PlanError(f"group {name} has {g.size} units, plan expects {size}")
+            if not self.keep[name]:
+                raise PlanError(f"plan removes every unit of group {name}")
+        _check_no_empty_slice(analysis, self.keep)
+
+    def kept_labels(self, analysis: GroupAnalysis) -> np.ndarray:
+        """Bool per global unit label: True where the unit is kept."""
+        self.check(analysis)
+        kept = np.ones(analysis.num_units, dtype=bool)
+        for name, idx in self.keep.items():
+            g = analysis.group(name)
+            mine = analysis.group_of == g.id
+            local = np.zeros(g.size, dtype=bool)
+            local[list(idx)] = True
+            kept[mine] = local[analysis.local_of[mine]]
+        return kept
+
+    def removed(self) -> dict[str, int]:
+        return {n: self.sizes[n] - len(k) for n, k in self.keep.items()}
+
+    # -- serialization -------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps({"version": PLAN_VERSION, "fingerprint": self.fingerprint,
+                           "groups": {n: {"size": self.sizes[n], "keep": list(k)}
+                                      for n, k in self.keep.items()},
+                           "meta": dict(self.meta)}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        data = json.loads(text)
+        if data.get("version") != PLAN_VERSION:
+            raise PlanError(f"unsupported plan version {data.get('version')}")
+        groups = data["groups"]
+        return cls(data["fingerprint"], {n: tuple(g["keep"]) for n, g in groups.items()},
+                   {n: int(g["size"]) for n, g in groups.items()}, data.get("meta", {}))
+
+
+def _tensor_labels(analysis: GroupAnalysis, fqn: str, dim: int) -> tuple[np.ndarray, str]:
+    """Unit labels of a parameter dim (through tied aliases) and a name for messages."""
+    canonical = next((c for c, names in analysis.tensor_aliases.items() if fqn in names), fqn)
+    where = f"module '{fqn.rpartition('.')[0]}': {fqn.rpartition('.')[2]} dim {dim}"
+    labels = analysis.tensor_labels.get((canonical, dim))
+    if labels is None:
+        raise PlanError(f"{where} is not a tensor dim that the analysis tracks")
+    if (labels < 0).all():
+        reasons = "; ".join(analysis.pin_reasons.get((canonical, dim), ())) or "never coupled"
+        raise PlanError(f"{where} cannot be pruned: every index is pinned ({reasons})")
+    return labels, where
+
+
+def _dim_units(analysis: GroupAnalysis, labels: np.ndarray, where: str):
+    """(group, its units on this dim, indices per unit, pinned index count) of one dim."""
+    inside = labels >= 0
+    gids = np.unique(analysis.group_of[labels[inside]])
+    if len(gids) != 1:
+        raise PlanError(f"{where} spans {len(gids)} groups "
+                        f"({', '.join(analysis.groups[int(i)].name for i in gids[:4])}): "
+                        "give counts for each group's own source dim, or use "
+                        "Plan.from_tensor_indices")
+    g = analysis.groups[int(gids[0])]
+    units, widths = np.unique(analysis.local_of[labels[inside]], return_counts=True)
+    if (widths != widths[0]).any():
+        raise PlanError(f"{where}: the units of group {g.name} cover unequal numbers of "
+                        "indices here; use Plan.from_tensor_indices")
+    return g, units, int(widths[0]), int((~inside).sum())
+
+
+def _count_message(where: str, n: int, total: int, g: ChannelGroup, step: int,
+                   valid: list[int]) -> str:
+    shown = ", ".join(map(str, valid)) if len(valid) <= 8 else \
+        f"{', '.join(map(str, valid[:4]))}, ..., {', '.join(map(str, valid[-2:]))}"
+    why = (f"a unit of group {g.name} covers {step} indices here (attention heads are "
+           "removed whole: with split_policy='heads' a unit is one head across q, k and v, "
+           "with 'head_dim' one index of every head)" if step > 1 else
+           f"{total - valid[-1]} indices are pinned")
+    return f"{where}: cannot keep {n} of {total} indices: {why}; valid counts are {shown}"
+
+
+def _split_message(analysis: GroupAnalysis, where: str, labels: np.ndarray, lab: int,
+                   block: int) -> str:
+    """A cut through unit ``lab``: every slice it spans, and this tensor's valid sets."""
+    g = analysis.groups[int(analysis.group_of[lab])]
+    local = int(analysis.local_of[lab])
+    spans = [f"{m.fqn}[{m.dim}] {_ranges(m.indices(local))}" for m in g.members
+             if len(m.indices(local))]
+    units = np.unique(labels[labels >= 0])
+    valid = [_ranges(np.unique(np.flatnonzero(labels == u) // block)) for u in units[:8]]
+    unit_word = "blocks" if block > 1 else "indices"
+    return (f"{where}: the kept {unit_word} cut through unit {local} of group {g.name}, which "
+            f"spans {'; '.join(spans[:6])}. Keep or remove whole units; the valid sets of "
+            f"{unit_word} here are {' | '.join(valid)}{' | ...' if len(units) > 8 else ''} "
+            f"(a key/value head goes with the query heads that share it; a rotary pair "
+            f"(i, i + head_dim/2) goes together)")
+
+
+def _ranges(idx: Iterable[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    idx = sorted(int(i) for i in idx)
+    parts, start = [], None
+    for a, b in zip(idx, idx[1:] + [None]):
+        start = a if start is None else start
+        if b != a + 1:
+            parts.append(f"{start}-{a}" if a != start else f"{a}")
+            start = None
+    return ",".join(parts) if len(parts) <= 12 else ",".join(parts[:12]) + ",..."
+
+
+def _keep_every_dim(analysis: GroupAnalysis, keep: Mapping[str, tuple[int, ...]],
+                    scores: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """Put back the best-scored unit of every tensor dim that ``keep`` would empty.
+
+    A unit may cover a whole layer: ShuffleNet's channel shuffles union the positions
+    of both halves block after block, so a late branch conv's rows all carry one unit
+    of the stage's group. A ratio plan keeps such a layer alive (at least one unit)
+    rather than failing ``_check_no_empty_slice``; the group keeps a few more units.
+    """
+    kept = {name: set(idx) for name, idx in keep.items()}
+    dims: dict[tuple[str, int], list[tuple[str, np.ndarray]]] = {}
+    for name in keep:
+        for m in analysis.group(name).members:
+            dims.setdefault((m.fqn, m.dim), []).append((name, m.units))
+    for parts in dims.values():
+        length = len(parts[0][1])
+        alive = np.zeros(length, dtype=bool)
+        inside = np.zeros(length, dtype=bool)
+        for name, units in parts:
+            inside |= units >= 0
+            alive |= np.isin(units, list(kept[name]))
+        if not length or (alive | ~inside).any():
+            continue
+        name, unit = max(((name, int(u)) for name, units in parts
+                          for u in np.unique(units[units >= 0])),
+                         key=lambda nu: scores[nu[0]][nu[1]])
+        kept[name].add(unit)
+    return {name: tuple(sorted(units)) for name, units in kept.items()}
+
+
+def _check_no_empty_slice(analysis: GroupAnalysis, keep: Mapping[str, Iterable[int]]) -> None:
+    """A tensor dim may not lose every index (a cat input or a split piece whose units are
+    all removed would leave a layer with no channel, which torch cannot run)."""
+    removed: dict[tuple[str, int], np.ndarray] = {}
+    for name, idx in keep.items():
+        g = analysis.group(name)
+        gone = np.setdiff1d(np.arange(g.size), np.asarray(list(idx), dtype=np.int64))
+        for m in g.members:
+            hit = removed.setdefault((m.fqn, m.dim), np.zeros(len(m.units), dtype=bool))
+            hit |= np.isin(m.units, gone)
+    for (fqn, dim), hit in removed.items():
+        if len(hit) and hit.all():
+            raise PlanError(f"plan removes every index of {fqn} dim {dim}: keep at least one "
+                            "of its units (removing a whole branch is not supported), or "
+                            "leave its group whole with ignore=...")
+
+
+def magnitude_scores(analysis: GroupAnalysis, group: ChannelGroup, *, p: int = 1) -> np.ndarray:
+    """Sum over every member slice of the group of |w|^p, per unit (meta tensors: zeros)."""
+    scores = np.zeros(group.size)
+    gm = analysis.gm
+    for m in group.members:
+        t = _tensor(gm, m.fqn)
+        if t is None or t.is_meta or not t.is_floating_point():
+            continue
+        per_index = t.detach().abs().pow(p).float().transpose(0, m.dim).reshape(t.shape[m.dim], -1)
+        per_index = per_index.sum(1).cpu().numpy()
+        inside = m.units >= 0
+        np.add.at(scores, m.units[inside], per_index[inside])
+    return scores
+
+
+def _tensor(gm: torch.nn.Module, fqn: str) -> torch.Tensor | None:
+    obj: Any = gm
+    for part in fqn.split("."):
+        obj = getattr(obj, part, None)
+    return obj if isinstance(obj, torch.Tensor) else None

@@ -1,0 +1,481 @@
+"""Budget-driven planning: from importance scores and a cost target to a ``Plan``.
+
+``plan(analysis, importance, target_macs=0.5)`` asks for half the MACs rather than a
+per-layer ratio. The planner reduces every choice to *how many units each group
+loses* (always its lowest-scored ones) and searches that count on the cost model
+(``passes.cost``), so a target is met exactly as the cost model counts it:
+
+* ``scope="local"``: every group loses the same fraction ``r``; ``r`` is bisected.
+* ``scope="global"``: units of all groups are ranked by score (make the scores
+  comparable with ``normalize=``/``layer_norm=``); the first ``k`` in the ranking go,
+  ``k`` is bisected. Caps apply in both scopes: no group is emptied (at least
+  ``round_to`` units stay), none loses more than ``max_ratio_per_group``, kept counts
+  are multiples of ``round_to``, ``ignore``d groups stay whole, ``overrides`` fix a
+  module's ratio, and units scored ``+inf`` are never removed.
+
+With ``steps > 1`` the budget is reached through intermediate budgets (``schedule``:
+``"linear"`` or ``fn(step, steps) -> fraction of the way``), re-scoring the model with
+the units removed so far masked out (gates at 0) before each step.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fxprune.errors import BudgetError, PlanError
+from fxprune.groups import ChannelGroup, GroupAnalysis
+from fxprune.importance import Importance
+from fxprune.plan import Plan
+
+__all__ = ["plan", "Budget", "SCHEDULES", "TOLERANCE"]
+
+TOLERANCE = 0.01
+SCOPES = ("local", "global")
+SCHEDULES: dict[str, Callable[[int, int], float]] = {}
+
+
+def _schedule(name: str) -> Callable:
+    def register(fn: Callable[[int, int], float]) -> Callable:
+        SCHEDULES[name] = fn
+        return fn
+    return register
+
+
+@_schedule("linear")
+def linear_schedule(step: int, steps: int) -> float:
+    """Equal shares of the budget per step."""
+    return step / steps
+
+
+@_schedule("geometric")
+def geometric_schedule(step: int, steps: int) -> float:
+    """Larger cuts first: 1 - 2^-step, rescaled to end at 1."""
+    return (1.0 - 0.5 ** step) / (1.0 - 0.5 ** steps)
+
+
+# ----------------------------------------------------------------------------------
+# Budgets
+# ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Budget:
+    """What to reach: ``kind`` is "ratio", "macs", "params" or "latency".
+
+    For cost kinds ``value`` is absolute (MACs, parameters, milliseconds); ``dense`` is
+    the unpruned model's cost, ``requested`` what the caller passed.
+    """
+
+    kind: str
+    value: float
+    dense: float = 0.0
+    requested: float = 0.0
+
+    def at(self, fraction: float) -> "Budget":
+        """The intermediate budget ``fraction`` of the way from the dense model."""
+        if self.kind == "ratio":
+            return Budget("ratio", self.value * fraction, 0.0, self.requested)
+        return Budget(self.kind, self.dense - fraction * (self.dense - self.value), self.dense,
+                      self.requested)
+
+
+def _parse_budget(ratio: float | None, targets: Mapping[str, float | None]) -> tuple[str, float]:
+    given = {k: v for k, v in {"ratio": ratio, **targets}.items() if v is not None}
+    if len(given) != 1:
+        raise PlanError("give exactly one of ratio=, target_macs=, target_params=, "
+                        f"target_latency= (got {sorted(given) or 'none'})")
+    kind, value = next(iter(given.items()))
+    value = float(value)
+    if kind == "ratio" and not 0.0 <= value < 1.0:
+        raise PlanError(f"ratio must lie in [0, 1), got {value}")
+    if kind != "ratio" and not (value > 0 and math.isfinite(value)):
+        raise PlanError(f"target_{kind} must be a positive number (a fraction <= 1 of the "
+                        f"dense model, or an absolute count > 1), got {value}")
+    return kind, value
+
+
+# ----------------------------------------------------------------------------------
+# Per-group bounds
+# ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Bounds:
+    """How many units a group may lose, and its fixed ratio if overridden."""
+
+    name: str
+    size: int
+    labels: np.ndarray
+    max_remove: int
+    round_to: int
+    fixed_ratio: float | None
+
+    def removals(self, wanted: int) -> int:
+        """Clamp ``wanted`` removals to the caps; round the kept count up to ``round_to``."""
+        n = min(max(int(wanted), 0), self.max_remove)
+        if n == 0:
+            return 0
+        keep = int(math.ceil((self.size - n) / self.round_to) * self.round_to)
+        return self.size - min(keep, self.size)
+
+    def at_ratio(self, ratio: float) -> int:
+        """Removals for a uniform ratio (kept count rounded to the nearest multiple)."""
+        keep = int(round(self.size * (1.0 - ratio) / self.round_to)) * self.round_to
+        return self.removals(self.size - max(keep, self.round_to))
+
+
+def _matches(fqn: str, prefix: str) -> bool:
+    return fqn == prefix or fqn.startswith(prefix + ".")
+
+
+def _override_for(group: ChannelGroup, overrides: Mapping[str, float]) -> float | None:
+    """The override of the longest module prefix among the group's producers."""
+    producers = [m.fqn for m in group.members if m.role == "out"] or [m.fqn for m in group.members]
+    hits = [p for p in overrides if any(_matches(f, p) for f in producers)]
+    return float(overrides[max(hits, key=len)]) if hits else None
+
+
+def _bounds(analysis: GroupAnalysis, scores: Mapping[str, np.ndarray], *, round_to: int,
+            max_ratio: float, ignore: tuple[str, ...], overrides: Mapping[str, float]
+            ) -> list[_Bounds]:
+    out = []
+    for g in analysis.groups:
+        if any(_matches(m.fqn, p) for m in g.members for p in ignore) or g.size < round_to:
+            continue
+        removable = int((~np.isposinf(scores[g.name])).sum())  # +inf: never removed
+        cap = min(int(math.floor(max_ratio * g.size + 1e-9)), g.size - round_to, removable)
+        fixed = _override_for(g, overrides)
+        if cap <= 0:
+            continue
+        out.append(_Bounds(g.name, g.size, np.flatnonzero(analysis.group_of == g.id), cap,
+                           round_to, fixed))
+    return out
+
+
+# ----------------------------------------------------------------------------------
+# Removal counts -> kept labels
+# ----------------------------------------------------------------------------------
+class _Search:
+    """Removal counts per group as a monotone function of one knob, and their kept labels."""
+
+    def __init__(self, analysis: GroupAnalysis, bounds: list[_Bounds],
+                 scores: Mapping[str, np.ndarray], scope: str) -> None:
+        self.analysis, self.bounds, self.scope = analysis, bounds, scope
+        self.order = {b.name: np.argsort(scores[b.name], kind="stable") for b in bounds}
+        free = [b for b in bounds if b.fixed_ratio is None]
+        self.fixed = {b.name: b.at_ratio(b.fixed_ratio) for b in bounds if b.fixed_ratio is not None}
+        if scope == "global" and free:
+            values = np.concatenate([scores[b.name] for b in free])
+            owner = np.concatenate([np.full(b.size, i) for i, b in enumerate(free)])
+            rankable = ~np.isposinf(values)
+            ranked = np.lexsort((owner[rankable], values[rankable]))
+            self.ranked_owner = owner[rankable][ranked]
+        else:
+            self.ranked_owner = np.zeros(0, dtype=np.int64)
+        self.free = free
+        self.guard = _DimGuard(analysis, scores)
+
+    @property
+    def knob_max(self) -> float:
+        return float(len(self.ranked_owner)) if self.scope == "global" else 1.0
+
+    def counts(self, knob: float) -> dict[str, int]:
+        """Units each group loses at ``knob`` (a ratio, or a rank position when global)."""
+        out = dict(self.fixed)
+        if self.scope == "local":
+            out.update({b.name: b.at_ratio(min(knob, 1.0)) for b in self.free})
+        else:
+            k = int(round(knob))
+            per = np.bincount(self.ranked_owner[:k], minlength=len(self.free))
+            out.update({b.name: b.removals(int(n)) for b, n in zip(self.free, per)})
+        return out
+
+    def global_moves(self, start: int, merged: Callable[[float], dict[str, int]]
+                     ) -> Iterable[tuple[str, int]]:
+        """Walk the ranking from position ``start``: each unit is its group's next move."""
+        raw = np.bincount(self.ranked_owner[:start], minlength=len(self.free))
+        base = merged(float(start))
+        for owner in self.ranked_owner[start:].tolist():
+            raw[owner] += 1
+            b = self.free[owner]
+            yield b.name, max(b.removals(int(raw[owner])), base.get(b.name, 0))
+
+    def kept(self, counts: Mapping[str, int]) -> np.ndarray:
+        """Kept labels: each group's lowest-scored units removed, no tensor dim emptied."""
+        kept = np.ones(self.analysis.num_units, dtype=bool)
+        for b in self.bounds:
+            n = counts.get(b.name, 0)
+            kept[b.labels[self.order[b.name][:n]]] = False
+        return self.guard(kept)
+
+    def keep_indices(self, counts: Mapping[str, int]) -> dict[str, list[int]]:
+        kept = self.kept(counts)
+        return {b.name: np.flatnonzero(kept[b.labels]).tolist()
+                for b in self.bounds if not kept[b.labels].all()}
+
+
+class _DimGuard:
+    """Puts back the best-scored unit of every tensor dim a removal set would empty.
+
+    A unit set can cover a whole layer while its group survives: a concatenated branch
+    (GoogLeNet, DenseNet) or a channel-shuffled half (ShuffleNet) holds only some of
+    the group's units. Such a layer keeps one unit (the plan may then miss ``round_to``
+    for that group by one), as ``Plan.from_ratio`` does.
+    """
+
+    def __init__(self, analysis: GroupAnalysis, scores: Mapping[str, np.ndarray]) -> None:
+        best = np.full(analysis.num_units, -np.inf)
+        for g in analysis.groups:
+            best[analysis.group_of == g.id] = scores[g.name]
+        pieces = [np.unique(lab) for lab in analysis.tensor_labels.values()
+                  if len(lab) and (lab >= 0).all()]
+        self.pieces = [p for p in pieces if len(p) < self._group_size(analysis, p)]
+        self.best = best
+        lengths = np.array([len(p) for p in self.pieces], dtype=np.int64)
+        self.flat = np.concatenate(self.pieces) if self.pieces else np.zeros(0, np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(lengths[:-1])]) if self.pieces else \
+            np.zeros(0, np.int64)
+
+    @staticmethod
+    def _group_size(analysis: GroupAnalysis, labels: np.ndarray) -> int:
+        """Units of the groups ``labels`` touch: a dim holding all of them empties only
+        with its group, which the caps already forbid."""
+        return int(np.isin(analysis.group_of, np.unique(analysis.group_of[labels])).sum())
+
+    def __call__(self, kept: np.ndarray) -> np.ndarray:
+        if not len(self.flat):
+            return kept
+        alive = np.add.reduceat(kept[self.flat].astype(np.int64), self.starts) > 0
+        if alive.all():
+            return kept
+        kept = kept.copy()
+        for i in np.flatnonzero(~alive):
+            piece = self.pieces[i]
+            kept[piece[np.argmax(self.best[piece])]] = True
+        return kept
+
+
+# ----------------------------------------------------------------------------------
+# The planner
+# ----------------------------------------------------------------------------------
+CostFn = Callable[[np.ndarray], float]
+
+
+def plan(analysis: GroupAnalysis, importance: str | Importance | Callable = "l1", *,
+         ratio: float | None = None, target_macs: float | None = None,
+         target_params: float | None = None, target_latency: float | None = None,
+         scope: str = "local", max_ratio_per_group: float = 1.0, round_to: int = 1,
+         ignore: Iterable[str] = (), overrides: Mapping[str, float] | None = None,
+         steps: int = 1, schedule: str | Callable[[int, int], float] = "linear",
+         cost: Any = None, latency: Any = None, tolerance: float = TOLERANCE) -> Plan:
+    """A ``Plan`` that meets one budget, removing the lowest-scored units.
+
+    ``importance``: a criterion name (``fxprune.importance.CRITERIA``), an
+    ``Importance`` (data-driven criteria need one, with data), or ``fn(analysis, group)
+    -> scores``. Budgets (exactly one): ``ratio`` of units removed (per group when
+    local, of all ranked units when global); ``target_macs``/``target_params``/
+    ``target_latency``: a fraction (<= 1) of the dense model's cost or an absolute
+    value (> 1: MACs, parameters, milliseconds). Targets are met from below, within
+    ``tolerance`` (relative) where the units' granularity allows; otherwise a warning
+    says by how much. ``cost``: a precomputed ``passes.cost.CostModel``; ``latency``: a
+    precomputed ``passes.cost.LatencyTable`` (else measured now, on this device, and
+    cached). Raises ``BudgetError`` when the target is below what the model costs with
+    every prunable group at its minimum, ``PlanError`` for invalid arguments.
+    """
+    kind, value = _parse_budget(ratio, {"macs": target_macs, "params": target_params,
+                                        "latency": target_latency})
+    if scope not in SCOPES:
+        raise PlanError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if not 0.0 < max_ratio_per_group <= 1.0:
+        raise PlanError(f"max_ratio_per_group must lie in (0, 1], got {max_ratio_per_group}")
+    if not isinstance(round_to, int) or round_to < 1:
+        raise PlanError(f"round_to must be an integer >= 1, got {round_to!r}")
+    if not isinstance(steps, int) or steps < 1:
+        raise PlanError(f"steps must be an integer >= 1, got {steps!r}")
+    overrides = dict(overrides or {})
+    for module, r in overrides.items():
+        if not 0.0 <= float(r) < 1.0:
+            raise PlanError(f"override for {module!r} must lie in [0, 1), got {r}")
+    fraction_of = _schedule_fn(schedule)
+    imp = _as_importance(importance)
+
+    if cost is None and (kind != "ratio" or imp.cost_kind is not None):
+        from passes.cost import compute_cost
+
+        cost = compute_cost(analysis)
+    cost_fn = _cost_fn(kind, cost, latency)
+    budget = _absolute(kind, value, cost_fn)
+
+    kept = np.ones(analysis.num_units, dtype=bool)
+    counts: dict[str, int] = {}
+    search: _Search | None = None
+    for step in range(1, steps + 1):
+        fraction = 1.0 if step == steps else float(fraction_of(step, steps))
+        if not 0.0 <= fraction <= 1.0:
+            raise PlanError(f"schedule gave {fraction} at step {step}; fractions lie in [0, 1]")
+        scores = _rescored(imp, analysis, kept, cost)
+        bounds = _bounds(analysis, scores, round_to=round_to, max_ratio=max_ratio_per_group,
+                         ignore=tuple(ignore), overrides=overrides)
+        search = _Search(analysis, bounds, scores, scope)
+        counts = _solve(search, budget.at(fraction), cost_fn, tolerance,
+                        final=step == steps, previous=counts)
+        kept = search.kept(counts)
+    assert search is not None
+    meta = {"criterion": imp.name, "scope": scope, "budget": kind, "requested": value,
+            "steps": steps, "round_to": round_to}
+    if cost is not None:
+        achieved = cost.evaluate(kept)
+        meta.update({"macs": achieved.macs, "params": achieved.params,
+                     "memory": achieved.memory, "dense_macs": cost.dense.macs,
+                     "dense_params": cost.dense.params})
+    if kind == "latency":
+        meta["latency_ms"] = cost_fn(kept)
+    base = Plan.from_indices(analysis, search.keep_indices(counts))
+    return Plan(base.fingerprint, base.keep, base.sizes, meta, analysis)
+
+
+def _schedule_fn(schedule: str | Callable[[int, int], float]) -> Callable[[int, int], float]:
+    if callable(schedule):
+        return schedule
+    if schedule not in SCHEDULES:
+        raise PlanError(f"schedule must be a callable or one of {sorted(SCHEDULES)}")
+    return SCHEDULES[schedule]
+
+
+def _as_importance(importance: str | Importance | Callable) -> Importance:
+    if isinstance(importance, Importance):
+        return importance
+    return Importance(importance)
+
+
+def _rescored(imp: Importance, analysis: GroupAnalysis, kept: np.ndarray, cost: Any
+              ) -> dict[str, np.ndarray]:
+    """Scores with the units removed so far first in every ranking (-inf)."""
+    scores = imp.scores(analysis, kept=None if kept.all() else kept, cost=cost)
+    if kept.all():
+        return scores
+    out = {}
+    for g in analysis.groups:
+        s = scores[g.name].copy()
+        s[~kept[analysis.group_of == g.id]] = -np.inf
+        out[g.name] = s
+    return out
+
+
+def _cost_fn(kind: str, cost: Any, latency: Any) -> CostFn | None:
+    if kind == "ratio":
+        return None
+    if kind == "latency":
+        if latency is None:
+            from passes.cost import measure_latency
+
+            latency = measure_latency(cost)
+        return _LatencyCost(latency, cost)
+    return _KindCost(cost, kind)
+
+
+class _KindCost:
+    """MACs or parameters of the model pruned to ``kept``."""
+
+    def __init__(self, cost: Any, kind: str) -> None:
+        self.cost, self.kind = cost, kind
+
+    def __call__(self, kept: np.ndarray | None) -> float:
+        return self.cost.evaluate(kept)[self.kind]
+
+
+class _LatencyCost:
+    """Predicted latency (ms) from the measured per-node table."""
+
+    def __init__(self, table: Any, cost: Any) -> None:
+        self.table, self.cost = table, cost
+
+    def __call__(self, kept: np.ndarray | None) -> float:
+        return self.table.predict(self.cost, kept)
+
+
+def _absolute(kind: str, value: float, cost_fn: CostFn | None) -> Budget:
+    if kind == "ratio":
+        return Budget("ratio", value, 0.0, value)
+    dense = cost_fn(None)
+    target = value * dense if value <= 1.0 else value
+    return Budget(kind, target, dense, value)
+
+
+def _solve(search: _Search, budget: Budget, cost_fn: CostFn | None, tolerance: float, *,
+           final: bool, previous: Mapping[str, int]) -> dict[str, int]:
+    """Removal counts meeting ``budget``; never fewer than ``previous`` (earlier steps)."""
+    def merged(knob: float) -> dict[str, int]:
+        now = search.counts(knob)
+        return {n: max(c, previous.get(n, 0)) for n, c in {**previous, **now}.items()}
+
+    if budget.kind == "ratio":
+        knob = budget.value if search.scope == "local" else budget.value * search.knob_max
+        return merged(knob)
+
+    def cost_at(knob: float) -> float:
+        return cost_fn(search.kept(merged(knob)))
+
+    if cost_at(0.0) <= budget.value:
+        return merged(0.0)
+    top = search.knob_max
+    floor = cost_at(top)
+    if floor > budget.value:
+        raise BudgetError(_unreachable(search, budget, floor, cost_fn))
+    lo, hi = 0.0, top
+    if search.scope == "global":
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if cost_at(mid) <= budget.value else (mid, hi)
+        moves = search.global_moves(int(lo), merged)
+    else:
+        for _ in range(40):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (lo, mid) if cost_at(mid) <= budget.value else (mid, hi)
+        over, under = merged(lo), merged(hi)
+        sizes = {b.name: b.size for b in search.bounds}
+        moves = ((n, under[n]) for n in sorted((n for n in under if under[n] > over.get(n, 0)),
+                                               key=lambda n: (-sizes.get(n, 0), n)))
+    counts = _refine(search, merged(lo), moves, budget.value, tolerance, cost_fn) or merged(hi)
+    achieved = cost_fn(search.kept(counts))
+    if final and achieved < budget.value * (1.0 - tolerance):
+        warnings.warn(f"{budget.kind} target {budget.value:,.6g} met at {achieved:,.6g} "
+                      f"({100 * (1 - achieved / budget.value):.2f}% below, tolerance "
+                      f"{100 * tolerance:g}%): no removal step lands closer (units are coarse "
+                      "at this model size, round_to, caps, or a local scope's uniform ratio)",
+                      stacklevel=3)
+    return counts
+
+
+MAX_REFINE_STEPS = 4096
+
+
+def _refine(search: _Search, counts: dict[str, int], moves: Iterable[tuple[str, int]],
+            target: float, tolerance: float, cost_fn: CostFn) -> dict[str, int] | None:
+    """From an over-budget plan, take moves (one group's next removal count) in order:
+    keep a move while the cost stays above the target, stop at the first that lands in
+    ``[target (1 - tolerance), target]``, skip one that overshoots below that window
+    (a coarse rounding step) and go on with the next. None if no move lands."""
+    counts = dict(counts)
+    for step, (name, n) in enumerate(moves):
+        if step >= MAX_REFINE_STEPS:
+            break
+        if n <= counts.get(name, 0):
+            continue
+        trial = {**counts, name: n}
+        value = cost_fn(search.kept(trial))
+        if value > target:
+            counts = trial
+        elif value >= target * (1.0 - tolerance):
+            return trial
+    return None
+
+
+def _unreachable(search: _Search, budget: Budget, floor: float, cost_fn: CostFn) -> str:
+    nothing = np.zeros(search.analysis.num_units, dtype=bool)
+    fixed = cost_fn(nothing)
+    return (f"{budget.kind} target {budget.value:,.6g} (requested {budget.requested:g}) cannot "
+            f"be met: the smallest plan allowed costs {floor:,.6g} (dense {budget.dense:,.6g}); "
+            f"the unprunable part alone (every group emptied) costs {fixed:,.6g}. Raise the "
+            "target, or relax max_ratio_per_group / round_to / ignore / overrides")

@@ -1,0 +1,242 @@
+"""Analysis pass: classify every node by its rule and union channel units into groups.
+
+Requires: ``tensor_meta`` on every tensor node (``passes.shape_prop.propagate_shapes``).
+Ensures: a frozen ``GroupAnalysis``; ``gm`` is not mutated. One pass over the nodes in
+topological order with union-find: close to linear in graph size.
+
+Before/after (what the analysis sees)::
+
+    conv1 = self.conv1(x)        # stop op: units u0..u63 born (conv1.weight[0])
+    bn1 = self.bn1(conv1)        # pass-through: bn1.weight[0] ... follow u0..u63
+    add = bn1 + shortcut         # coupling: units of both sides unioned
+    fc = self.fc(flatten)        # stop op: fc.weight[1] consumes u (x49 after flatten)
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+
+import passes.rules  # noqa: F401  (registers the rule families)
+from fxprune.errors import UnsupportedOpError, describe_node
+from fxprune.groups import ChannelGroup, GroupAnalysis, Member
+from passes.rules.registry import AnalysisState, RuleContext, iter_units, lookup_rule
+from passes.shape_prop import tensor_shapes
+
+__all__ = ["find_groups", "graph_fingerprint"]
+
+
+def find_groups(gm: torch.fx.GraphModule, *, strict: bool = False,
+                split_policy: str = "inner", example_inputs: tuple = ()) -> GroupAnalysis:
+    """Union-find over channel units; returns the coupled groups of ``gm``."""
+    split_policy = {"head_dim": "inner", "heads": "outer"}.get(split_policy, split_policy)
+    if split_policy not in ("inner", "outer"):
+        raise ValueError("split_policy must be 'inner'/'head_dim' (a unit is one index of "
+                         "every head) or 'outer'/'heads' (a unit is one whole head)")
+    state = AnalysisState(gm=gm, split_policy=split_policy)
+    for node in gm.graph.nodes:
+        _visit(state, node, strict)
+    _pin_uncoupled_attrs(state)
+    return _build(state, example_inputs)
+
+
+def _pin_uncoupled_attrs(state: AnalysisState) -> None:
+    """A get_attr tensor dim that no rule coupled to anything stays whole (fail closed)."""
+    store = state.store
+    for key in state.attr_born:
+        units = state.tensors.get(key)
+        if units is None or not len(units):
+            continue
+        space = store.space_of[int(units[0])]
+        root = store.find_space(space)
+        if root == space and not store.merged_by.get(root):
+            store.pin(units, f"{key[0]}[{key[1]}]: read by get_attr but never coupled")
+
+
+def _visit(state: AnalysisState, node: torch.fx.Node, strict: bool) -> None:
+    ctx = RuleContext(state, node)
+    if node.op == "placeholder":
+        ctx.set({} if _is_tensor(tensor_shapes(node)) else None)
+    elif node.op == "get_attr":
+        shape = tensor_shapes(node)
+        if not _is_tensor(shape):
+            ctx.set(None)
+            return
+        if not node.meta["tensor_meta"].dtype.is_floating_point:
+            ctx.set({})  # index tables and masks are never sliced
+            return
+        dims = {d: ctx.tensor_units(node.target, d, "dep") for d, n in enumerate(shape) if n > 1}
+        state.attr_born.extend((node.target, d) for d in dims)
+        ctx.set({d: u for d, u in dims.items() if u is not None})
+    elif node.op == "output":
+        ctx.pin_info(_collect(state, node.args[0]), "model output")
+    else:
+        fn = lookup_rule(node, state.gm)
+        if fn is not None:
+            fn(ctx)
+        else:
+            _barrier(ctx, strict)
+
+
+def _collect(state: AnalysisState, value: Any) -> list:
+    found: list = []
+    torch.fx.map_arg(value, lambda n: found.append(state.values.get(n.name)) or n)
+    return found
+
+
+def _barrier(ctx: RuleContext, strict: bool) -> None:
+    """No rule: pack tuples; otherwise everything that flows in is pinned (fail closed)."""
+    node = ctx.node
+    target = node.target
+    if isinstance(target, type) and issubclass(target, tuple):  # namedtuple outputs
+        ctx.set(tuple(ctx.dims(a) for a in node.args))
+        return
+    inputs = _collect(ctx.state, (node.args, node.kwargs))
+    if any(len(u) for u in iter_units(inputs)):
+        if strict:
+            raise UnsupportedOpError(
+                f"no rule for {describe_node(node)}, and prunable channels flow into it. "
+                "Remedy: register a rule with passes.rules.registry.rule, mark the module "
+                "as a leaf (fxprune.trace(..., leaf_modules=...)), or analyse with "
+                "strict=False to treat it as a barrier.")
+        ctx.pin_info(inputs, f"no rule for {node.op} {getattr(target, '__name__', target)}")
+        ctx.state.barriers.append(node.name)
+    ctx.set(_empty_like(tensor_shapes(node)))
+
+
+def _empty_like(shape: Any) -> Any:
+    if shape is None:
+        return None
+    if _is_tensor(shape):
+        return {}
+    return tuple(_empty_like(s) for s in shape)
+
+
+def _is_tensor(shape: Any) -> bool:
+    return isinstance(shape, tuple) and all(isinstance(s, int) for s in shape)
+
+
+# ----------------------------------------------------------------------------------
+def _build(state: AnalysisState, example_inputs: tuple) -> GroupAnalysis:
+    store = state.store
+    n_units = len(store.parent)
+    roots = store.roots() if n_units else np.zeros(0, dtype=np.int64)
+    space_of = np.asarray(store.space_of, dtype=np.int64)
+    space_roots = store.space_roots() if store.space_parent else np.zeros(0, dtype=np.int64)
+    pinned = np.frombuffer(bytes(store.pinned), dtype=np.uint8).astype(bool) if n_units else \
+        np.zeros(0, dtype=bool)
+
+    is_root = roots == np.arange(n_units)
+    free_roots = np.flatnonzero(is_root & ~pinned[roots])
+    root_space = space_roots[space_of[free_roots]] if len(free_roots) else np.zeros(0, np.int64)
+    order = np.lexsort((free_roots, root_space))  # by space, then by birth
+    free_roots, root_space = free_roots[order], root_space[order]
+
+    label_of_root = np.full(n_units, -1, dtype=np.int64)
+    label_of_root[free_roots] = np.arange(len(free_roots))
+    labels = label_of_root[roots] if n_units else np.zeros(0, dtype=np.int64)
+    spaces, first, counts = np.unique(root_space, return_index=True, return_counts=True)
+    space_gid = {int(s): i for i, s in enumerate(spaces)}
+    group_of = np.array([space_gid[int(s)] for s in root_space], dtype=np.int64)
+    local_of = np.arange(len(free_roots)) - first[group_of] if len(free_roots) else \
+        np.zeros(0, dtype=np.int64)
+
+    def relabel(info: Any) -> Any:
+        if info is None:
+            return None
+        if isinstance(info, dict):
+            return {a: labels[u] for a, u in info.items()}
+        return tuple(relabel(i) for i in info)
+
+    node_labels = {name: relabel(info) for name, info in state.values.items()}
+    tensor_labels = {key: labels[u] for key, u in state.tensors.items()}
+    groups = _make_groups(state, spaces, counts, group_of, local_of, node_labels, tensor_labels)
+    return GroupAnalysis(
+        gm=state.gm, groups=groups, fingerprint=graph_fingerprint(state.gm),
+        node_labels=node_labels, tensor_labels=tensor_labels, group_of=group_of,
+        local_of=local_of, barriers=tuple(state.barriers), example_inputs=example_inputs,
+        module_notes=dict(state.module_notes), tensor_aliases=_alias_table(state),
+        pin_reasons=_tensor_pin_reasons(state, roots, pinned, space_of, space_roots))
+
+
+def _tensor_pin_reasons(state: AnalysisState, roots: np.ndarray, pinned: np.ndarray,
+                        space_of: np.ndarray, space_roots: np.ndarray) -> dict:
+    """Why each parameter dim with pinned units is pinned (for errors about refused cuts)."""
+    out = {}
+    for key, units in state.tensors.items():
+        r = roots[units]
+        bad = pinned[r]
+        if not bad.any():
+            continue
+        spaces = np.unique(space_roots[space_of[r[bad]]]).tolist()
+        reasons = [x for s in spaces for x in state.store.pin_reasons.get(s, ())]
+        if reasons:
+            out[key] = tuple(dict.fromkeys(reasons))[:6]
+    return out
+
+
+def _alias_table(state: AnalysisState) -> dict[str, tuple[str, ...]]:
+    """Canonical FQN -> every FQN of the same tensor (tied weights are sliced once)."""
+    table: dict[str, list[str]] = {}
+    for name, canonical in state.aliases.items():
+        table.setdefault(canonical, []).append(name)
+    return {c: tuple(names) for c, names in table.items() if len(names) > 1}
+
+
+def _make_groups(state, spaces, counts, group_of, local_of, node_labels, tensor_labels):
+    store = state.store
+    members: dict[int, list[Member]] = {i: [] for i in range(len(spaces))}
+    for (fqn, dim), lab in tensor_labels.items():
+        inside = lab >= 0
+        for gid in np.unique(group_of[lab[inside]]).tolist():
+            local = np.full(len(lab), -1, dtype=np.int64)
+            mine = inside.copy()
+            mine[inside] = group_of[lab[inside]] == gid
+            local[mine] = local_of[lab[mine]]
+            members[gid].append(Member(fqn, dim, state.roles.get((fqn, dim), "dep"), local))
+    nodes: dict[int, list[str]] = {i: [] for i in range(len(spaces))}
+    for name, info in node_labels.items():
+        for lab in iter_units(info):
+            for gid in np.unique(group_of[lab[lab >= 0]]).tolist():
+                if not nodes[gid] or nodes[gid][-1] != name:
+                    nodes[gid].append(name)
+    groups = []
+    for gid, space in enumerate(spaces.tolist()):
+        mem = tuple(sorted(members[gid], key=lambda m: ("out", "in", "dep").index(m.role)))
+        node_set = set(nodes[gid])
+        edges = tuple((a.name, n.name) for n in state.gm.graph.nodes if n.name in node_set
+                      for a in n.all_input_nodes if a.name in node_set)
+        inexact = tuple(store.inexact.get(space, ()))
+        groups.append(ChannelGroup(
+            id=gid, size=int(counts[gid]), granularity=_granularity(mem),
+            exact=not inexact, members=mem, nodes=tuple(nodes[gid]), edges=edges,
+            merged_by=tuple(dict.fromkeys(store.merged_by.get(space, ()))),
+            inexact_because=tuple(dict.fromkeys(inexact)),
+            pinned_because=tuple(dict.fromkeys(store.pin_reasons.get(space, ()))),
+            origin=store.space_origin[space]))
+    return tuple(groups)
+
+
+def _granularity(members: tuple[Member, ...]) -> int:
+    for m in members:
+        inside = m.units[m.units >= 0]
+        if len(inside):
+            return int(round(len(inside) / len(np.unique(inside))))
+    return 1
+
+
+def graph_fingerprint(gm: torch.fx.GraphModule) -> str:
+    """Hash of the graph's structure and its tensors' shapes (not their values)."""
+    h = hashlib.sha256()
+    for node in gm.graph.nodes:
+        target = node.target if isinstance(node.target, str) else getattr(
+            node.target, "__qualname__", None) or str(node.target)
+        text = f"{node.op}|{node.name}|{target}|{node.args}|{node.kwargs}\n"
+        h.update(re.sub(r" at 0x[0-9a-fA-F]+", "", text).encode())
+    for name, t in list(gm.named_parameters()) + list(gm.named_buffers()):
+        h.update(f"{name}:{tuple(t.shape)}\n".encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,117 @@
+"""Oracle pass: the masked model of GLOSSARY.md (slice == mask).
+
+Requires: a ``GroupAnalysis`` and a bool per unit label (True: kept).
+Ensures: a deep copy of the analysed module where every node whose output carries a
+removed unit is followed by ``mul(node, mask)``, zeroing the removed indices, and removed
+parameter slices are zeroed; ``gm.meta["fxprune_masked_value"]`` maps each masked node
+to the name of its ``mul`` (so activations can be compared node by node). It shares
+no code with ``slice_weights`` beyond the labels, so that one checks the other.
+
+Before/after::
+
+    conv1 = self.conv1(x)                      conv1 = self.conv1(x)
+    bn1 = self.bn1(conv1)              ->      mask_0 = self._fxprune_mask_0
+                                               mul = torch.mul(conv1, mask_0)
+                                               bn1 = self.bn1(mul)  ...
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.fx
+
+from fxprune.groups import GroupAnalysis
+from passes.slice_weights import keep_mask
+
+__all__ = ["insert_masks", "mask_blocks"]
+
+
+def _mask_tensor(shape: tuple[int, ...], labels: dict, kept: np.ndarray) -> torch.Tensor | None:
+    mask = np.ones([1] * len(shape), dtype=np.float64)
+    hit = False
+    for axis, lab in labels.items():
+        m = keep_mask(lab, kept)
+        if m.all():
+            continue
+        hit = True
+        view = [1] * len(shape)
+        view[axis] = len(m)
+        mask = mask * m.astype(np.float64).reshape(view)
+    return torch.from_numpy(mask) if hit else None
+
+
+def insert_masks(analysis: GroupAnalysis, kept: np.ndarray) -> torch.fx.GraphModule:
+    """Return a copy of ``analysis.gm`` with removed channels zeroed after every node."""
+    gm = copy.deepcopy(analysis.gm)
+    _zero_removed_slices(gm, analysis, kept)
+    graph = gm.graph
+    count = 0
+    masked_value: dict[str, str] = {}
+    for node in list(graph.nodes):
+        if node.op in ("output", "placeholder"):
+            continue
+        labels = analysis.node_labels.get(node.name)
+        meta = node.meta.get("tensor_meta")
+        if not isinstance(labels, dict) or meta is None or not hasattr(meta, "dtype"):
+            continue
+        if not meta.dtype.is_floating_point:
+            continue
+        mask = _mask_tensor(tuple(meta.shape), labels, kept)
+        if mask is None:
+            continue
+        name = f"_fxprune_mask_{count}"
+        count += 1
+        device = _device(gm)
+        gm.register_buffer(name, mask.to(dtype=meta.dtype, device=device))
+        users = list(node.users)
+        with graph.inserting_after(node):
+            attr = graph.get_attr(name)
+        with graph.inserting_after(attr):
+            mul = graph.call_function(torch.mul, (node, attr))
+        for user in users:
+            user.replace_input_with(node, mul)
+        masked_value[node.name] = mul.name
+    gm.meta["fxprune_masked_value"] = masked_value
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def mask_blocks(gm: torch.fx.GraphModule, blocks) -> torch.fx.GraphModule:
+    """Oracle for block removal: a copy of ``gm`` where each block's residual add reads
+    ``f(x) * 0`` instead of its branch ``f(x)`` (nothing is erased)."""
+    gm = copy.deepcopy(gm)
+    graph = gm.graph
+    by_name = {n.name: n for n in graph.nodes}
+    for block in blocks:
+        for add, branch in zip(block.residuals, block.branches):
+            f = by_name[branch]
+            with graph.inserting_after(f):
+                zero = graph.call_function(torch.mul, (f, 0.0))
+            by_name[add].replace_input_with(f, zero)
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _zero_removed_slices(gm: torch.nn.Module, analysis: GroupAnalysis, kept: np.ndarray) -> None:
+    """Zero removed parameter slices too: a compound op (MultiheadAttention) has internal
+    channels that no graph node exposes, so only its weights can mask them."""
+    for (fqn, dim), labels in analysis.tensor_labels.items():
+        m = keep_mask(labels, kept)
+        if m.all():
+            continue
+        owner_path, _, name = fqn.rpartition(".")
+        tensor = getattr(gm.get_submodule(owner_path) if owner_path else gm, name)
+        view = [1] * tensor.dim()
+        view[dim] = len(m)
+        with torch.no_grad():
+            tensor.mul_(torch.from_numpy(m).to(tensor.device, tensor.dtype).reshape(view))
+
+
+def _device(gm: torch.nn.Module) -> torch.device:
+    for t in gm.parameters():
+        return t.device
+    return torch.device("cpu")

@@ -1,0 +1,72 @@
+"""Spatial ops that keep channels apart: pooling, interpolation, padding."""
+from __future__ import annotations
+
+import re
+
+import torch.nn as nn
+
+from passes.rules.registry import RuleContext, rule
+
+POOLS = tuple(f"{p}_pool{k}d" for p in ("max", "avg", "lp") for k in (1, 2, 3)) + tuple(
+    f"adaptive_{p}_pool{k}d" for p in ("max", "avg") for k in (1, 2, 3)) + (
+    "max_pool2d_with_indices", "max_pool3d_with_indices", "interpolate", "upsample",
+    "upsample_nearest2d", "upsample_bilinear2d", "upsample_bicubic2d", "upsample_nearest1d",
+    "upsample_linear1d", "upsample_nearest3d", "upsample_trilinear3d", "_adaptive_avg_pool2d",
+    "_adaptive_avg_pool3d", "adaptive_max_pool2d_with_indices")
+POOL_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.Upsample,
+    nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
+)
+PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
+               nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d,
+               nn.ReplicationPad2d)
+
+
+def _spatial_dims(ctx: RuleContext) -> int:
+    name = type(ctx.module).__name__ if ctx.node.op == "call_module" else str(
+        ctx.node.target if ctx.node.op == "call_method" else getattr(ctx.node.target, "__name__",
+                                                                     ctx.node.target))
+    found = re.search(r"([123])d", name)
+    return int(found.group(1)) if found else len(ctx.shape(ctx.arg(0))) - 2
+
+
+def keep_channels(ctx: RuleContext, spatial: int) -> None:
+    """out[c] depends on in[c] only; units on the mixed trailing dims are pinned."""
+    x = ctx.arg(0, "input")
+    dims = dict(ctx.dims(x) or {})
+    rank = len(ctx.shape(x))
+    for axis in range(rank - spatial, rank):
+        ctx.pin(dims.pop(axis, None), "channel units on a pooled/padded dim")
+    out = ctx.out_shape
+    # (values, indices) of *_with_indices: both are per channel and shrink together
+    ctx.set(tuple(dims for _ in out) if out and isinstance(out[0], tuple) else dims)
+
+
+@rule(POOLS, POOL_MODULES)
+def pool(ctx: RuleContext) -> None:
+    """Pooling / resizing: out[c] depends only on in[c]."""
+    keep_channels(ctx, _spatial_dims(ctx))
+
+
+@rule("pad", "constant_pad_nd", "reflection_pad2d", "replication_pad2d")
+def pad(ctx: RuleContext) -> None:
+    """Padding the last len(pad)//2 dims (a padded channel dim is pinned)."""
+    widths = ctx.arg(1, "pad")
+    if not isinstance(widths, (list, tuple)):
+        keep_channels(ctx, 0)
+        return
+    x = ctx.arg(0, "input")
+    dims = dict(ctx.dims(x) or {})
+    rank = len(ctx.shape(x))
+    for k in range(len(widths) // 2):  # pairs run from the last dim backwards
+        if (widths[2 * k], widths[2 * k + 1]) != (0, 0):  # (0, 0): that dim is untouched
+            ctx.pin(dims.pop(rank - 1 - k, None), "channel units on a pooled/padded dim")
+    ctx.set(dims)
+
+
+@rule(PAD_MODULES)
+def pad_module(ctx: RuleContext) -> None:
+    """nn.*PadNd modules pad their trailing dims."""
+    keep_channels(ctx, len(ctx.module.padding) // 2)

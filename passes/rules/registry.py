@@ -1,0 +1,286 @@
+"""The rule table: one generic loop consumes small per-op rules registered here.
+
+A value's *dims* map tensor axes to 1-D arrays of unit ids (``{1: units}`` for an NCHW
+activation whose channels are tracked). Axes not in the map are untracked: batch,
+spatial, tokens, or channels that nothing may prune. Non-tensor values have dims
+``None``; tuple-valued nodes have a tuple of dims.
+
+Analysis rules take a :class:`RuleContext` and set the node's output dims. Rewrite
+fixups (``@fixup``) take a :class:`FixupContext` (see ``passes/slice_weights.py``) and
+return new node args/kwargs after slicing. Module fixups set module attributes
+(``in_channels``, ``num_features``...) from the sliced parameters.
+"""
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+
+from passes.units import UnitStore
+
+Dims = dict[int, np.ndarray]
+Info = Any  # Dims | tuple[Info, ...] | None
+
+AnalysisRule = Callable[["RuleContext"], None]
+ANALYSIS_RULES: dict[Any, AnalysisRule] = {}
+FIXUPS: dict[Any, Callable[..., Any]] = {}
+MODULE_FIXUPS: dict[type, Callable[[torch.nn.Module], None]] = {}
+
+# Namespaces whose functions are canonicalised by name ("relu", "add"...).
+_TORCH_NAMESPACES = (
+    "torch", "torch.functional", "torch.nn.functional", "torch._C._nn",
+    "torch._C._VariableFunctions", "torch._C._linalg", "torch._C._special",
+    "_operator", "operator", "builtins", "math", "torch._tensor",
+)
+_ALIASES = {
+    "iadd": "add", "isub": "sub", "imul": "mul", "itruediv": "div", "truediv": "div",
+    "true_divide": "div", "multiply": "mul", "divide": "div", "subtract": "sub",
+    "swapaxes": "transpose", "swapdims": "transpose", "concat": "cat", "concatenate": "cat",
+    "conv1d": "conv", "conv2d": "conv", "conv3d": "conv", "convolution": "conv",
+    "conv_transpose1d": "conv_transpose", "conv_transpose2d": "conv_transpose",
+    "conv_transpose3d": "conv_transpose", "_unsafe_view": "view", "absolute": "abs",
+    "clip": "clamp", "hardtanh": "hardtanh", "__getitem__": "getitem",
+}
+
+
+def canonical_name(name: str) -> str:
+    """``relu_`` -> ``relu``, ``iadd`` -> ``add``, ``aten::conv2d`` -> ``conv``."""
+    name = name.split("::")[-1].split(".")[0]
+    if name.endswith("_") and not name.startswith("_"):
+        name = name[:-1]
+    return _ALIASES.get(name, name)
+
+
+def op_key(node: torch.fx.Node) -> Any:
+    """The key a node's rule is registered under (a name, a module type or a callable)."""
+    if node.op == "call_method":
+        return canonical_name(node.target)
+    target = node.target
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return canonical_name(target._schema.name if hasattr(target, "_schema") else target.__name__)
+    module = getattr(target, "__module__", None) or ""
+    name = getattr(target, "__name__", None)
+    if name and (module in _TORCH_NAMESPACES or module.startswith("torch.nn.functional")):
+        return canonical_name(name)
+    if target in (operator.getitem,):
+        return "getitem"
+    return target
+
+
+def find_module_entry(table: Mapping[type, Any], module: torch.nn.Module) -> Any:
+    """Entry for ``type(module)``, or for a base class whose ``forward`` it keeps."""
+    cls = type(module)
+    if cls in table:
+        return table[cls]
+    for base in cls.__mro__[1:]:
+        if base in table and cls.forward is base.forward:
+            return table[base]
+    return None
+
+
+def rule(*keys: Any) -> Callable[[AnalysisRule], AnalysisRule]:
+    """Register an analysis rule under op names, module types or callables (families welcome)."""
+    flat = _flatten_keys(keys)
+
+    def register(fn: AnalysisRule) -> AnalysisRule:
+        for key in flat:
+            ANALYSIS_RULES[key] = fn
+        return fn
+
+    return register
+
+
+def fixup(*keys: Any) -> Callable:
+    """Register a rewrite fixup that returns new ``(args, kwargs)`` for a sliced node."""
+    flat = _flatten_keys(keys)
+
+    def register(fn: Callable) -> Callable:
+        for key in flat:
+            FIXUPS[key] = fn
+        return fn
+
+    return register
+
+
+def module_fixup(*types: type) -> Callable:
+    """Register a function that re-derives module attributes from sliced parameters."""
+
+    def register(fn: Callable[[torch.nn.Module], None]) -> Callable:
+        for t in types:
+            MODULE_FIXUPS[t] = fn
+        return fn
+
+    return register
+
+
+def _flatten_keys(keys: Iterable[Any]) -> list[Any]:
+    flat: list[Any] = []
+    for k in keys:
+        if isinstance(k, (tuple, list, frozenset, set)):
+            flat.extend(k)
+        else:
+            flat.append(k)
+    return flat
+
+
+def lookup_rule(node: torch.fx.Node, gm: torch.fx.GraphModule) -> AnalysisRule | None:
+    if node.op == "call_module":
+        return find_module_entry(ANALYSIS_RULES, gm.get_submodule(node.target))
+    key = op_key(node)
+    try:
+        return ANALYSIS_RULES.get(key)
+    except TypeError:  # unhashable target
+        return None
+
+
+# ----------------------------------------------------------------------------------
+# Analysis state shared by the rules
+# ----------------------------------------------------------------------------------
+@dataclass
+class AnalysisState:
+    """Everything one ``find_groups`` run accumulates (mutable, private to the pass)."""
+
+    gm: torch.fx.GraphModule
+    store: UnitStore = field(default_factory=UnitStore)
+    values: dict[str, Info] = field(default_factory=dict)
+    tensors: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
+    roles: dict[tuple[str, int], str] = field(default_factory=dict)
+    split_policy: str = "inner"
+    barriers: list[str] = field(default_factory=list)
+    attr_born: list[tuple[str, int]] = field(default_factory=list)
+    aliases: dict[str, str] = field(default_factory=dict)  # FQN -> canonical FQN (ties)
+
+    def __post_init__(self) -> None:
+        seen: dict[int, str] = {}
+        named = list(self.gm.named_parameters(remove_duplicate=False)) + list(
+            self.gm.named_buffers(remove_duplicate=False))
+        for name, t in named:
+            self.aliases[name] = seen.setdefault(id(t), name)
+    module_notes: dict[str, dict] = field(default_factory=dict)
+
+
+class RuleContext:
+    """What a rule sees: its node, its inputs' dims and shapes, and unit operations."""
+
+    def __init__(self, state: AnalysisState, node: torch.fx.Node) -> None:
+        self.state = state
+        self.node = node
+        self.store = state.store
+        self.why = node.name
+
+    # -- inputs -----------------------------------------------------------------------
+    def arg(self, index: int, name: str | None = None, default: Any = None) -> Any:
+        """Positional arg ``index`` or keyword ``name``."""
+        if index < len(self.node.args):
+            return self.node.args[index]
+        if name is not None and name in self.node.kwargs:
+            return self.node.kwargs[name]
+        return default
+
+    def dims(self, value: Any) -> Info:
+        """Dims of an argument (a Node); constants have none."""
+        if isinstance(value, torch.fx.Node):
+            return self.state.values.get(value.name)
+        return None
+
+    def shape(self, value: Any) -> Any:
+        from passes.shape_prop import tensor_shapes
+
+        if isinstance(value, torch.fx.Node):
+            return tensor_shapes(value)
+        return None
+
+    @property
+    def out_shape(self) -> Any:
+        return self.shape(self.node)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.state.gm.get_submodule(self.node.target)
+
+    def input_nodes(self) -> list[torch.fx.Node]:
+        return list(self.node.all_input_nodes)
+
+    # -- outputs ----------------------------------------------------------------------
+    def set(self, info: Info) -> None:
+        self.state.values[self.node.name] = info
+
+    # -- units ------------------------------------------------------------------------
+    def fresh(self, n: int) -> np.ndarray:
+        return self.store.fresh(n, self.node.name)
+
+    def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        self.store.union_arrays(a, b, self.why)
+
+    def pin(self, units: np.ndarray | None, reason: str) -> None:
+        if units is not None and len(units):
+            self.store.pin(units, f"{self.node.name}: {reason}")
+
+    def pin_info(self, info: Info, reason: str) -> None:
+        """Pin every unit reachable in a (possibly nested) value."""
+        for units in iter_units(info):
+            self.pin(units, reason)
+
+    def inexact(self, units: np.ndarray, reason: str) -> None:
+        self.store.mark_inexact(units, f"{self.node.name}: {reason}")
+
+    def link(self, source: np.ndarray | None, target: np.ndarray, reason: str) -> None:
+        """Couple ``target`` units to ``source``; pin ``target`` when source is untracked."""
+        if source is None or len(source) != len(target):
+            self.pin(target, reason)
+            if source is not None:
+                self.pin(source, reason)
+        else:
+            self.union(source, target)
+
+    # -- parameters and buffers ---------------------------------------------------------
+    def tensor_units(self, fqn: str, dim: int, role: str) -> np.ndarray | None:
+        """Units of dim ``dim`` of the model tensor ``fqn`` (shared across uses: ties)."""
+        fqn = self.state.aliases.get(fqn, fqn)
+        key = (fqn, dim)
+        units = self.state.tensors.get(key)
+        if units is None:
+            tensor = _get_tensor(self.state.gm, fqn)
+            if tensor is None or tensor.dim() <= dim:
+                return None
+            units = self.store.fresh(int(tensor.shape[dim]), f"{fqn}[{dim}]")
+            self.state.tensors[key] = units
+        if role != "dep" or key not in self.state.roles:
+            self.state.roles[key] = role
+        return units
+
+    def module_tensor(self, name: str, dim: int, role: str) -> np.ndarray | None:
+        """``tensor_units`` for a tensor attribute of this call_module's module."""
+        if _get_tensor(self.module, name) is None:
+            return None
+        return self.tensor_units(f"{self.node.target}.{name}", dim, role)
+
+    def fqn_of(self, value: Any) -> str | None:
+        """FQN of a ``get_attr`` argument, else None."""
+        if isinstance(value, torch.fx.Node) and value.op == "get_attr":
+            return value.target
+        return None
+
+
+def _get_tensor(gm: torch.nn.Module, fqn: str) -> torch.Tensor | None:
+    obj: Any = gm
+    for part in fqn.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj if isinstance(obj, torch.Tensor) else None
+
+
+def iter_units(info: Info) -> Iterable[np.ndarray]:
+    if info is None:
+        return
+    if isinstance(info, dict):
+        yield from info.values()
+    elif isinstance(info, (tuple, list)):
+        for item in info:
+            yield from iter_units(item)

@@ -1,0 +1,434 @@
+"""Shape ops: reshape/flatten/permute/expand/index/cat/split and shape metadata.
+
+Analysis rules read shapes from ``tensor_meta`` and map units with ``passes.rules.dims``;
+fixups rewrite literal sizes after slicing (a tracked dim's size becomes the kept count).
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn as nn
+
+from passes.rules import dims as D
+from passes.rules.registry import RuleContext, fixup, rule
+
+RESHAPES = ("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as",
+            "reshape_as", "_reshape_alias", "ravel", "atleast_2d", "atleast_3d")
+PERMUTES = ("permute", "transpose", "t", "movedim", "moveaxis", "numpy_T", "mT")
+NON_TENSOR = ("size", "dim", "getattr", "numel", "len", "_assert", "sym_size", "sym_numel",
+              "sym_stride", "stride", "is_contiguous", "int", "_assert_async",
+              "_assert_scalar", "sym_constrain_range_for_size", "is_floating_point",
+              "get_device", "_log_api_usage_once", "element_size", "nelement")
+FACTORIES = ("zeros", "ones", "full", "arange", "empty", "randn", "rand", "randint",
+             "tensor", "scalar_tensor", "linspace", "eye", "new_zeros", "new_ones",
+             "new_full", "new_empty", "new_tensor", "as_tensor", "zeros_like_shape")
+
+
+@rule(RESHAPES, nn.Flatten, nn.Unflatten)
+def reshape(ctx: RuleContext) -> None:
+    """Index maps through reshapes: flatten repeats, head splits block, shuffles permute."""
+    x = ctx.arg(0, "input")
+    ctx.set(D.reshape(ctx, ctx.dims(x), ctx.shape(x), ctx.out_shape))
+
+
+@rule(PERMUTES)
+def permute(ctx: RuleContext) -> None:
+    """out dim i is in dim perm[i]; units move with their dim."""
+    x = ctx.arg(0, "input")
+    ctx.set(D.permute(ctx.dims(x), permutation(ctx.node, len(ctx.shape(x)))))
+
+
+def permutation(node: torch.fx.Node, rank: int) -> list[int]:
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    args = list(node.args[1:]) or list(node.kwargs.values())
+    perm = list(range(rank))
+    if "permute" in str(name):
+        dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+        return [d % rank for d in dims]
+    if "move" in str(name):
+        src, dst = args[0], args[1]
+        src = [src] if isinstance(src, int) else list(src)
+        dst = [dst] if isinstance(dst, int) else list(dst)
+        return _movedim(rank, src, dst)
+    if len(args) >= 2:
+        a, b = args[0] % rank, args[1] % rank
+    else:  # t / mT / numpy_T: swap the last two (or reverse)
+        a, b = rank - 2, rank - 1
+    perm[a], perm[b] = perm[b], perm[a]
+    return perm
+
+
+def _movedim(rank: int, src: list[int], dst: list[int]) -> list[int]:
+    src = [s % rank for s in src]
+    dst = [d % rank for d in dst]
+    order = [i for i in range(rank) if i not in src]
+    perm = [None] * rank
+    for s, d in zip(src, dst):
+        perm[d] = s
+    rest = iter(order)
+    return [p if p is not None else next(rest) for p in perm]
+
+
+@rule("expand", "expand_as", "broadcast_to")
+def expand(ctx: RuleContext) -> None:
+    """Broadcast to a bigger shape: a tracked dim may not grow from size 1."""
+    x = ctx.arg(0, "input")
+    in_shape, out_shape = ctx.shape(x), ctx.out_shape
+    dims = D.shift(ctx.dims(x), len(out_shape) - len(in_shape))
+    for axis, units in list(dims.items()):
+        if len(units) != out_shape[axis]:
+            ctx.pin(units, "channel dim expanded from size 1")
+            del dims[axis]
+    ctx.set(dims)
+
+
+@rule("repeat")
+def repeat(ctx: RuleContext) -> None:
+    """Tiling repeats the units of a tracked dim."""
+    x = ctx.arg(0, "input")
+    in_shape, out_shape = ctx.shape(x), ctx.out_shape
+    dims = D.shift(ctx.dims(x), len(out_shape) - len(in_shape))
+    ctx.set({a: np.tile(u, out_shape[a] // max(len(u), 1)) for a, u in dims.items()})
+
+
+@rule("roll")
+def roll(ctx: RuleContext) -> None:
+    """Cyclic shift along ``dims`` (shifted windows): other dims carry their units; a
+    rolled channel dim, or a roll of the flattened tensor, is pinned."""
+    x = ctx.arg(0, "input")
+    dims = dict(ctx.dims(x) or {})
+    axes = ctx.arg(2, "dims")
+    if axes is None or (isinstance(axes, (list, tuple)) and not axes):
+        ctx.pin_info(dims, "roll of the flattened tensor")
+        ctx.set({})
+        return
+    rank = len(ctx.shape(x))
+    for axis in (axes if isinstance(axes, (list, tuple)) else [axes]):
+        ctx.pin(dims.pop(axis % rank, None), "roll along a channel dim")
+    ctx.set(dims)
+
+
+@rule(NON_TENSOR)
+def metadata(ctx: RuleContext) -> None:
+    """Reads sizes only; the value carries no channels."""
+    ctx.set(None)
+
+
+@rule(FACTORIES)
+def factory(ctx: RuleContext) -> None:
+    """A new tensor from literal sizes: untracked."""
+    ctx.set({})
+
+
+@rule("getitem")
+def getitem(ctx: RuleContext) -> None:
+    """Tuple element, or basic tensor indexing (slices of a channel dim map units)."""
+    value, index = ctx.arg(0), ctx.arg(1)
+    info = ctx.dims(value)
+    if not isinstance(ctx.shape(value), tuple) or not _is_tensor_shape(ctx.shape(value)):
+        ctx.set(info[index] if isinstance(info, (tuple, list)) and isinstance(index, int)
+                else (None if not isinstance(info, dict) else {}))
+        return
+    gathered = _gather_dims(ctx, info, ctx.shape(value), index)
+    ctx.set(gathered if gathered is not None else index_dims(ctx, info, ctx.shape(value), index))
+
+
+def _gather_dims(ctx: RuleContext, dims, shape, index) -> dict | None:
+    """``x[idx]`` / ``x[:, idx]``: one integer tensor index, full slices elsewhere. The
+    indexed dim becomes idx's dims (pinned if it was tracked); the others carry through
+    (a relative position table ``table[idx]`` keeps its per-head dim)."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    nodes = [k for k, it in enumerate(items) if isinstance(it, torch.fx.Node)]
+    full = slice(None)
+    if len(nodes) != 1 or any(it != full for k, it in enumerate(items) if k != nodes[0]):
+        return None
+    idx = items[nodes[0]]
+    meta = idx.meta.get("tensor_meta")
+    if meta is None or not hasattr(meta, "dtype") or meta.dtype not in (torch.int64,
+                                                                         torch.int32):
+        return None
+    at, extra = nodes[0], len(meta.shape) - 1
+    dims = dict(dims or {})
+    ctx.pin(dims.pop(at, None), "tensor index into a channel dim")
+    ctx.pin_info(ctx.dims(idx), "used as an index")
+    return {a + (extra if a > at else 0): u for a, u in dims.items()}
+
+
+def _is_tensor_shape(s: Any) -> bool:
+    return all(isinstance(x, int) for x in s)
+
+
+def index_dims(ctx: RuleContext, dims, shape, index) -> dict:
+    items = list(index) if isinstance(index, tuple) else [index]
+    consumed = sum(1 for it in items if it is not None and it is not Ellipsis)
+    out: dict = {}
+    src, dst = 0, 0
+    remaining = dict(dims or {})
+    for item in items:
+        if item is None:
+            dst += 1
+        elif item is Ellipsis:
+            for _ in range(len(shape) - consumed):
+                if src in remaining:
+                    out[dst] = remaining.pop(src)
+                src, dst = src + 1, dst + 1
+        elif isinstance(item, int):
+            ctx.pin(remaining.pop(src, None), "integer index into a channel dim")
+            src += 1
+        elif isinstance(item, slice) and all(isinstance(v, (int, type(None)))
+                                             for v in (item.start, item.stop, item.step)):
+            sub, _ = D.select(ctx, {0: remaining.pop(src)} if src in remaining else {}, 0,
+                              item, shape[src])
+            if 0 in sub:
+                out[dst] = sub[0]
+            src, dst = src + 1, dst + 1
+        elif isinstance(item, slice):  # symbolic bounds (x[:, :H]): fine on an untracked dim
+            ctx.pin(remaining.pop(src, None), "slice of a channel dim with computed bounds")
+            src, dst = src + 1, dst + 1
+        else:  # tensor / symbolic index: fail closed on every tracked dim
+            ctx.pin_info(ctx.dims(item) if isinstance(item, torch.fx.Node) else None,
+                         "used as an index")
+            ctx.pin_info(remaining, "advanced indexing")
+            ctx.pin_info(out, "advanced indexing")
+            return {}
+    for axis in range(src, len(shape)):
+        if axis in remaining:
+            out[dst + axis - src] = remaining.pop(axis)
+    return out
+
+
+@rule("cat")
+def cat(ctx: RuleContext) -> None:
+    """Concatenation: units concatenate along the dim, other dims must agree."""
+    tensors = ctx.arg(0, "tensors")
+    axis = ctx.arg(1, "dim", 0) % len(ctx.out_shape)
+    parts = [(ctx.shape(t), ctx.dims(t)) for t in tensors]
+    ctx.set(D.concat(ctx, parts, axis, ctx.out_shape))
+
+
+@rule("stack")
+def stack(ctx: RuleContext) -> None:
+    """Stack along a new dim: inputs couple elementwise."""
+    tensors = ctx.arg(0, "tensors")
+    axis = ctx.arg(1, "dim", 0) % len(ctx.out_shape)
+    parts = []
+    for t in tensors:
+        shape = list(ctx.shape(t))
+        shape.insert(axis, 1)
+        parts.append((tuple(shape), {a + (a >= axis): u for a, u in (ctx.dims(t) or {}).items()}))
+    ctx.set(D.broadcast_merge(ctx, parts, ctx.out_shape))
+
+
+@rule("split", "split_with_sizes", "chunk", "unbind", "tensor_split", "unsafe_split",
+      "unsafe_chunk")
+def split(ctx: RuleContext) -> None:
+    """Pieces along a dim: each piece takes its run of units; other dims are shared."""
+    x = ctx.arg(0, "input")
+    shape, pieces = ctx.shape(x), ctx.out_shape
+    name = str(ctx.node.target)
+    default_dim = 0
+    axis = ctx.arg(1 if "unbind" in name else 2, "dim", default_dim) % len(shape)
+    dims = ctx.dims(x) or {}
+    units = dims.get(axis)
+    out, offset = [], 0
+    for piece in pieces:
+        d = {a: u for a, u in dims.items() if a != axis}
+        if len(piece) < len(shape):  # unbind drops the dim
+            d = {a - (a > axis): u for a, u in d.items()}
+            ctx.pin(units, "unbind of a channel dim")
+        elif units is not None:
+            d[axis] = units[offset:offset + piece[axis]]
+            offset += piece[axis]
+        out.append(d)
+    ctx.set(tuple(out))
+
+
+# ----------------------------------------------------------------------------------
+# Fixups: rewrite literal sizes after slicing
+# ----------------------------------------------------------------------------------
+def _sizes_from_args(node: torch.fx.Node) -> tuple[list, bool]:
+    """(sizes, packed): sizes of view/reshape/expand, and whether they came as one list."""
+    args = list(node.args[1:])
+    if "shape" in node.kwargs or "size" in node.kwargs:
+        return list(node.kwargs.get("shape", node.kwargs.get("size"))), True
+    if len(args) == 1 and isinstance(args[0], (list, tuple, torch.Size)):
+        return list(args[0]), True
+    return args, False
+
+
+@fixup("view", "reshape", "expand", "broadcast_to", "_reshape_alias")
+def fix_sizes(fctx) -> None:
+    """Sizes of channel dims become literal kept counts (a symbolic size read from a pruned
+    input would be wrong); -1 and symbolic batch/spatial sizes stay."""
+    node = fctx.node
+    new = fctx.new_shape(node)
+    sizes, packed = _sizes_from_args(node)
+    if len(sizes) == 1 and isinstance(sizes[0], torch.fx.Node) and len(new) != 1:
+        _fix_computed_sizes(fctx, sizes[0], new)
+        return
+    if len(sizes) != len(new):
+        raise fctx.error("cannot match size arguments to output dims")
+    for axis, n in enumerate(new):
+        if sizes[axis] != -1 and (fctx.kept(node, axis) is not None
+                                  or _reads_pruned_size(fctx, sizes[axis])):
+            sizes[axis] = n
+    if "shape" in node.kwargs or "size" in node.kwargs:
+        key = "shape" if "shape" in node.kwargs else "size"
+        node.kwargs = {**node.kwargs, key: sizes}
+    elif packed:
+        node.args = (node.args[0], sizes) + tuple(node.args[2:])
+    else:
+        node.args = (node.args[0], *sizes)
+
+
+def _reads_pruned_size(fctx, value: Any) -> bool:
+    """``value`` is computed (int arithmetic) from ``t.shape[k]`` / ``t.size(k)`` of a dim
+    that slicing shrinks: a size the original reshape derived from there must become a
+    literal when this output dim is not pruned (``reshape(B, N, C)`` or ``C // heads``
+    with C read off a pruned input)."""
+    seen: set = set()
+    stack = [value]
+    while stack:
+        n = stack.pop()
+        if not isinstance(n, torch.fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        read = _size_read(n)
+        if read is not None:
+            t, k = read
+            old, new = fctx.old_shape(t), fctx.new_shape(t)
+            if isinstance(old, tuple) and isinstance(new, tuple) and len(old) == len(new) \
+                    and -len(old) <= k < len(old) and old[k] != new[k]:
+                return True
+            continue
+        if isinstance(fctx.old_shape(n), tuple) and _is_tensor_shape(fctx.old_shape(n)) \
+                and fctx.old_shape(n) != ():  # a tensor: not size arithmetic
+            continue
+        stack.extend(n.all_input_nodes)
+    return False
+
+
+def _size_read(n: torch.fx.Node) -> tuple[torch.fx.Node, int] | None:
+    """(t, k) when ``n`` is ``t.size(k)``, ``t.size()[k]`` or ``t.shape[k]``."""
+    t = k = None
+    if n.op == "call_method" and n.target == "size" and len(n.args) == 2:
+        t, k = n.args
+    elif n.target is operator.getitem and isinstance(n.args[0], torch.fx.Node):
+        src = n.args[0]
+        if (src.op == "call_method" and src.target == "size" and len(src.args) == 1) or (
+                src.target is getattr and src.args[1:] == ("shape",)):
+            t, k = src.args[0], n.args[1]
+    return (t, k) if isinstance(t, torch.fx.Node) and isinstance(k, int) else None
+
+
+def _fix_computed_sizes(fctx, sizes: torch.fx.Node, new: tuple) -> None:
+    """A shape computed as one value (``x.shape[:-1] + (-1,)``) gets its channel entries
+    replaced at run time by ``fxprune.functional.with_sizes``."""
+    from fxprune.functional import with_sizes
+
+    node = fctx.node
+    updates = {axis: n for axis, n in enumerate(new) if fctx.kept(node, axis) is not None}
+    if not updates:
+        return
+    with node.graph.inserting_before(node):
+        fixed = node.graph.call_function(with_sizes, (sizes, updates))
+    node.replace_input_with(sizes, fixed)
+
+
+@fixup("unflatten")
+def fix_unflatten(fctx) -> None:
+    """unflatten(dim, sizes): the sizes are output dims dim..dim+len(sizes)."""
+    node = fctx.node
+    old, new = fctx.old_shape(node), fctx.new_shape(node)
+    if old == new:
+        return
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
+    sizes = list(node.args[2] if len(node.args) > 2 else node.kwargs["sizes"])
+    dim %= len(fctx.old_shape(node.args[0]))
+    for k in range(len(sizes)):
+        if old[dim + k] != new[dim + k] and sizes[k] != -1:
+            sizes[k] = new[dim + k]
+    node.args = (node.args[0], dim, sizes)
+    node.kwargs = {}
+
+
+@fixup("split", "split_with_sizes", "chunk", "unsafe_split", "unsafe_chunk", "tensor_split")
+def fix_split(fctx) -> None:
+    """Pieces along a pruned dim become an explicit ``split`` with the kept counts."""
+    node = fctx.node
+    x = node.args[0]
+    old_in, new_in = fctx.old_shape(x), fctx.new_shape(x)
+    axis = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    axis %= len(old_in)
+    if old_in[axis] == new_in[axis]:
+        return
+    sizes = [p[axis] for p in fctx.new_shape(node)]
+    if node.op == "call_method":
+        node.target = "split"
+    else:
+        node.target = torch.split
+    node.args = (x, sizes, axis)
+    node.kwargs = {}
+
+
+@fixup("size")
+def fix_size_read(fctx) -> None:
+    """``t.size(k)`` of a pruned dim: its users see the original count."""
+    _keep_original_size(fctx)
+
+
+def _keep_original_size(fctx) -> bool:
+    """A size read off a pruned dim keeps its original value for the arithmetic that uses
+    it (an attention scale ``q.shape[-1] ** -0.5`` stays as trained, as in the masked
+    model); reshape sizes are made literal by their own fixups."""
+    node = fctx.node
+    read = _size_read(node)
+    if read is None:
+        return False
+    t, k = read
+    old, new = fctx.old_shape(t), fctx.new_shape(t)
+    if not (isinstance(old, tuple) and isinstance(new, tuple) and len(old) == len(new)
+            and -len(old) <= k < len(old) and old[k] != new[k]):
+        return False
+    for user in list(node.users):
+        user.args = torch.fx.node.map_arg(user.args, lambda n: old[k] if n is node else n)
+        user.kwargs = torch.fx.node.map_arg(user.kwargs, lambda n: old[k] if n is node else n)
+    return True
+
+
+@fixup("getitem")
+def fix_getitem(fctx) -> None:
+    """Slice bounds on a pruned dim count kept indices before them; ``t.shape[k]`` of a
+    pruned dim keeps its original count."""
+    node = fctx.node
+    if _keep_original_size(fctx):
+        return
+    value, index = node.args[0], node.args[1]
+    shape = fctx.old_shape(value)
+    if shape is None or not _is_tensor_shape(shape):
+        return
+    items = list(index) if isinstance(index, tuple) else [index]
+    consumed = sum(1 for it in items if it is not None and it is not Ellipsis)
+    src, changed = 0, False
+    for k, item in enumerate(items):
+        if item is None:
+            continue
+        if item is Ellipsis:
+            src += len(shape) - consumed
+            continue
+        if isinstance(item, slice) and all(isinstance(v, (int, type(None)))
+                                           for v in (item.start, item.stop)):
+            kept = fctx.kept(value, src)
+            if kept is not None and (item.start is not None or item.stop is not None):
+                start, stop, _ = item.indices(shape[src])
+                items[k] = slice(int(np.count_nonzero(kept < start)),
+                                 int(np.count_nonzero(kept < stop)), item.step)
+                changed = True
+        src += 1
+    if changed:
+        node.args = (value, tuple(items) if isinstance(index, tuple) else items[0])
+

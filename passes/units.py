@@ -1,0 +1,144 @@
+"""Channel units and the two-level union-find that couples them.
+
+A *unit* is one prunable index of some channel space (an int id). Every tracked tensor
+dim carries a 1-D array of unit ids, one per index along that dim; several indices may
+carry the same unit (flatten repeats a channel over H*W features, a head unit covers
+``head_dim`` features). Coupling two dims unions their units elementwise.
+
+Units are born in batches (one batch per stop op output or parameter dim); each batch
+is a *space*. Unioning two units also unions their spaces, so a coupled group is a
+connected component of spaces, and its prunable units are the unit classes inside it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class UnitStore:
+    """Mutable union-find used while one analysis runs; discarded afterwards."""
+
+    parent: list[int] = field(default_factory=list)
+    space_of: list[int] = field(default_factory=list)
+    pinned: bytearray = field(default_factory=bytearray)
+    space_parent: list[int] = field(default_factory=list)
+    space_origin: list[str] = field(default_factory=list)
+    inexact: dict[int, list[str]] = field(default_factory=dict)
+    merged_by: dict[int, list[str]] = field(default_factory=dict)
+    pin_reasons: dict[int, list[str]] = field(default_factory=dict)
+
+    # -- creation -------------------------------------------------------------------
+    def fresh(self, n: int, origin: str) -> np.ndarray:
+        """``n`` new units forming one new space, born at ``origin``."""
+        start = len(self.parent)
+        space = len(self.space_parent)
+        self.space_parent.append(space)
+        self.space_origin.append(origin)
+        self.parent.extend(range(start, start + n))
+        self.space_of.extend([space] * n)
+        self.pinned.extend(b"\x00" * n)
+        return np.arange(start, start + n, dtype=np.int64)
+
+    # -- union-find -----------------------------------------------------------------
+    def find(self, u: int) -> int:
+        parent = self.parent
+        while parent[u] != u:
+            parent[u] = parent[parent[u]]
+            u = parent[u]
+        return u
+
+    def find_space(self, s: int) -> int:
+        parent = self.space_parent
+        while parent[s] != s:
+            parent[s] = parent[parent[s]]
+            s = parent[s]
+        return s
+
+    def union(self, a: int, b: int, why: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        if rb < ra:
+            ra, rb = rb, ra
+        self.parent[rb] = ra
+        if self.pinned[rb]:
+            self.pinned[ra] = 1
+        self._union_spaces(self.space_of[ra], self.space_of[rb], why)
+
+    def _union_spaces(self, a: int, b: int, why: str) -> None:
+        sa, sb = self.find_space(a), self.find_space(b)
+        if sa == sb:
+            return
+        if sb < sa:
+            sa, sb = sb, sa
+        self.space_parent[sb] = sa
+        for table in (self.inexact, self.merged_by, self.pin_reasons):
+            moved = table.pop(sb, None)
+            if moved:
+                table.setdefault(sa, []).extend(moved)
+        self.merged_by.setdefault(sa, []).append(why)
+
+    def union_arrays(self, a: np.ndarray, b: np.ndarray, why: str) -> None:
+        """Union ``a[i]`` with ``b[i]`` for every i (arrays broadcast together)."""
+        a, b = np.broadcast_arrays(np.asarray(a), np.asarray(b))
+        a, b = a.ravel(), b.ravel()
+        differ = a != b
+        if not differ.any():
+            return
+        n = len(self.parent)
+        keys = np.unique(a[differ] * n + b[differ])  # dedupe pairs cheaply
+        parent = self.parent
+        for key in keys.tolist():
+            x, y = divmod(key, n)
+            while parent[x] != x:  # find with path halving, inlined: this is the hot loop
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            while parent[y] != y:
+                parent[y] = parent[parent[y]]
+                y = parent[y]
+            if x != y:
+                self.union(x, y, why)
+
+    def union_along(self, arr: np.ndarray, keep_axis: int, why: str) -> np.ndarray:
+        """Union all units of ``arr`` that share an index on ``keep_axis``; return 1-D."""
+        moved = np.moveaxis(arr, keep_axis, 0).reshape(arr.shape[keep_axis], -1)
+        self.union_arrays(moved[:, :1], moved, why)
+        return np.ascontiguousarray(moved[:, 0])
+
+    # -- flags ----------------------------------------------------------------------
+    def pin(self, units: np.ndarray, why: str) -> None:
+        """Mark units as not prunable (they reach a barrier)."""
+        flat = np.unique(np.asarray(units).ravel())
+        spaces = set()
+        for u in flat.tolist():
+            r = self.find(u)
+            if not self.pinned[r]:
+                self.pinned[r] = 1
+                spaces.add(self.find_space(self.space_of[r]))
+        for s in spaces:
+            self.pin_reasons.setdefault(s, []).append(why)
+
+    def mark_inexact(self, units: np.ndarray, why: str) -> None:
+        """Flag the spaces of ``units`` as passing through a channel mixer."""
+        spaces = {self.find_space(self.space_of[u]) for u in np.unique(units).tolist()}
+        for s in spaces:
+            self.inexact.setdefault(s, []).append(why)
+
+    # -- bulk resolution ------------------------------------------------------------
+    def roots(self) -> np.ndarray:
+        """Root of every unit, resolved with vectorised pointer jumping."""
+        return _resolve(self.parent)
+
+    def space_roots(self) -> np.ndarray:
+        return _resolve(self.space_parent)
+
+
+def _resolve(parent_list: list[int]) -> np.ndarray:
+    parent = np.asarray(parent_list, dtype=np.int64)
+    while True:
+        grand = parent[parent]
+        if np.array_equal(grand, parent):
+            return parent
+        parent = grand

@@ -1,0 +1,54 @@
+"""Tiny models for the CLI tests, loaded as ``_cli_models:FACTORY`` (module.path:factory)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    """conv-bn-relu-conv-bn + identity: the residual add couples the block's output
+    channels with its input's."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(x + y)
+
+
+class TinyResNet(nn.Module):
+    def __init__(self, c: int = 8, blocks: int = 2, classes: int = 5) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.blocks = nn.Sequential(*[Block(c) for _ in range(blocks)])
+        self.head = nn.Linear(c, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(torch.relu(self.stem(x)))
+        return self.head(x.mean((2, 3)))
+
+
+def tiny_resnet() -> nn.Module:
+    return TinyResNet()
+
+
+def tiny_resnet_with_inputs() -> tuple[nn.Module, torch.Tensor]:
+    """A factory may return (model, example_inputs)."""
+    return TinyResNet(c=6), torch.randn(2, 3, 12, 12)
+
+
+def broken_factory() -> nn.Module:
+    raise RuntimeError("this factory always fails")
+
+
+not_a_model = 42
+
+
+def one_block() -> nn.Module:
+    """The model behind docs/group.svg: stem, one residual block, head."""
+    return TinyResNet(c=8, blocks=1)

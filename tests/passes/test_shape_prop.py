@@ -1,0 +1,73 @@
+"""Shape propagation (passes/shape_prop.py): fake tensors, torch's own tensor_meta key,
+meta models, flags restored, typed errors naming the node."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxprune
+from passes.shape_prop import output_shape, propagate_shapes, tensor_shapes
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        p, q = torch.split(y, [2, 4], dim=1)
+        return self.fc(torch.cat([q, p], 1).mean((2, 3))), p
+
+
+X = torch.randn(2, 3, 8, 8)
+
+
+def test_tensor_meta_on_every_tensor_node():
+    gm = fxprune.trace(Net())
+    propagate_shapes(gm, (X,))
+    shapes = {n.name: tensor_shapes(n) for n in gm.graph.nodes}
+    # conv: stride 2, padding 1, kernel 3 on 8x8 -> 4x4
+    assert shapes["conv"] == shapes["bn"] == (2, 6, 4, 4)
+    assert shapes["split"] == ((2, 2, 4, 4), (2, 4, 4, 4))
+    assert shapes["getitem"] == (2, 2, 4, 4) and shapes["getitem_1"] == (2, 4, 4, 4)
+    assert shapes["cat"] == (2, 6, 4, 4) and shapes["mean"] == (2, 6)
+    assert shapes["fc"] == (2, 2)
+    assert all("tensor_meta" in n.meta for n in gm.graph.nodes if n.op != "output")
+    assert output_shape(gm) == ((2, 2), (2, 2, 4, 4))
+
+
+def test_runs_on_fake_tensors_without_touching_the_model(helpers):
+    model = Net().train()
+    gm = fxprune.trace(model)
+    before = helpers.snapshot(gm)
+    propagate_shapes(gm, (X,))
+    helpers.assert_untouched(gm, before)       # BN running stats not updated
+    assert gm.training and gm.bn.training       # flags restored exactly
+    assert int(gm.bn.num_batches_tracked) == 0
+
+
+def test_meta_model_and_meta_inputs():
+    gm = fxprune.trace(Net().to("meta"))
+    propagate_shapes(gm, (X,))
+    assert tensor_shapes(next(n for n in gm.graph.nodes if n.name == "fc")) == (2, 2)
+    propagate_shapes(gm, (torch.empty(5, 3, 16, 16, device="meta"),))
+    assert tensor_shapes(next(n for n in gm.graph.nodes if n.name == "conv")) == (5, 6, 8, 8)
+
+
+def test_shapes_follow_new_inputs():
+    gm = fxprune.trace(Net())
+    propagate_shapes(gm, (X,))
+    propagate_shapes(gm, (torch.randn(1, 3, 6, 6),))
+    assert tensor_shapes(next(n for n in gm.graph.nodes if n.name == "conv")) == (1, 6, 3, 3)
+
+
+def test_mismatching_input_raises_shape_propagation_error_naming_the_node():
+    gm = fxprune.trace(Net())
+    with pytest.raises(fxprune.ShapePropagationError) as info:
+        propagate_shapes(gm, (torch.randn(2, 4, 8, 8),))
+    text = str(info.value)
+    assert "node 'conv'" in text and "example inputs" in text

@@ -12,7 +12,7 @@ import torch
 import torch.fx
 
 from fxprune.capture import trace
-from fxprune.errors import PlanError, RewriteError, VerificationError
+from fxprune.errors import PlanError, RewriteError, ShapePropagationError, VerificationError
 from fxprune.pipeline import Step, run_steps
 from fxprune.groups import GroupAnalysis
 from fxprune.plan import Plan
@@ -162,9 +162,10 @@ def verify(model: torch.nn.Module | GroupAnalysis, pruned: torch.nn.Module, plan
     sliced = pruned if len(exact_keep) == len(plan.keep) else slice_weights(analysis, exact_kept)
     masked = insert_masks(analysis, exact_kept)
 
-    want, masked_acts = _run_recording(masked, inputs)
-    got, sliced_acts = _run_recording(sliced, inputs)
-    pruned_out = _flat(_run_recording(pruned, inputs)[0]) if sliced is not pruned else _flat(got)
+    want, masked_acts = _run_checked(masked, inputs, "the masked reference model")
+    got, sliced_acts = _run_checked(sliced, inputs, "the pruned model")
+    pruned_out = (_flat(_run_checked(pruned, inputs, "the pruned model")[0])
+                  if sliced is not pruned else _flat(got))
     want, got = _flat(want), _flat(got)
     shapes_equal = [tuple(t.shape) for t in pruned_out] == _reference_shapes(analysis, inputs)
     err = max((float((a - b).abs().max()) for a, b in zip(got, want) if a.numel()), default=0.0)
@@ -193,22 +194,45 @@ class _Recorder(torch.fx.Interpreter):
         self.values: dict[str, torch.Tensor] = {}
 
     def run_node(self, n: torch.fx.Node) -> Any:
-        out = super().run_node(n)
+        try:
+            out = super().run_node(n)
+        except Exception as exc:
+            exc.fxprune_node = n.name  # for _run_checked's message
+            raise
         if isinstance(out, torch.Tensor):
             self.values[n.name] = out.detach().clone()
         return out
 
 
-def _run_recording(gm: torch.nn.Module, inputs: tuple) -> tuple[Any, dict[str, torch.Tensor]]:
-    """Run a float64 copy of ``gm`` in eval mode, recording every tensor activation."""
+def _run_checked(gm: torch.nn.Module, inputs: tuple,
+                 what: str) -> tuple[Any, dict[str, torch.Tensor]]:
+    """``_run_recording``, with a failure to run on ``inputs`` raised as a typed error."""
+    try:
+        return _run_recording(gm, inputs)
+    except Exception as exc:  # the inputs do not fit: say so, with the node
+        node = getattr(exc, "fxprune_node", None)
+        where = f" at node {node!r}" if node else ""
+        shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                  for x in inputs]
+        raise ShapePropagationError(
+            f"verify could not run {what}{where} on inputs {shapes}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
+            "Pass inputs shaped like the example inputs the plan's analysis was made "
+            "with.") from exc
+
+
+def _run_recording(gm: torch.nn.Module, inputs: tuple, *,
+                   record: bool = True) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Run a float64 copy of ``gm`` in eval mode, recording every tensor activation
+    (``record=False``: only the output)."""
     gm = _double_copy(gm)
     args = [x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
             for x in inputs]  # non-tensor inputs (concrete_args flags) pass through
     with torch.no_grad():
         if isinstance(gm, torch.fx.GraphModule):
             _promote_float_literals(gm)
-            rec = _Recorder(gm)
-            result = rec.run(*args), rec.values
+            rec = _Recorder(gm) if record else torch.fx.Interpreter(gm)
+            result = rec.run(*args), getattr(rec, "values", {})
             del rec
         else:
             result = gm(*args), {}

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.fx
 
+from fxprune.api import _run_recording
 from fxprune.errors import RewriteError, VerificationError
 from fxprune.groups import GroupAnalysis
 from passes.find_blocks import Block
@@ -134,11 +135,8 @@ def _record(gm: torch.fx.GraphModule, inputs: tuple, wanted: set[str]) -> dict:
 
 
 def _run64(gm: torch.nn.Module, inputs: tuple) -> list[torch.Tensor]:
-    gm = copy.deepcopy(gm).double().eval()
-    args = [x.double() if torch.is_floating_point(x) else x for x in inputs]
-    with torch.no_grad():
-        out = gm(*args)
-    return _flat(out)
+    """Outputs of a float64 copy (dtype literals too: exported graphs cast explicitly)."""
+    return _flat(_run_recording(gm, inputs, record=False)[0])
 
 
 def _flat(out: Any) -> list[torch.Tensor]:

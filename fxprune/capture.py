@@ -1,6 +1,7 @@
 """Capture: an ``nn.Module`` as an FX GraphModule (symbolic tracing or torch.export)."""
 from __future__ import annotations
 
+import os
 import operator
 import traceback
 from collections.abc import Callable, Sequence
@@ -128,6 +129,13 @@ _REMEDY = (". Remedy: mark the offending module as a leaf (leaf_modules=(ModuleC
            "pass concrete_args for Python control flow on inputs, or try frontend='export'.")
 
 
+_OWN_FILES = (os.path.abspath(__file__),)
+
+
+def _is_user_frame(path: str) -> bool:
+    return "/torch/" not in path and os.path.abspath(path) not in _OWN_FILES
+
+
 def _where(exc: BaseException) -> str:
     """The exception and the innermost frame outside torch: file, line and module class."""
     text = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -137,12 +145,12 @@ def _where(exc: BaseException) -> str:
     while tb is not None:
         frame = tb.tb_frame
         path = frame.f_code.co_filename
-        if "/torch/" not in path and not path.endswith("capture.py"):
+        if _is_user_frame(path):
             self_obj = frame.f_locals.get("self")
             if isinstance(self_obj, torch.nn.Module):
                 owner = type(self_obj).__name__
         tb = tb.tb_next
-    user = [f for f in frames if "/torch/" not in f.filename and not f.filename.endswith("capture.py")]
+    user = [f for f in frames if _is_user_frame(f.filename)]
     if user:
         f = user[-1]
         text += f" (at {f.filename}:{f.lineno}: {f.line}"

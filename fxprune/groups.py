@@ -69,6 +69,9 @@ class ChannelGroup:
     inexact_because: tuple[str, ...] = field(repr=False)
     pinned_because: tuple[str, ...] = field(repr=False)
     origin: str = ""
+    # (slice key "fqn[dim]", FX node whose op uses that slice): a consumer conv's input
+    # columns point at the conv, so a group graph is connected through its consumers
+    slice_users: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
     @property
     def name(self) -> str:

@@ -27,30 +27,23 @@ def analysis_table(analysis: "GroupAnalysis", *, max_members: int = 4,
 
 
 def group_graph(group: "ChannelGroup"):
-    """DiGraph: FX nodes carrying the group (data edges) and parameter slices (edges to
-    the node that uses them)."""
+    """DiGraph: FX nodes carrying the group (data edges), the consumer nodes that read it
+    (``consumer=True``: their input columns are sliced, their output is another space) and
+    parameter slices (``param`` edges to the node whose op uses them)."""
     import networkx as nx
 
     g = nx.DiGraph(group=group.name, size=group.size, exact=group.exact)
     for name in group.nodes:
         g.add_node(name, kind="node", coupling=name in group.merged_by)
+    for _, user in group.slice_users:
+        if user not in g:  # a consumer: it reads the group's channels, its output is
+            g.add_node(user, kind="node", coupling=False, consumer=True)  # another space
     g.add_edges_from(group.edges, kind="data")
     for m in group.members:
-        key = f"{m.fqn}[{m.dim}]"
-        g.add_node(key, kind="slice", role=m.role, fqn=m.fqn, dim=m.dim,
+        g.add_node(f"{m.fqn}[{m.dim}]", kind="slice", role=m.role, fqn=m.fqn, dim=m.dim,
                    index_map=m.index_map)
-        owner = _owner_node(group, m.fqn)
-        if owner is not None:
-            g.add_edge(key, owner, kind="param")
+    g.add_edges_from(group.slice_users, kind="param")
     return g
-
-
-def _owner_node(group: "ChannelGroup", fqn: str) -> str | None:
-    module = fqn.rpartition(".")[0].replace(".", "_")
-    for name in group.nodes:
-        if name == module or name == fqn.replace(".", "_"):
-            return name
-    return None
 
 
 def analysis_graph(analysis: "GroupAnalysis"):
@@ -84,7 +77,8 @@ def group_dot(group: "ChannelGroup") -> str:
                          f'label="{node}\\n{data["role"]}, {data["index_map"]}"];')
         else:
             shape = "diamond" if data.get("coupling") else "ellipse"
-            lines.append(f'  "{node}" [shape={shape}];')
+            style = ", style=dashed" if data.get("consumer") else ""
+            lines.append(f'  "{node}" [shape={shape}{style}];')
     for a, b, data in graph.edges(data=True):
         style = "dashed" if data.get("kind") == "param" else "solid"
         lines.append(f'  "{a}" -> "{b}" [style={style}];')

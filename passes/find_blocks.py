@@ -55,9 +55,24 @@ def find_blocks(gm: torch.fx.GraphModule, *, level: str = "layer") -> tuple[Bloc
                          "'branch' (one block per residual add)")
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     found = [b for n in gm.graph.nodes if (b := _residual(gm, n, order)) is not None]
+    # a branch that reads no parameter is arithmetic, not a layer (GPT-2's tanh GELU
+    # computes x + 0.044715 * x**3): removing it would change an activation function
+    found = [parts for parts in found if _reads_parameters(gm, parts[-1])]
     if level == "layer":
         found = _merge_layers(found)
     return tuple(_finish(gm, order, *parts) for parts in found)
+
+
+def _reads_parameters(gm: torch.fx.GraphModule, body: set) -> bool:
+    return any(n.op == "get_attr" and isinstance(_attr(gm, n.target), torch.nn.Parameter)
+               or n.op == "call_module"
+               and next(gm.get_submodule(n.target).parameters(), None) is not None
+               for n in body)
+
+
+def _attr(gm: torch.fx.GraphModule, target: str):
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name, None)
 
 
 # ----------------------------------------------------------------------------------
@@ -159,13 +174,39 @@ def _merge_layers(found: list[_Parts]) -> list[_Parts]:
         owner, x, y, adds, branches, body = part
         if merged:
             p_owner, p_x, p_y, p_adds, p_branches, p_body = merged[-1]
-            if owner and owner == p_owner and x is p_y and \
-                    all(u in body or u is y for u in p_y.users):
-                merged[-1] = (owner, p_x, y, p_adds + adds, p_branches + branches,
-                              p_body | {p_y} | body)
-                continue
+            bridge = _bridge(p_y, x) if owner and owner == p_owner else None
+            if bridge is not None:
+                inner = {p_y, *bridge, *(u for n in (p_y, *bridge) for u in n.users
+                                         if not u.users and u.op != "output")}
+                if all(u in body or u is y or u in inner for n in inner for u in n.users):
+                    merged[-1] = (owner, p_x, y, p_adds + adds, p_branches + branches,
+                                  p_body | inner | body)
+                    continue
         merged.append(part)
     return merged
+
+
+_NO_OPS = {"to", "_to_copy", "contiguous", "clone", "alias"}
+
+
+def _bridge(p_y: torch.fx.Node, x: torch.fx.Node) -> list[torch.fx.Node] | None:
+    """The nodes from ``p_y`` to ``x`` when each only forwards its input (a cast to the
+    same dtype, as exported graphs have between a layer's two residual adds), else None."""
+    chain = []
+    while x is not p_y:
+        src = x.args[0] if x.args else None
+        if x.op not in ("call_function", "call_method") or op_key(x) not in _NO_OPS \
+                or not isinstance(src, torch.fx.Node) or _meta(x) is None \
+                or _meta(x) != _meta(src):
+            return None
+        chain.append(x)
+        x = src
+    return chain
+
+
+def _meta(n: torch.fx.Node) -> tuple | None:
+    meta = n.meta.get("tensor_meta")
+    return (tuple(meta.shape), meta.dtype) if hasattr(meta, "dtype") else None
 
 
 def _finish(gm: torch.fx.GraphModule, order: dict, owner: str, x, y, adds, branches,

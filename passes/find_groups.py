@@ -208,7 +208,10 @@ def _make_groups(state, spaces, counts, group_of, local_of, node_labels, tensor_
     for gid, space in enumerate(spaces.tolist()):
         mem = tuple(sorted(members[gid], key=lambda m: ("out", "in", "dep").index(m.role)))
         node_set = set(nodes[gid])
-        edges = tuple((a.name, n.name) for n in state.gm.graph.nodes if n.name in node_set
+        users = tuple((f"{m.fqn}[{m.dim}]", user) for m in mem
+                      for user in state.tensor_users.get((m.fqn, m.dim), ()))
+        ends = node_set | {user for _, user in users}  # consumers end the group's edges
+        edges = tuple((a.name, n.name) for n in state.gm.graph.nodes if n.name in ends
                       for a in n.all_input_nodes if a.name in node_set)
         inexact = tuple(store.inexact.get(space, ()))
         groups.append(ChannelGroup(
@@ -217,7 +220,7 @@ def _make_groups(state, spaces, counts, group_of, local_of, node_labels, tensor_
             merged_by=tuple(dict.fromkeys(store.merged_by.get(space, ()))),
             inexact_because=tuple(dict.fromkeys(inexact)),
             pinned_because=tuple(dict.fromkeys(store.pin_reasons.get(space, ()))),
-            origin=store.space_origin[space]))
+            origin=store.space_origin[space], slice_users=users))
     return tuple(groups)
 
 

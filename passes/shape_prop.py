@@ -102,9 +102,43 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) ->
             return mode.from_tensor(x)
         return x
 
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    varargs = any(str(n.target).startswith("*") for n in placeholders)
+    if not varargs and len(example_inputs) > len(placeholders):
+        names = ", ".join(n.name for n in placeholders) or "none"
+        raise ShapePropagationError(
+            f"{len(example_inputs)} example inputs for a graph that takes "
+            f"{len(placeholders)} ({names}): pass exactly the model's forward arguments "
+            "(inputs beyond them would be ignored, not analysed).")
     inputs = [fake(x) for x in example_inputs]
-    with _eval_mode(gm), torch.no_grad(), mode:
+    with _eval_mode(gm), torch.no_grad(), mode, _fake_state(gm, mode):
         _Recorder(gm).run(*inputs)
+
+
+@contextlib.contextmanager
+def _fake_state(gm: torch.nn.Module, mode: FakeTensorMode):
+    """Swap every parameter and buffer of ``gm`` for a fake copy while shapes propagate.
+
+    Each tensor is converted once (not at every op that reads it), and an in-place op
+    baked into the graph (an exported train-mode BatchNorm's ``num_batches_tracked += 1``)
+    touches the fake copy, never the user's tensor. Tied tensors stay tied.
+    """
+    swapped: list[tuple[dict, str, torch.Tensor]] = []
+    fakes: dict[int, torch.Tensor] = {}
+    try:
+        for module in gm.modules():
+            for table in (module._parameters, module._buffers):
+                for name, t in list(table.items()):
+                    if t is None:
+                        continue
+                    if id(t) not in fakes:
+                        fakes[id(t)] = mode.from_tensor(t, static_shapes=True)
+                    swapped.append((table, name, t))
+                    table[name] = fakes[id(t)]
+        yield
+    finally:
+        for table, name, t in reversed(swapped):
+            table[name] = t
 
 
 def tensor_shapes(node: torch.fx.Node) -> Any:

@@ -62,9 +62,12 @@ class FixupContext:
     """What a rewrite fixup sees: the node in the new graph and old/new shapes."""
 
     def __init__(self, analysis: GroupAnalysis, kept: np.ndarray, new_shapes: dict,
-                 node: torch.fx.Node) -> None:
+                 node: torch.fx.Node, old_nodes: dict[str, torch.fx.Node] | None = None,
+                 module: torch.nn.Module | None = None) -> None:
         self.analysis, self.kept_labels, self.new_shapes, self.node = analysis, kept, new_shapes, node
-        self._old = {n.name: n for n in analysis.gm.graph.nodes}
+        self._old = old_nodes if old_nodes is not None else \
+            {n.name: n for n in analysis.gm.graph.nodes}
+        self.module = module  # the called module of a call_module node (in the new graph)
 
     def old_shape(self, value: Any) -> Any:
         return tensor_shapes(self._old[value.name]) if isinstance(value, torch.fx.Node) else None
@@ -85,24 +88,51 @@ class FixupContext:
 
 def slice_weights(analysis: GroupAnalysis, kept: np.ndarray) -> torch.fx.GraphModule:
     """Return a deep copy of ``analysis.gm`` with every planned slice removed."""
-    gm = copy.deepcopy(analysis.gm)
     if kept.all():
-        return gm
+        return copy.deepcopy(analysis.gm)
+    gm = copy.deepcopy(analysis.gm, _share_sliced(analysis, kept))
     touched = _slice_tensors(gm, analysis, kept)
     _check_stale_attributes(gm, analysis, kept, touched)
     parents = {path.rsplit(".", k)[0] for path in touched for k in range(1, path.count(".") + 1)}
     for path in sorted(touched | parents, key=lambda p: (-p.count("."), p)):
         _fix_module(gm, path, analysis.module_notes.get(path))
     new_shapes = expected_shapes(analysis, kept)
+    old_nodes = {n.name: n for n in analysis.gm.graph.nodes}
     for node in gm.graph.nodes:
-        if node.op not in ("call_function", "call_method"):
+        module = None
+        if node.op == "call_module":  # modules whose attributes follow their input's shape
+            module = gm.get_submodule(node.target)
+            fn = find_module_entry(FIXUPS, module)
+        elif node.op in ("call_function", "call_method"):
+            fn = FIXUPS.get(op_key(node))
+        else:
             continue
-        fn = FIXUPS.get(op_key(node))
         if fn is not None:
-            fn(FixupContext(analysis, kept, new_shapes, node))
+            fn(FixupContext(analysis, kept, new_shapes, node, old_nodes, module))
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _share_sliced(analysis: GroupAnalysis, kept: np.ndarray) -> dict[int, Any]:
+    """A deepcopy memo that shares (does not copy) every tensor about to be replaced by
+    its slice: each is copied once, by ``index_select``, instead of twice. Only a tensor
+    whose every name in the module tree is replaced is shared, so the copy never keeps a
+    reference to the user's storage."""
+    gm = analysis.gm
+    names: dict[int, set[str]] = {}
+    for fqn, t in [*gm.named_parameters(remove_duplicate=False),
+                   *gm.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(t), set()).add(fqn)
+    named = dict(gm.named_parameters()) | dict(gm.named_buffers())
+    memo: dict[int, Any] = {}
+    for (fqn, _dim), labels in analysis.tensor_labels.items():
+        t = named.get(fqn)
+        if t is None or keep_mask(labels, kept).all():
+            continue
+        if names.get(id(t), set()) <= set(analysis.tensor_aliases.get(fqn, (fqn,))):
+            memo[id(t)] = t
+    return memo
 
 
 def _fix_module(gm: torch.fx.GraphModule, path: str, note: Any) -> None:
@@ -153,7 +183,7 @@ def _slice_tensors(gm: torch.nn.Module, analysis: GroupAnalysis, kept: np.ndarra
         old = getattr(owner, name)
         index = torch.as_tensor(np.flatnonzero(mask), device=old.device)
         with torch.no_grad():
-            new = old.detach().index_select(dim, index).clone()
+            new = old.detach().index_select(dim, index)  # a new tensor: never a view
         if isinstance(old, torch.nn.Parameter):
             new = torch.nn.Parameter(new, requires_grad=old.requires_grad)
         for alias in analysis.tensor_aliases.get(fqn, (fqn,)):  # tied tensors: slice once

@@ -89,17 +89,27 @@ class UnitStore:
             return
         n = len(self.parent)
         keys = np.unique(a[differ] * n + b[differ])  # dedupe pairs cheaply
-        parent = self.parent
-        for key in keys.tolist():
+        parent, pinned, space_of = self.parent, self.pinned, self.space_of
+        spaces: dict[tuple[int, int], None] = {}  # space pairs to merge, in first-seen order
+        for key in keys.tolist():  # ``union`` inlined: this is the analysis' hot loop
             x, y = divmod(key, n)
-            while parent[x] != x:  # find with path halving, inlined: this is the hot loop
+            while parent[x] != x:  # find with path halving
                 parent[x] = parent[parent[x]]
                 x = parent[x]
             while parent[y] != y:
                 parent[y] = parent[parent[y]]
                 y = parent[y]
-            if x != y:
-                self.union(x, y, why)
+            if x == y:
+                continue
+            if y < x:
+                x, y = y, x
+            parent[y] = x
+            if pinned[y]:
+                pinned[x] = 1
+            if space_of[x] != space_of[y]:
+                spaces[space_of[x], space_of[y]] = None
+        for sx, sy in spaces:  # once per pair of spaces, not once per unit
+            self._union_spaces(sx, sy, why)
 
     def union_along(self, arr: np.ndarray, keep_axis: int, why: str) -> np.ndarray:
         """Union all units of ``arr`` that share an index on ``keep_axis``; return 1-D."""

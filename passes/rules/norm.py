@@ -135,6 +135,18 @@ def fix_batch_norm(m: nn.Module) -> None:
         m.num_features = ref.shape[0]
 
 
+@fixup(*INSTANCE_NORM_MODULES)
+def fix_tensorless_instance_norm(fctx) -> None:
+    """An InstanceNorm without weights or running stats owns no tensor to re-derive
+    ``num_features`` from: it follows the channels of its (sliced) input instead."""
+    m = fctx.module
+    if m.weight is None and m.running_mean is None:
+        shape = fctx.new_shape(fctx.node.args[0])
+        if shape is not None and len(shape) >= 2:
+            unbatched = len(shape) == m._get_no_batch_dim()
+            m.num_features = int(shape[0] if unbatched else shape[1])
+
+
 @module_fixup(*LAYER_NORM_MODULES)
 def fix_layer_norm(m: nn.Module) -> None:
     if m.weight is not None:

@@ -162,6 +162,8 @@ class AnalysisState:
         for name, t in named:
             self.aliases[name] = seen.setdefault(id(t), name)
     module_notes: dict[str, dict] = field(default_factory=dict)
+    # (canonical FQN, dim) -> the nodes whose rules use that tensor dim (for group graphs)
+    tensor_users: dict[tuple[str, int], list[str]] = field(default_factory=dict)
 
 
 class RuleContext:
@@ -252,6 +254,9 @@ class RuleContext:
             self.state.tensors[key] = units
         if role != "dep" or key not in self.state.roles:
             self.state.roles[key] = role
+        users = self.state.tensor_users.setdefault(key, [])
+        if not users or users[-1] != self.node.name:
+            users.append(self.node.name)
         return units
 
     def module_tensor(self, name: str, dim: int, role: str) -> np.ndarray | None:

@@ -126,10 +126,6 @@ def test_analyze_leaves_the_model_untouched(helpers, train, frontend):
     helpers.assert_untouched(model, before)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "frontend='export' on a model in train mode: the exported graph shares the model's "
-    "buffers and bakes in num_batches_tracked.add_(1); propagate_shapes runs it and the "
-    "in-place add reaches the real buffer (0 -> 1). Reported (capture.py / shape_prop.py)."))
 def test_export_analysis_of_a_train_mode_model_leaves_buffers_untouched(helpers):
     model = SmallCNN().train()
     before = helpers.snapshot(model)

@@ -66,9 +66,6 @@ def test_inputs_that_do_not_broadcast():
         fxprune.analyze(Two(), (GOOD, torch.randn(2, 3, 5, 5)))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "an extra example input is silently ignored by shape propagation (Interpreter.run "
-    "drops surplus args); it should be refused like a missing one. Reported."))
 def test_extra_input_is_refused():
     with pytest.raises(fxprune.ShapePropagationError):
         fxprune.analyze(Two(), (GOOD, GOOD, GOOD))
@@ -83,9 +80,6 @@ def test_analysis_failure_does_not_leave_graph_state_on_the_model(helpers):
     assert all(not k.startswith("_fxprune") for k in model.state_dict())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "verify() runs the models on the given inputs without the typed wrapper that "
-    "analyze() has: a mismatching input escapes as a bare RuntimeError. Reported."))
 def test_verify_with_mismatching_inputs_raises_a_typed_error():
     model = Net().eval()
     a = fxprune.analyze(model, GOOD)

@@ -118,10 +118,6 @@ def test_untraceable_model_names_module_line_and_remedy():
     assert "leaf_modules" in text and "concrete_args" in text and "frontend='export'" in text
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "capture._where drops every frame whose file name ends with 'capture.py' (meant for "
-    "fxprune/capture.py), so a user file such as this test_capture.py loses its location. "
-    "Reported, not fixed here (fxprune/capture.py is outside this session's files)."))
 def test_untraceable_model_in_a_file_named_like_capture_py():
     with pytest.raises(fxprune.TraceError) as info:
         fxprune.analyze(DataDependent(), X, frontend="fx")

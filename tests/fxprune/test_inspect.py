@@ -71,7 +71,12 @@ def test_group_graph_has_fx_nodes_and_parameter_slices(analysis):
     g = grp.to_networkx()
     assert isinstance(g, nx.DiGraph)
     kinds = nx.get_node_attributes(g, "kind")
-    assert {n for n, k in kinds.items() if k == "node"} == set(grp.nodes)
+    consumers = {n for n, c in nx.get_node_attributes(g, "consumer").items() if c}
+    assert {n for n, k in kinds.items() if k == "node"} == set(grp.nodes) | consumers
+    assert "head" in consumers  # the head reads the stream: its columns are sliced
+    # every slice hangs off the node that uses it: the picture is one connected piece
+    assert nx.is_weakly_connected(g)
+    assert all(g.out_degree(s) >= 1 for s, k in kinds.items() if k == "slice")
     slices = {n for n, k in kinds.items() if k == "slice"}
     assert slices == {f"{m.fqn}[{m.dim}]" for m in grp.members}
     assert g.nodes["stem.weight[0]"]["role"] == "out"
@@ -79,6 +84,7 @@ def test_group_graph_has_fx_nodes_and_parameter_slices(analysis):
     assert g.has_edge("stem", "add") and g.edges["stem", "add"]["kind"] == "data"
     assert g.has_edge("stem.weight[0]", "stem") and g.edges["stem.weight[0]", "stem"]["kind"] == "param"
     assert g.nodes["add"]["coupling"] is True
+    assert g.has_edge("head.weight[1]", "head")
 
 
 def test_dot_text(analysis):

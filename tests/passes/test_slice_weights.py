@@ -147,3 +147,36 @@ def test_rewrite_on_meta_model_slices_meta_tensors():
     gm = slice_weights(a, plan.kept_labels(a))
     assert gm.conv1.weight.is_meta and gm.conv1.weight.shape == (4, 3, 3, 3)
     check_sliced(gm, a, plan.kept_labels(a), (X,))
+
+
+class Tied(nn.Module):
+    """A tied embedding/output weight next to an untied one, so both memo paths run."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.mid = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 10, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.out(torch.relu(self.mid(self.emb(ids))))
+
+
+@pytest.mark.parametrize("make, x", [(Net, X), (Tied, torch.tensor([[1, 2, 3]]))])
+def test_pruned_tensors_share_no_storage_with_the_model(make, x):
+    """Sliced tensors are copied once (index_select on the original, no deepcopy first):
+    the pruned module must still own every byte, sliced or not."""
+    model = make().eval()
+    a = fxprune.analyze(model, (x,))
+    small = slice_weights(a, fxprune.Plan.from_ratio(a, 0.5).kept_labels(a))
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]
+           if t.numel()}
+    theirs = {t.untyped_storage().data_ptr() for t in [*small.parameters(), *small.buffers()]
+              if t.numel()}
+    assert own and theirs and not own & theirs
+    before = [t.clone() for t in model.parameters()]
+    with torch.no_grad():
+        for t in small.parameters():
+            t.mul_(0)
+    assert all(torch.equal(b, t) for b, t in zip(before, model.parameters()))

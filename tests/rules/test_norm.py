@@ -75,10 +75,6 @@ def test_instance_norm_affine_dependents(check_pruned):
     assert small.get_submodule("1").num_features == 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "InstanceNorm2d(affine=False, track_running_stats=False) owns no tensor, so "
-    "slice_weights never runs its module fixup: num_features stays at the old width "
-    "(and torch warns on every call). Reported, not fixed here."))
 def test_instance_norm_without_tensors_num_features_follows(check_pruned):
     before = nn.Sequential(nn.Conv2d(3, 6, 1), nn.InstanceNorm2d(6), nn.Conv2d(6, 2, 1)).eval()
     x = torch.randn(2, 3, 4, 4)

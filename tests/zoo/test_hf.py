@@ -362,6 +362,27 @@ def test_head_dim_with_untracked_rotary_tables_is_refused_with_a_reason():
 
 
 # ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, layers, per_layer", [
+    ("llama", 2, "model.layers.{}"), ("gpt2", 2, "transformer.h.{}"),
+    ("bert", 4, None)])  # post-LN BERT: a LayerNorm between the halves, two blocks a layer
+def test_layer_pruning_through_export(name, layers, per_layer):
+    """Transformer layers found in the exported graph (casts between a layer's two adds
+    bridged; GPT-2's parameter-free x + 0.044715 x**3 inside its GELU is no layer), one
+    removed, equal to the model with its branches zeroed, its parameters gone."""
+    case = build(name)
+    analysis = fxprune.analyze(case.model, case.inputs, frontend="export")
+    blocks = fxprune.find_blocks(analysis)
+    assert len(blocks) == layers
+    if per_layer:
+        assert [b.name for b in blocks] == [per_layer.format(i) for i in range(layers)]
+        assert all(len(b.residuals) == 2 for b in blocks)  # attention and MLP halves
+    drop = [blocks[-1]]
+    small = fxprune.remove_blocks(analysis, drop)
+    assert fxprune.verify_blocks(analysis, small, drop, case.inputs) <= 1e-6
+    before = sum(p.numel() for p in case.model.parameters())
+    assert sum(p.numel() for p in small.parameters()) == before - drop[0].num_params > 0
+
+
 def coverage_rows() -> list[dict]:
     """One row per model and policy (for docs/transformers.md)."""
     class H:

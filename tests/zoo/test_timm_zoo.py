@@ -11,7 +11,7 @@ second time with ``split_policy="heads"`` (whole heads); a few are also layer-pr
 
 Inputs are tiny because the whole file has to fit a few minutes on two CPU cores
 (timm takes ``img_size=`` at construction for ViT-like models; convnets have adaptive
-pooling). The coverage table in README.md comes from ``python tests/zoo/test_timm.py``.
+pooling). The coverage table in README.md comes from ``python tests/zoo/test_timm_zoo.py``.
 """
 from __future__ import annotations
 

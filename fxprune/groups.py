@@ -1,6 +1,7 @@
 """Analysis results: coupled groups of parameter slices (frozen, keyed by names)."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,10 +125,19 @@ class GroupAnalysis:
 
     def group(self, key: int | str) -> ChannelGroup:
         """A group by id or by name (``"conv1.weight[0]"``)."""
-        for g in self.groups:
-            if g.id == key or g.name == key:
-                return g
-        raise KeyError(f"no group {key!r}; groups are {[g.name for g in self.groups][:10]}...")
+        found = self._by_key.get(key)
+        if found is None:
+            raise KeyError(f"no group {key!r}; groups are "
+                           f"{[g.name for g in self.groups][:10]}...")
+        return found
+
+    @functools.cached_property
+    def _by_key(self) -> dict[int | str, ChannelGroup]:
+        """Groups by id and by name, built on first lookup (a plan looks up every group)."""
+        table: dict[int | str, ChannelGroup] = {}
+        for g in reversed(self.groups):  # the first group wins a (never expected) tie
+            table[g.name] = table[g.id] = g
+        return table
 
     @property
     def num_units(self) -> int:

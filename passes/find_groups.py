@@ -204,6 +204,8 @@ def _make_groups(state, spaces, counts, group_of, local_of, node_labels, tensor_
             for gid in np.unique(group_of[lab[lab >= 0]]).tolist():
                 if not nodes[gid] or nodes[gid][-1] != name:
                     nodes[gid].append(name)
+    by_name = {n.name: n for n in state.gm.graph.nodes}
+    position = {name: i for i, name in enumerate(by_name)}
     groups = []
     for gid, space in enumerate(spaces.tolist()):
         mem = tuple(sorted(members[gid], key=lambda m: ("out", "in", "dep").index(m.role)))
@@ -211,8 +213,8 @@ def _make_groups(state, spaces, counts, group_of, local_of, node_labels, tensor_
         users = tuple((f"{m.fqn}[{m.dim}]", user) for m in mem
                       for user in state.tensor_users.get((m.fqn, m.dim), ()))
         ends = node_set | {user for _, user in users}  # consumers end the group's edges
-        edges = tuple((a.name, n.name) for n in state.gm.graph.nodes if n.name in ends
-                      for a in n.all_input_nodes if a.name in node_set)
+        edges = tuple((a.name, name) for name in sorted(ends, key=position.__getitem__)
+                      for a in by_name[name].all_input_nodes if a.name in node_set)
         inexact = tuple(store.inexact.get(space, ()))
         groups.append(ChannelGroup(
             id=gid, size=int(counts[gid]), granularity=_granularity(mem),

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.fx
 
-from fxprune.api import _run_recording
+from fxprune.api import _flat, _run_recording
 from fxprune.errors import RewriteError, VerificationError
 from fxprune.groups import GroupAnalysis
 from passes.find_blocks import Block
@@ -138,12 +138,3 @@ def _run64(gm: torch.nn.Module, inputs: tuple) -> list[torch.Tensor]:
     """Outputs of a float64 copy (dtype literals too: exported graphs cast explicitly)."""
     return _flat(_run_recording(gm, inputs, record=False)[0])
 
-
-def _flat(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _flat(v)]
-    if isinstance(out, (tuple, list)):
-        return [t for v in out for t in _flat(v)]
-    return []

@@ -124,12 +124,7 @@ class Plan:
             n_keep = min(n_keep, g.size)
             if n_keep >= g.size:
                 continue
-            if criterion == "random":
-                scores = rng.random(g.size)
-            elif callable(criterion):
-                scores = np.asarray(criterion(analysis, g), dtype=np.float64)
-            else:
-                scores = magnitude_scores(analysis, g, p=2 if criterion == "l2" else 1)
+            scores = _scores(analysis, g, criterion, rng)
             order = np.argsort(-scores, kind="stable")
             out[g.name] = tuple(sorted(order[:n_keep].tolist()))
             scored[g.name] = scores
@@ -165,12 +160,7 @@ class Plan:
                     raise PlanError(f"{where}: {n} indices keep {n_units} units of group "
                                     f"{g.name}, another entry keeps {len(kept)} of them")
                 continue
-            if criterion == "random":
-                scores = rng.random(g.size)
-            elif callable(criterion):
-                scores = np.asarray(criterion(analysis, g), dtype=np.float64)
-            else:
-                scores = magnitude_scores(analysis, g, p=2 if criterion == "l2" else 1)
+            scores = _scores(analysis, g, criterion, rng)
             chosen = units[np.argsort(-scores[units], kind="stable")[:n_units]]
             elsewhere = np.setdiff1d(np.arange(g.size), units)  # units not on this dim stay
             out[g.name] = tuple(sorted(np.concatenate([chosen, elsewhere]).tolist()))
@@ -373,3 +363,14 @@ def _tensor(gm: torch.nn.Module, fqn: str) -> torch.Tensor | None:
     for part in fqn.split("."):
         obj = getattr(obj, part, None)
     return obj if isinstance(obj, torch.Tensor) else None
+
+
+def _scores(analysis: GroupAnalysis, g: ChannelGroup,
+            criterion: str | Callable[[GroupAnalysis, ChannelGroup], np.ndarray],
+            rng: np.random.Generator) -> np.ndarray:
+    """One score per unit of ``g``: random, a user callable, or L1/L2 magnitude."""
+    if criterion == "random":
+        return rng.random(g.size)
+    if callable(criterion):
+        return np.asarray(criterion(analysis, g), dtype=np.float64)
+    return magnitude_scores(analysis, g, p=2 if criterion == "l2" else 1)

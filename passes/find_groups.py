@@ -131,7 +131,13 @@ def _build(state: AnalysisState, example_inputs: tuple) -> GroupAnalysis:
         np.zeros(0, dtype=bool)
 
     is_root = roots == np.arange(n_units)
-    free_roots = np.flatnonzero(is_root & ~pinned[roots])
+    free = is_root & ~pinned[roots]
+    if n_units:  # a space no parameter joined (a zeros() that met no layer) is no group
+        owned = np.zeros(len(space_roots), dtype=bool)
+        for units in state.tensors.values():
+            owned[space_roots[space_of[roots[units]]]] = True
+        free &= owned[space_roots[space_of]]
+    free_roots = np.flatnonzero(free)
     root_space = space_roots[space_of[free_roots]] if len(free_roots) else np.zeros(0, np.int64)
     order = np.lexsort((free_roots, root_space))  # by space, then by birth
     free_roots, root_space = free_roots[order], root_space[order]

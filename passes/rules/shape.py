@@ -23,9 +23,10 @@ NON_TENSOR = ("size", "dim", "getattr", "numel", "len", "_assert", "sym_size", "
               "sym_stride", "stride", "is_contiguous", "int", "_assert_async",
               "_assert_scalar", "sym_constrain_range_for_size", "is_floating_point",
               "get_device", "_log_api_usage_once", "element_size", "nelement")
-FACTORIES = ("zeros", "ones", "full", "arange", "empty", "randn", "rand", "randint",
-             "tensor", "scalar_tensor", "linspace", "eye", "new_zeros", "new_ones",
-             "new_full", "new_empty", "new_tensor", "as_tensor", "zeros_like_shape")
+FACTORIES = ("arange", "empty", "randn", "rand", "randint", "tensor", "scalar_tensor",
+             "linspace", "eye", "new_empty", "new_tensor", "as_tensor", "zeros_like_shape")
+# every element the same value: slicing one equals masking it, whatever it meets
+UNIFORM_FACTORIES = ("zeros", "ones", "full", "new_zeros", "new_ones", "new_full")
 
 
 @rule(RESHAPES, nn.Flatten, nn.Unflatten)
@@ -122,6 +123,36 @@ def metadata(ctx: RuleContext) -> None:
 def factory(ctx: RuleContext) -> None:
     """A new tensor from literal sizes: untracked."""
     ctx.set({})
+
+
+@rule(UNIFORM_FACTORIES)
+def uniform_factory(ctx: RuleContext) -> None:
+    """``zeros``/``ones``/``full``: each literal size > 1 carries fresh units, so the tensor
+    follows what it meets (T5's ``zeros((1, n_heads, q, k))`` position bias takes the
+    heads of the attention scores it is added to) and ``fix_factory_sizes`` writes the
+    kept count back. Units that meet nothing prunable are pinned or, never joining a
+    group with parameters, never pruned. Sizes computed at run time stay untracked."""
+    shape, (sizes, _) = ctx.out_shape, _factory_sizes(ctx.node)
+    if not _is_tensor_shape(shape) or sizes is None or len(sizes) != len(shape):
+        ctx.set({})
+        return
+    ctx.set({axis: ctx.fresh(n) for axis, (n, size) in enumerate(zip(shape, sizes))
+             if n > 1 and type(size) is int})
+
+
+def _factory_sizes(node: torch.fx.Node) -> tuple[list | None, Any]:
+    """The size arguments of a factory call and where they sit: ``"size"`` (keyword),
+    an int (index of a packed list/tuple) or a slice (unpacked ``zeros(2, 3)``)."""
+    start = 1 if str(node.target).rpartition(".")[2].startswith("new_") or \
+        getattr(node.target, "__name__", "").startswith("new_") else 0
+    if "size" in node.kwargs:
+        return list(node.kwargs["size"]), "size"
+    args = node.args[start:]
+    if args and isinstance(args[0], (list, tuple, torch.Size)):
+        return list(args[0]), start
+    if node.op == "call_method" or getattr(node.target, "__name__", "") in ("zeros", "ones"):
+        return list(args), slice(start, len(node.args))  # zeros(2, 3); x.new_zeros(2, 3)
+    return None, None
 
 
 @rule("getitem")
@@ -337,6 +368,27 @@ def _fix_computed_sizes(fctx, sizes: torch.fx.Node, new: tuple) -> None:
     with node.graph.inserting_before(node):
         fixed = node.graph.call_function(with_sizes, (sizes, updates))
     node.replace_input_with(sizes, fixed)
+
+
+@fixup(UNIFORM_FACTORIES)
+def fix_factory_sizes(fctx) -> None:
+    """Literal sizes of tracked dims become the kept counts."""
+    node = fctx.node
+    sizes, where = _factory_sizes(node)
+    new = fctx.new_shape(node)
+    if sizes is None or new is None or len(sizes) != len(new):
+        return
+    changed = [fctx.kept(node, axis) is not None and sizes[axis] != n
+               for axis, n in enumerate(new)]
+    if not any(changed):
+        return
+    sizes = [n if c else s for s, n, c in zip(sizes, new, changed)]
+    if where == "size":
+        node.kwargs = {**node.kwargs, "size": sizes}
+    elif isinstance(where, int):
+        node.args = node.args[:where] + (sizes,) + node.args[where + 1:]
+    else:
+        node.args = node.args[:where.start] + tuple(sizes)
 
 
 @fixup("unflatten")

@@ -433,3 +433,84 @@ def test_class_token_and_position_embedding_follow_channels(check_pruned):
     assert small.cls.shape == (1, 1, 3) and small.pos.shape == (1, 5, 3)
     assert torch.equal(small.pos, before.pos[:, :, [0, 3, 4]])
     assert isinstance(small.cls, nn.Parameter) and isinstance(small.pos, nn.Parameter)
+
+
+class UniformFactories(nn.Module):
+    """Literal-size zeros/ones/full next to conv channels, in each calling convention."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.how == "zeros_varargs":
+            y = y + torch.zeros(1, 8, 1, 1)
+        elif self.how == "ones_tuple":
+            y = y * torch.ones((1, 8, 1, 1))
+        elif self.how == "full_size_kwarg":
+            y = y * torch.full(size=(8, 1, 1), fill_value=2.0)
+        elif self.how == "new_zeros_method":
+            y = y + y.new_zeros(1, 8, 1, 1)
+        elif self.how == "new_full_method":
+            y = y - y.new_full((1, 8, 1, 1), 0.5)
+        return self.head(torch.relu(y))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("how", ["zeros_varargs", "ones_tuple", "full_size_kwarg",
+                                 "new_zeros_method", "new_full_method"])
+def test_uniform_factory_sizes_follow_the_channels(how, frontend, check_pruned):
+    """A tensor whose elements are all equal can be sliced like a mask zeroes it: its
+    literal channel size joins the conv's group (instead of pinning it) and is rewritten
+    to the kept count."""
+    model = UniformFactories(how).eval()
+    x = torch.randn(2, 3, 4, 4)
+    a = fxprune.analyze(model, x, frontend=frontend)
+    g = a.group("conv.weight[0]")
+    assert g.size == 8
+    small = check_pruned(model, x, fxprune.Plan.from_indices(a, {g.id: [1, 2, 6]})).small
+    factories = [n for n in small.graph.nodes if n.op in ("call_function", "call_method")
+                 and any(k in str(n.target) for k in ("zeros", "ones", "full"))]
+    if not factories:  # fx ran torch.zeros(1, 8, 1, 1) while tracing: a constant, sliced
+        assert frontend == "fx" and how.startswith(("zeros", "ones", "full"))
+        consts = [getattr(small, n.target) for n in small.graph.nodes if n.op == "get_attr"]
+        assert any(tuple(c.shape).count(3) for c in consts)
+        return
+    (factory,) = factories
+    ints: list = []
+    torch.fx.node.map_aggregate((factory.args, factory.kwargs),
+                                lambda v: ints.append(v) if type(v) is int else None)
+    assert 3 in ints and 8 not in ints  # the literal channel size is the kept count
+
+
+class FactoryMeetsNothing(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return self.conv(x) + torch.ones(16).sum()  # summed away: no channel to follow
+
+
+def test_uniform_factory_that_joins_no_parameter_is_no_group():
+    a = fxprune.analyze(FactoryMeetsNothing().eval(), torch.randn(1, 3, 2, 2))
+    assert all(any(m.fqn.startswith("conv.") for m in g.members) for g in a.groups)
+
+
+class ComputedSize(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y + y.new_zeros(y.shape[0], y.shape[1], 1, 1)
+
+
+def test_uniform_factory_with_a_computed_size_stays_untracked():
+    """A size computed at run time is not a literal to rewrite: fail closed (pinned)."""
+    a = fxprune.analyze(ComputedSize().eval(), torch.randn(1, 3, 2, 2), frontend="fx")
+    assert a.groups == ()

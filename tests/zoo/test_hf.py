@@ -146,9 +146,11 @@ def t5() -> Case:
     model = LogitsOnly(transformers.T5ForConditionalGeneration(cfg))
     ids = _ids()
     return Case(model, (ids, torch.ones(B, N, dtype=torch.long), ids[:, :6]),
-                # cross-attention heads stay: T5 adds a literal zeros((1, n_heads, ...)) bias
+                # cross-attention: its bias is a literal zeros((1, n_heads, ...)), whose
+                # n_heads follows the heads (a uniform factory)
                 ("model.encoder.block.0.layer.0.SelfAttention.q.weight",
-                 "model.decoder.block.0.layer.0.SelfAttention.q.weight"),
+                 "model.decoder.block.0.layer.0.SelfAttention.q.weight",
+                 "model.decoder.block.0.layer.1.EncDecAttention.q.weight"),
                 ("model.encoder.block.0.layer.1.DenseReluDense.wi.weight",
                  "model.decoder.block.0.layer.2.DenseReluDense.wi.weight"),
                 "model.shared.weight")

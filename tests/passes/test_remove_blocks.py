@@ -288,3 +288,46 @@ def test_nested_block_goes_with_its_outer_block():
     small = remove_blocks_pass(analysis.gm, blocks)  # outer first; the inner is inside it
     assert torch.allclose(_run(small, x), _run(model.out, x))
     assert {n for n, _ in small.named_parameters()} == {"out.weight", "out.bias"}
+
+
+class CastLayer(nn.Module):
+    """A pre-norm layer whose two halves are separated by a same-dtype cast, with a
+    parameter-free residual (tanh-GELU-like ``h + 0.044715 * h**3``) inside its MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn, self.up, self.down = nn.Linear(4, 4), nn.Linear(4, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = x + self.attn(x)
+        h = h.to(torch.float32)
+        u = self.up(h)
+        u = u + 0.044715 * u ** 3
+        return h + self.down(torch.tanh(u))
+
+
+class CastNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([CastLayer(), CastLayer()])
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def test_casts_between_halves_are_bridged_and_arithmetic_is_no_block():
+    x = torch.randn(3, 4)
+    model = CastNet().eval()
+    analysis = fxprune.analyze(model, x)
+    blocks = fxprune.find_blocks(analysis)
+    assert [b.name for b in blocks] == ["layers.0", "layers.1"]
+    assert all(len(b.residuals) == 2 for b in blocks)  # attention half + MLP half
+    branch = fxprune.find_blocks(analysis, level="branch")
+    assert len(branch) == 4  # the parameter-free u + 0.044715 u**3 is none of them
+    small = fxprune.remove_blocks(analysis, blocks[:1])
+    assert fxprune.verify_blocks(analysis, small, blocks[:1], x) <= 1e-6
+    assert sum(p.numel() for p in small.parameters()) == \
+        sum(p.numel() for p in model.parameters()) - blocks[0].num_params

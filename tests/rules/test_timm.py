@@ -186,9 +186,10 @@ def test_from_counts_keeps_whole_units_and_agrees_across_entries(check_pruned):
 
 def test_computed_qkv_bias_follows_the_rows(check_pruned):
     """EVA: F.linear(x, qkv.weight, cat(q_bias, k_bias (zeros buffer), v_bias)): the
-    computed bias is sliced with the heads; an untracked computed bias keeps them whole."""
+    computed bias is sliced with the heads; so is a uniform bias built at run time
+    (``new_full``); a non-uniform one built at run time is untracked: heads stay whole."""
     class Eva(nn.Module):
-        def __init__(self, untracked=False):
+        def __init__(self, untracked=None):
             super().__init__()
             self.untracked = untracked
             self.qkv = nn.Linear(8, 24, bias=False)
@@ -199,8 +200,10 @@ def test_computed_qkv_bias_follows_the_rows(check_pruned):
         def forward(self, x):
             B, N, C = x.shape
             bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
-            if self.untracked:
-                bias = x.new_full((24,), 0.1)  # built at run time: untracked
+            if self.untracked == "uniform":
+                bias = x.new_full((24,), 0.1)  # every element equal: follows the heads
+            elif self.untracked == "computed":
+                bias = x.new_full((24,), 0.1).cumsum(0)  # differs per row: untracked
             qkv = F.linear(x, self.qkv.weight, bias)
             q, k, v = qkv.reshape(B, N, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
             out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, 8)
@@ -213,7 +216,11 @@ def test_computed_qkv_bias_follows_the_rows(check_pruned):
     assert {("q_bias", 0, "dep"), ("v_bias", 0, "dep"), ("k_bias", 0, "dep")} <= members(g)
     small = check_pruned(before, x, fxprune.Plan.from_indices(a, {g.id: [1]})).small
     assert small.q_bias.shape == (4,) and small.k_bias.shape == (4,)
-    a = fxprune.analyze(Eva(untracked=True).eval(), x, split_policy="heads")
+    uniform = Eva(untracked="uniform").eval()
+    a = fxprune.analyze(uniform, x, split_policy="heads")
+    g = a.group("qkv.weight[0]")
+    check_pruned(uniform, x, fxprune.Plan.from_indices(a, {g.id: [0]}))
+    a = fxprune.analyze(Eva(untracked="computed").eval(), x, split_policy="heads")
     assert "qkv.weight[0]" not in {g.name for g in a.groups}
 
 

@@ -18,6 +18,7 @@ from fxprune.groups import GroupAnalysis
 from fxprune.plan import Plan
 from passes.find_groups import find_groups
 from passes.mask import insert_masks
+from passes.rules.registry import ATTENTION_SCALES
 from passes.shape_prop import output_shape, propagate_shapes
 from passes.slice_weights import check_sliced, slice_weights
 
@@ -66,13 +67,25 @@ def _lint(gm: torch.fx.GraphModule) -> None:
 
 
 def compile(model: torch.nn.Module | GroupAnalysis, plan: Plan, *,
-            example_inputs: Any = None, check: bool = True) -> torch.fx.GraphModule:
+            example_inputs: Any = None, check: bool = True,
+            attention_scale: str = "original") -> torch.fx.GraphModule:
     """A new, smaller GraphModule that applies ``plan``; ``model`` is left untouched.
 
     ``model`` may be the analysed model (the plan's own analysis is reused when it was
     made for this model), a ``GroupAnalysis``, or a model plus ``example_inputs`` to
     re-analyse (for a plan loaded from JSON).
+
+    ``attention_scale``: when head_dim is pruned, the softmax scale stays
+    1/sqrt(original head_dim) (``"original"``: the pruned model equals the masked one);
+    ``"recompute"`` gives 1/sqrt(kept head_dim) where fxprune sets the scale (SDPA with
+    the default or a 1/sqrt(head_dim) scale, ``nn.MultiheadAttention``, Swin window
+    attention). A scale the model multiplies in itself (``q * self.scale``) is a literal
+    and stays. ``verify`` then checks the slicing on an original-scale copy and this
+    model by shapes.
     """
+    if attention_scale not in ATTENTION_SCALES:
+        raise ValueError(f"attention_scale must be one of {ATTENTION_SCALES}, "
+                         f"not {attention_scale!r}")
     analysis = _analysis_for(model, plan, example_inputs)
     kept = plan.kept_labels(analysis)
 
@@ -80,7 +93,8 @@ def compile(model: torch.nn.Module | GroupAnalysis, plan: Plan, *,
         check_sliced(pruned, analysis, kept, analysis.example_inputs)
         return pruned
 
-    steps = [Step("slice_weights", lambda _: slice_weights(analysis, kept))]
+    steps = [Step("slice_weights",
+                  lambda _: slice_weights(analysis, kept, attention_scale=attention_scale))]
     if check:
         steps.append(Step("check_sliced", checked))
     return run_steps("fxprune.compile", steps, None, error_type=RewriteError)
@@ -147,8 +161,9 @@ def verify(model: torch.nn.Module | GroupAnalysis, pruned: torch.nn.Module, plan
            inputs: Any, *, rtol: float = 1e-6, raise_on_failure: bool = True) -> VerifyReport:
     """Slice == mask on ``inputs``, in float64: exact groups numerically, others by shape.
 
-    When the plan touches inexact groups (channel mixers), the numerical check runs on
-    a second compile of the plan restricted to exact groups; ``pruned`` itself is
+    When the plan touches inexact groups (channel mixers), or ``pruned`` was compiled
+    with ``attention_scale="recompute"``, the numerical check runs on a second compile
+    of the plan restricted to exact groups (original scales); ``pruned`` itself is
     checked for output shapes and runs.
     """
     analysis = model if isinstance(model, GroupAnalysis) else _analysis_for(model, plan, None)
@@ -159,7 +174,9 @@ def verify(model: torch.nn.Module | GroupAnalysis, pruned: torch.nn.Module, plan
     exact_plan = Plan(plan.fingerprint, exact_keep, {n: plan.sizes[n] for n in exact_keep},
                       plan.meta, analysis)
     exact_kept = exact_plan.kept_labels(analysis)
-    sliced = pruned if len(exact_keep) == len(plan.keep) else slice_weights(analysis, exact_kept)
+    recomputed = getattr(pruned, "meta", {}).get("fxprune_attention_scale") == "recompute"
+    sliced = pruned if len(exact_keep) == len(plan.keep) and not recomputed \
+        else slice_weights(analysis, exact_kept)  # original scales: slice == mask holds
     masked = insert_masks(analysis, exact_kept)
 
     want, masked_acts = _run_checked(masked, inputs, "the masked reference model")

@@ -270,7 +270,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         analysis = stages.run("analyze", lambda: fxprune.analyze(model, inputs))
         plan = stages.run("plan", lambda: fxprune.Plan.from_ratio(
             analysis, args.ratio, criterion=args.criterion, round_to=args.round_to))
-        small = stages.run("compile", lambda: fxprune.compile(model, plan)).eval()
+        small = stages.run("compile", lambda: fxprune.compile(
+            model, plan, attention_scale=args.attention_scale)).eval()
         report = None
         if not args.no_verify:
             report = stages.run("verify", lambda: fxprune.verify(
@@ -366,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", help="save the pruned model here (torch.export .pt2)")
     pr.add_argument("--plan-out", help="write the plan as JSON here")
     pr.add_argument("--no-verify", action="store_true", help="skip slice == mask")
+    pr.add_argument("--attention-scale", choices=["original", "recompute"],
+                    default="original", help="softmax scale when head_dim is pruned: "
+                    "1/sqrt(original head_dim) (default) or of the kept one")
     pr.set_defaults(func=cmd_prune)
     return parser
 

@@ -23,7 +23,8 @@ import torch.fx
 
 from fxprune.errors import RewriteError, describe_node
 from fxprune.groups import GroupAnalysis
-from passes.rules.registry import FIXUPS, MODULE_FIXUPS, find_module_entry, op_key
+from passes.rules.registry import (ATTENTION_SCALES, FIXUPS, MODULE_FIXUPS,
+                                   find_module_entry, op_key, rewrite_options)
 from passes.shape_prop import propagate_shapes, tensor_shapes
 
 __all__ = ["slice_weights", "expected_shapes", "FixupContext"]
@@ -86,10 +87,26 @@ class FixupContext:
         return RewriteError(f"{what} at {describe_node(self.node)}")
 
 
-def slice_weights(analysis: GroupAnalysis, kept: np.ndarray) -> torch.fx.GraphModule:
-    """Return a deep copy of ``analysis.gm`` with every planned slice removed."""
+def slice_weights(analysis: GroupAnalysis, kept: np.ndarray, *,
+                  attention_scale: str = "original") -> torch.fx.GraphModule:
+    """Return a deep copy of ``analysis.gm`` with every planned slice removed.
+
+    ``attention_scale``: ``"original"`` keeps every softmax scale fxprune writes at
+    1/sqrt(original head_dim) (slice == mask); ``"recompute"`` uses the kept head_dim.
+    """
+    if attention_scale not in ATTENTION_SCALES:
+        raise ValueError(f"attention_scale must be one of {ATTENTION_SCALES}, "
+                         f"not {attention_scale!r}")
     if kept.all():
-        return copy.deepcopy(analysis.gm)
+        gm = copy.deepcopy(analysis.gm)
+    else:
+        with rewrite_options(attention_scale=attention_scale):
+            gm = _slice(analysis, kept)
+    gm.meta["fxprune_attention_scale"] = attention_scale
+    return gm
+
+
+def _slice(analysis: GroupAnalysis, kept: np.ndarray) -> torch.fx.GraphModule:
     gm = copy.deepcopy(analysis.gm, _share_sliced(analysis, kept))
     touched = _slice_tensors(gm, analysis, kept)
     _check_stale_attributes(gm, analysis, kept, touched)

@@ -8,13 +8,12 @@ graph.
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
 
 from passes.rules import dims as D
-from passes.rules.attention import scaled_dot_product_attention
+from passes.rules.attention import scaled_dot_product_attention, set_sdpa_scale
 from passes.rules.elementwise import binary
 from passes.rules.linear import contract
 from passes.rules.registry import RuleContext, fixup, rule
@@ -94,12 +93,8 @@ def fused_sdpa(ctx: RuleContext) -> None:
 
 @fixup(FUSED_SDPA)
 def fix_fused_sdpa_scale(fctx) -> None:
-    """A pruned q/k feature dim keeps the original softmax scale (keyword-only here)."""
-    node = fctx.node
-    q = node.args[0]
-    old, new = fctx.old_shape(q), fctx.new_shape(q)
-    if old[-1] != new[-1] and node.kwargs.get("scale") is None:
-        node.kwargs = {**node.kwargs, "scale": 1.0 / math.sqrt(old[-1])}
+    """As ``fix_sdpa_scale`` (``scale`` is keyword-only here)."""
+    set_sdpa_scale(fctx, positional=None)
 
 
 @fixup("slice")

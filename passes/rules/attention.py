@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from passes.rules.dims import broadcast_merge
 from passes.rules.linear import contract
-from passes.rules.registry import RuleContext, fixup, module_fixup, rule
+from passes.rules.registry import RuleContext, fixup, module_fixup, rule, softmax_scale
 
 
 def _head_units(ctx: RuleContext, rows: np.ndarray, cols: np.ndarray, heads: int) -> None:
@@ -77,7 +77,8 @@ def multihead_attention(ctx: RuleContext) -> None:
 
 @module_fixup(nn.MultiheadAttention)
 def fix_multihead_attention(m: nn.MultiheadAttention, note: dict | None = None):
-    """Replace by PrunedMultiheadAttention with the kept heads/head_dim, original scale."""
+    """Replace by PrunedMultiheadAttention with the kept heads/head_dim (softmax scale:
+    ``softmax_scale``, the original one unless asked to recompute it)."""
     from fxprune.nn import PrunedMultiheadAttention
 
     note = note or {"policy": "inner", "num_heads": m.num_heads, "head_dim": m.head_dim}
@@ -88,7 +89,7 @@ def fix_multihead_attention(m: nn.MultiheadAttention, note: dict | None = None):
         head_dim = note["head_dim"]
         heads = inner // head_dim
     return PrunedMultiheadAttention(m, num_heads=heads, head_dim=head_dim,
-                                    scale=1.0 / math.sqrt(note["head_dim"]))
+                                    scale=softmax_scale(note["head_dim"], head_dim))
 
 
 @rule("scaled_dot_product_attention")
@@ -140,9 +141,26 @@ def _repeat_kv_heads(ctx: RuleContext, shape, dims, q_heads: int):
 
 @fixup("scaled_dot_product_attention")
 def fix_sdpa_scale(fctx) -> None:
-    """A pruned q/k feature dim keeps the original softmax scale 1/sqrt(E)."""
+    """A pruned q/k feature dim keeps the original softmax scale 1/sqrt(E) (or gets
+    1/sqrt(E') with ``attention_scale="recompute"``)."""
+    set_sdpa_scale(fctx, positional=6)
+
+
+def set_sdpa_scale(fctx, positional: int | None) -> None:
+    """Write ``softmax_scale`` as the node's ``scale`` when q/k lost features: in place of
+    the default (None) or of an explicit scale equal to 1/sqrt(E) (Hugging Face passes its
+    ``scaling``); any other explicit scale is the model's own and stays."""
     node = fctx.node
-    q = node.args[0]
-    old, new = fctx.old_shape(q), fctx.new_shape(q)
-    if old[-1] != new[-1] and node.kwargs.get("scale") is None and len(node.args) < 7:
-        node.kwargs = {**node.kwargs, "scale": 1.0 / math.sqrt(old[-1])}
+    old, new = fctx.old_shape(node.args[0])[-1], fctx.new_shape(node.args[0])[-1]
+    if old == new:
+        return
+    at_arg = positional is not None and len(node.args) > positional
+    given = node.args[positional] if at_arg else node.kwargs.get("scale")
+    if given is not None and not (isinstance(given, float)
+                                  and math.isclose(given, 1.0 / math.sqrt(old))):
+        return
+    scale = softmax_scale(old, new)
+    if at_arg:
+        node.args = node.args[:positional] + (scale,) + node.args[positional + 1:]
+    else:
+        node.kwargs = {**node.kwargs, "scale": scale}

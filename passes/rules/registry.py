@@ -12,8 +12,11 @@ return new node args/kwargs after slicing. Module fixups set module attributes
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import math
 import operator
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +96,29 @@ def rule(*keys: Any) -> Callable[[AnalysisRule], AnalysisRule]:
         return fn
 
     return register
+
+
+ATTENTION_SCALES = ("original", "recompute")
+_REWRITE_OPTIONS: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar(
+    "fxprune_rewrite_options", default={})
+
+
+@contextlib.contextmanager
+def rewrite_options(**options: Any) -> Iterator[None]:
+    """Options the fixups of one ``slice_weights`` call read (``attention_scale``)."""
+    token = _REWRITE_OPTIONS.set(options)
+    try:
+        yield
+    finally:
+        _REWRITE_OPTIONS.reset(token)
+
+
+def softmax_scale(old_dim: int, new_dim: int) -> float:
+    """The attention softmax scale once q/k keep ``new_dim`` of ``old_dim`` features:
+    ``1/sqrt(old_dim)`` by default, so the pruned model computes what the masked one does
+    (slice == mask); ``1/sqrt(new_dim)`` with ``attention_scale="recompute"``."""
+    recompute = _REWRITE_OPTIONS.get().get("attention_scale", "original") == "recompute"
+    return 1.0 / math.sqrt(new_dim if recompute else old_dim)
 
 
 def fixup(*keys: Any) -> Callable:

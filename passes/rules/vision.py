@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from passes.rules.registry import RuleContext, fixup, rule
+from passes.rules.registry import RuleContext, fixup, rule, softmax_scale
 
 try:
     from torchvision.models import swin_transformer as _swin
@@ -68,7 +68,7 @@ def window_attention_rule(ctx: RuleContext) -> None:
 
 
 def fix_window_attention(fctx) -> None:
-    """Call fxprune's window attention with the kept heads/head_dim and the original scale."""
+    """Call fxprune's window attention with the kept heads/head_dim and ``softmax_scale``."""
     from fxprune.functional import window_attention
 
     node = fctx.node
@@ -86,7 +86,8 @@ def fix_window_attention(fctx) -> None:
         kwargs["num_heads"] = heads
     node.target = window_attention
     node.args = tuple(args)
-    node.kwargs = {**kwargs, "head_dim": head_dim, "scale": note["head_dim"] ** -0.5}
+    node.kwargs = {**kwargs, "head_dim": head_dim,
+                   "scale": softmax_scale(note["head_dim"], head_dim)}
 
 
 def patch_merging_pad_rule(ctx: RuleContext) -> None:

@@ -52,3 +52,23 @@ not_a_model = 42
 def one_block() -> nn.Module:
     """The model behind docs/group.svg: stem, one residual block, head."""
     return TinyResNet(c=8, blocks=1)
+
+
+class TinyAttention(nn.Module):
+    """q/k/v projections and SDPA with its default scale: head_dim is prunable."""
+
+    def __init__(self, dim: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = (lin(x).view(b, n, self.heads, c // self.heads).transpose(1, 2)
+                   for lin in (self.q, self.k, self.v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(b, n, c))
+
+
+def tiny_attention() -> tuple[nn.Module, torch.Tensor]:
+    return TinyAttention(), torch.randn(2, 5, 8)

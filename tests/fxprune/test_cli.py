@@ -152,3 +152,15 @@ def test_python_dash_m_runs_the_cli():
     assert done.returncode == 2
     assert done.stderr.strip() == ("fxprune: error: model spec 'bad-spec' must be "
                                    "'torchvision:NAME' or 'module.path:factory'")
+
+
+@pytest.mark.parametrize("mode, scale", [("original", 4 ** -0.5), ("recompute", 2 ** -0.5)])
+def test_prune_attention_scale_option(mode, scale, tmp_path, capsys):
+    out = tmp_path / "attn.pt2"
+    assert main(["prune", "_cli_models:tiny_attention", "--ratio", "0.5",
+                 "--attention-scale", mode, "--out", str(out)]) == 0
+    assert "slice == mask OK" in capsys.readouterr().out
+    program = torch.export.load(str(out))
+    scales = [n.kwargs.get("scale") for n in program.graph.nodes
+              if "scaled_dot_product" in str(n.target)]
+    assert scales and all(s == pytest.approx(scale) for s in scales)

@@ -167,3 +167,67 @@ def test_torchvision_swin_attention(name, policy):
         assert per_head & {m.fqn for m in heads.members}
     calls = [n for n in small.graph.nodes if getattr(n.target, "__name__", "") == "window_attention"]
     assert calls and all("head_dim" in n.kwargs for n in calls)
+
+
+# ----------------------------------------------------------------------------------
+# attention_scale="recompute": 1/sqrt(kept head_dim) where fxprune writes the scale
+class ScaledSDPA(SDPA):
+    """SDPA with an explicit scale: 1/sqrt(head_dim) (as Hugging Face passes its
+    ``scaling``) or the model's own temperature, which is never touched."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__(heads=2, dim=8)
+        self.scale = scale
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = (lin(x).view(b, n, 2, 4).transpose(1, 2) for lin in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.o(y.transpose(1, 2).reshape(b, n, c))
+
+
+def _head_dim_plan(model, x):
+    a = fxprune.analyze(model, (x,), split_policy="inner")
+    return a, fxprune.Plan.from_indices(a, {"q.weight[0]": [0, 3]})  # head_dim 4 -> 2
+
+
+def _sdpa_scale(small):
+    node = next(n for n in small.graph.nodes if "scaled_dot_product" in str(n.target))
+    return node.kwargs.get("scale")
+
+
+@pytest.mark.parametrize("make, original, recomputed", [
+    (lambda: SDPA(), 1 / math.sqrt(4), 1 / math.sqrt(2)),             # default scale
+    (lambda: ScaledSDPA(0.5), 1 / math.sqrt(4), 1 / math.sqrt(2)),      # = 1/sqrt(4)
+    (lambda: ScaledSDPA(0.3), 0.3, 0.3)])                               # the model's own
+def test_sdpa_scale_original_or_recomputed(make, original, recomputed):
+    torch.manual_seed(7)
+    model, x = make().eval(), torch.randn(2, 5, 8)
+    a, plan = _head_dim_plan(model, x)
+    same = fxprune.compile(model, plan)
+    new = fxprune.compile(model, plan, attention_scale="recompute")
+    assert _sdpa_scale(same) == pytest.approx(original)
+    assert _sdpa_scale(new) == pytest.approx(recomputed)
+    report = fxprune.verify(model, new, plan, (x,))  # slicing checked at original scale
+    assert report.ok and report.output_shapes_equal
+    with torch.no_grad():
+        differs = not torch.allclose(same(x), new(x))
+    assert differs == (original != recomputed)
+
+
+def test_mha_scale_recomputed_on_request():
+    torch.manual_seed(1)
+    model, x = Block().eval(), torch.randn(2, 5, 8)
+    a = fxprune.analyze(model, (x,), split_policy="inner")
+    plan = fxprune.Plan.from_ratio(a, 0.5, criterion="random", seed=2)
+    small = fxprune.compile(model, plan, attention_scale="recompute")
+    attn = small.get_submodule("attn")
+    assert attn.head_dim == 2 and attn.scale == pytest.approx(1 / math.sqrt(2))
+    assert fxprune.verify(model, small, plan, (x,)).ok
+
+
+def test_attention_scale_value_is_checked():
+    model, x = SDPA().eval(), torch.randn(2, 5, 8)
+    a, plan = _head_dim_plan(model, x)
+    with pytest.raises(ValueError, match="attention_scale"):
+        fxprune.compile(model, plan, attention_scale="auto")

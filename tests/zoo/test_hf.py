@@ -387,6 +387,25 @@ def test_layer_pruning_through_export(name, layers, per_layer):
     assert sum(p.numel() for p in small.parameters()) == before - drop[0].num_params > 0
 
 
+def test_head_dim_attention_scale_recomputed_on_request():
+    """LLaMA passes ``scale=self.scaling`` (1/sqrt(head_dim)) to SDPA: kept by default,
+    1/sqrt(kept head_dim) with ``attention_scale="recompute"``; verify checks the
+    slicing at the original scale and this model by shapes."""
+    case = build("llama")
+    analysis = fxprune.analyze(case.model, case.inputs, frontend="export",
+                               split_policy="inner")
+    plan = fxprune.Plan.from_ratio(analysis, 0.5, criterion="random")
+    scales = {}
+    for mode in ("original", "recompute"):
+        small = fxprune.compile(case.model, plan, attention_scale=mode)
+        sdpa = [n for n in small.graph.nodes if "scaled_dot_product" in str(n.target)]
+        scales[mode] = {round(n.kwargs.get("scale"), 6) for n in sdpa}
+        assert fxprune.verify(case.model, small, plan, case.inputs).ok
+    head_dim = 32 // 4
+    assert scales["original"] == {round(head_dim ** -0.5, 6)}
+    assert scales["recompute"] == {round((head_dim // 2) ** -0.5, 6)}
+
+
 def coverage_rows() -> list[dict]:
     """One row per model and policy (for docs/transformers.md)."""
     class H:

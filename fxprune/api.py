@@ -18,7 +18,7 @@ from fxprune.groups import GroupAnalysis
 from fxprune.plan import Plan
 from passes.find_groups import find_groups
 from passes.mask import insert_masks
-from passes.rules.registry import ATTENTION_SCALES
+from passes.rules.registry import check_attention_scale
 from passes.shape_prop import output_shape, propagate_shapes
 from passes.slice_weights import check_sliced, slice_weights
 
@@ -83,9 +83,7 @@ def compile(model: torch.nn.Module | GroupAnalysis, plan: Plan, *,
     and stays. ``verify`` then checks the slicing on an original-scale copy and this
     model by shapes.
     """
-    if attention_scale not in ATTENTION_SCALES:
-        raise ValueError(f"attention_scale must be one of {ATTENTION_SCALES}, "
-                         f"not {attention_scale!r}")
+    check_attention_scale(attention_scale)  # a ValueError here, not inside the pipeline
     analysis = _analysis_for(model, plan, example_inputs)
     kept = plan.kept_labels(analysis)
 

@@ -23,7 +23,7 @@ import torch.fx
 
 from fxprune.errors import RewriteError, describe_node
 from fxprune.groups import GroupAnalysis
-from passes.rules.registry import (ATTENTION_SCALES, FIXUPS, MODULE_FIXUPS,
+from passes.rules.registry import (FIXUPS, MODULE_FIXUPS, check_attention_scale,
                                    find_module_entry, op_key, rewrite_options)
 from passes.shape_prop import propagate_shapes, tensor_shapes
 
@@ -63,11 +63,10 @@ class FixupContext:
     """What a rewrite fixup sees: the node in the new graph and old/new shapes."""
 
     def __init__(self, analysis: GroupAnalysis, kept: np.ndarray, new_shapes: dict,
-                 node: torch.fx.Node, old_nodes: dict[str, torch.fx.Node] | None = None,
+                 node: torch.fx.Node, old_nodes: dict[str, torch.fx.Node],
                  module: torch.nn.Module | None = None) -> None:
         self.analysis, self.kept_labels, self.new_shapes, self.node = analysis, kept, new_shapes, node
-        self._old = old_nodes if old_nodes is not None else \
-            {n.name: n for n in analysis.gm.graph.nodes}
+        self._old = old_nodes  # the analysed graph's nodes by name, built once per rewrite
         self.module = module  # the called module of a call_module node (in the new graph)
 
     def old_shape(self, value: Any) -> Any:
@@ -94,9 +93,7 @@ def slice_weights(analysis: GroupAnalysis, kept: np.ndarray, *,
     ``attention_scale``: ``"original"`` keeps every softmax scale fxprune writes at
     1/sqrt(original head_dim) (slice == mask); ``"recompute"`` uses the kept head_dim.
     """
-    if attention_scale not in ATTENTION_SCALES:
-        raise ValueError(f"attention_scale must be one of {ATTENTION_SCALES}, "
-                         f"not {attention_scale!r}")
+    check_attention_scale(attention_scale)
     if kept.all():
         gm = copy.deepcopy(analysis.gm)
     else:

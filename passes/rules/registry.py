@@ -103,6 +103,11 @@ _REWRITE_OPTIONS: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVa
     "fxprune_rewrite_options", default={})
 
 
+def check_attention_scale(value: str) -> None:
+    if value not in ATTENTION_SCALES:
+        raise ValueError(f"attention_scale must be one of {ATTENTION_SCALES}, not {value!r}")
+
+
 @contextlib.contextmanager
 def rewrite_options(**options: Any) -> Iterator[None]:
     """Options the fixups of one ``slice_weights`` call read (``attention_scale``)."""

@@ -14,7 +14,7 @@ import torch.fx
 import torch.nn as nn
 
 from passes.rules import dims as D
-from passes.rules.registry import RuleContext, fixup, rule
+from passes.rules.registry import RuleContext, fixup, op_key, rule
 
 RESHAPES = ("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as",
             "reshape_as", "_reshape_alias", "ravel", "atleast_2d", "atleast_3d")
@@ -143,14 +143,14 @@ def uniform_factory(ctx: RuleContext) -> None:
 def _factory_sizes(node: torch.fx.Node) -> tuple[list | None, Any]:
     """The size arguments of a factory call and where they sit: ``"size"`` (keyword),
     an int (index of a packed list/tuple) or a slice (unpacked ``zeros(2, 3)``)."""
-    start = 1 if str(node.target).rpartition(".")[2].startswith("new_") or \
-        getattr(node.target, "__name__", "").startswith("new_") else 0
+    name = op_key(node)
+    start = 1 if isinstance(name, str) and name.startswith("new_") else 0  # x.new_zeros
     if "size" in node.kwargs:
         return list(node.kwargs["size"]), "size"
     args = node.args[start:]
     if args and isinstance(args[0], (list, tuple, torch.Size)):
         return list(args[0]), start
-    if node.op == "call_method" or getattr(node.target, "__name__", "") in ("zeros", "ones"):
+    if name in ("zeros", "ones", "new_zeros", "new_ones"):
         return list(args), slice(start, len(node.args))  # zeros(2, 3); x.new_zeros(2, 3)
     return None, None
 

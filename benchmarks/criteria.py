@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import fxprune
 from fxprune.importance import CRITERIA, Importance
-from passes.cost import compute_cost
+from fxprune.cost import compute_cost
 
 
 # ----------------------------------------------------------------------------------

@@ -4,19 +4,40 @@
     plan = fxprune.Plan.from_ratio(analysis, 0.5)         # what to keep
     small = fxprune.compile(model, plan)                  # new, smaller GraphModule
     fxprune.verify(model, small, plan, example_inputs)    # slice == mask
+
+Layers, bottom up (``passes/README.md``; ``tests/test_layers.py`` checks them):
+core types (``errors``, ``groups``, ``plan``, ``pipeline``, ``report``, ``nn``,
+``functional``) <- op rules (``passes/rules``, ``passes/units.py``) <- passes
+(``passes/*.py``) <- planning (``importance``, ``planner``, ``cost/``) <- API and CLI
+(``api``, ``blocks``, ``capture``, ``cli``). The public names below are resolved lazily,
+so importing a core module (``fxprune.errors``) loads no pass.
 """
-from fxprune.api import GroupCheck, VerifyReport, analyze, compile, verify
-from fxprune.capture import FxpruneTracer, trace
-from fxprune.errors import (FxpruneError, PlanError, RewriteError, ShapePropagationError,
-                            TraceError, UnsupportedOpError, VerificationError)
-from fxprune.groups import ChannelGroup, GroupAnalysis, Member
-from fxprune.plan import Plan, magnitude_scores
-from fxprune.errors import BudgetError, ImportanceError, NonFiniteScoreError
-from fxprune.importance import CRITERIA, Importance, importance_scores
-from fxprune.planner import plan
-from fxprune.blocks import Block, block_similarity, find_blocks, remove_blocks, verify_blocks
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+# Core and planning names load eagerly: they import no pass. ``plan`` (the function) is
+# bound after the submodule ``fxprune.plan`` has been imported, so it wins the attribute.
+from fxprune.errors import (BudgetError, FxpruneError, ImportanceError,  # noqa: E402
+                            NonFiniteScoreError, PlanError, RewriteError,
+                            ShapePropagationError, TraceError, UnsupportedOpError,
+                            VerificationError)
+from fxprune.groups import ChannelGroup, GroupAnalysis, Member  # noqa: E402
+from fxprune.plan import Plan, magnitude_scores  # noqa: E402
+from fxprune.importance import CRITERIA, Importance, importance_scores  # noqa: E402
+from fxprune.planner import plan  # noqa: E402
+
+# API-layer names (they import the passes) load on first use: name -> module
+_EXPORTS = {
+    **dict.fromkeys(["GroupCheck", "VerifyReport", "analyze", "compile", "verify"], "fxprune.api"),
+    **dict.fromkeys(["FxpruneTracer", "trace"], "fxprune.capture"),
+    **dict.fromkeys(["Block", "block_similarity", "find_blocks", "remove_blocks",
+                     "verify_blocks"], "fxprune.blocks"),
+}
+
 __all__ = [
     "analyze", "compile", "verify", "trace", "Plan", "magnitude_scores", "GroupAnalysis",
     "ChannelGroup", "Member", "VerifyReport", "GroupCheck", "FxpruneTracer", "FxpruneError",
@@ -26,3 +47,16 @@ __all__ = [
 __all__ += ["plan", "Importance", "importance_scores", "CRITERIA", "BudgetError",
             "ImportanceError", "NonFiniteScoreError"]
 __all__ += ["Block", "find_blocks", "block_similarity", "remove_blocks", "verify_blocks"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fxprune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # resolve once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

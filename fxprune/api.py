@@ -179,9 +179,9 @@ def verify(model: torch.nn.Module | GroupAnalysis, pruned: torch.nn.Module, plan
 
     want, masked_acts = _run_checked(masked, inputs, "the masked reference model")
     got, sliced_acts = _run_checked(sliced, inputs, "the pruned model")
-    pruned_out = (_flat(_run_checked(pruned, inputs, "the pruned model")[0])
-                  if sliced is not pruned else _flat(got))
-    want, got = _flat(want), _flat(got)
+    pruned_out = (flat_tensors(_run_checked(pruned, inputs, "the pruned model")[0])
+                  if sliced is not pruned else flat_tensors(got))
+    want, got = flat_tensors(want), flat_tensors(got)
     shapes_equal = [tuple(t.shape) for t in pruned_out] == _reference_shapes(analysis, inputs)
     err = max((float((a - b).abs().max()) for a, b in zip(got, want) if a.numel()), default=0.0)
     scale = max((float(b.abs().max()) for b in want if b.numel()), default=1.0)
@@ -221,9 +221,9 @@ class _Recorder(torch.fx.Interpreter):
 
 def _run_checked(gm: torch.nn.Module, inputs: tuple,
                  what: str) -> tuple[Any, dict[str, torch.Tensor]]:
-    """``_run_recording``, with a failure to run on ``inputs`` raised as a typed error."""
+    """``run_recording``, with a failure to run on ``inputs`` raised as a typed error."""
     try:
-        return _run_recording(gm, inputs)
+        return run_recording(gm, inputs)
     except Exception as exc:  # the inputs do not fit: say so, with the node
         node = getattr(exc, "fxprune_node", None)
         where = f" at node {node!r}" if node else ""
@@ -236,8 +236,8 @@ def _run_checked(gm: torch.nn.Module, inputs: tuple,
             "with.") from exc
 
 
-def _run_recording(gm: torch.nn.Module, inputs: tuple, *,
-                   record: bool = True) -> tuple[Any, dict[str, torch.Tensor]]:
+def run_recording(gm: torch.nn.Module, inputs: tuple, *,
+                  record: bool = True) -> tuple[Any, dict[str, torch.Tensor]]:
     """Run a float64 copy of ``gm`` in eval mode, recording every tensor activation
     (``record=False``: only the output)."""
     gm = _double_copy(gm)
@@ -282,11 +282,11 @@ def _reference_shapes(analysis: GroupAnalysis, inputs: tuple) -> list[tuple[int,
         recorded = _flat_shapes(output_shape(analysis.gm))
         if recorded is not None:
             return recorded
-    return [tuple(t.shape) for t in _flat(_fake_run(analysis.gm, inputs))]
+    return [tuple(t.shape) for t in flat_tensors(_fake_run(analysis.gm, inputs))]
 
 
 def _flat_shapes(shapes: Any) -> list[tuple[int, ...]] | None:
-    """Tensor shapes of a nested output, in ``_flat`` order; None when not all recorded."""
+    """Tensor shapes of a nested output, in ``flat_tensors`` order; None when not all recorded."""
     if isinstance(shapes, tuple) and shapes and all(isinstance(s, int) for s in shapes):
         return [shapes]
     items = shapes.values() if isinstance(shapes, dict) else shapes
@@ -306,11 +306,11 @@ def _fake_run(gm: torch.nn.Module, inputs: tuple) -> Any:
     (or copying) the model."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from passes.shape_prop import _eval_mode
+    from passes.shape_prop import eval_mode
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     args = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
-    with _eval_mode(gm), torch.no_grad(), mode:
+    with eval_mode(gm), torch.no_grad(), mode:
         return gm(*args)
 
 
@@ -357,13 +357,14 @@ def _compare_activations(analysis: GroupAnalysis, kept: Any, masked: torch.fx.Gr
     return worst, worst_name, checked
 
 
-def _flat(out: Any) -> list[torch.Tensor]:
+def flat_tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors of a nested output (tensors, tuples, lists, dicts), depth first."""
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, dict):
-        return [t for v in out.values() for t in _flat(v)]
+        return [t for v in out.values() for t in flat_tensors(v)]
     if isinstance(out, (tuple, list)):
-        return [t for v in out for t in _flat(v)]
+        return [t for v in out for t in flat_tensors(v)]
     return []
 
 

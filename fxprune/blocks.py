@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.fx
 
-from fxprune.api import _flat, _run_recording
+from fxprune.api import flat_tensors, run_recording
 from fxprune.errors import RewriteError, VerificationError
 from fxprune.groups import GroupAnalysis
 from passes.find_blocks import Block
@@ -136,5 +136,5 @@ def _record(gm: torch.fx.GraphModule, inputs: tuple, wanted: set[str]) -> dict:
 
 def _run64(gm: torch.nn.Module, inputs: tuple) -> list[torch.Tensor]:
     """Outputs of a float64 copy (dtype literals too: exported graphs cast explicitly)."""
-    return _flat(_run_recording(gm, inputs, record=False)[0])
+    return flat_tensors(run_recording(gm, inputs, record=False)[0])
 

@@ -84,18 +84,18 @@ class ChannelGroup:
 
     def to_networkx(self):
         """The group's channel space as a DiGraph: FX nodes, data edges, parameter slices."""
-        from fxprune.inspect import group_graph
+        from fxprune.report import group_graph
 
         return group_graph(self)
 
     def to_dot(self) -> str:
-        from fxprune.inspect import group_dot
+        from fxprune.report import group_dot
 
         return group_dot(self)
 
     def why(self) -> str:
         """Which coupling nodes merged this group's spaces (the answer to "why coupled?")."""
-        from fxprune.inspect import explain
+        from fxprune.report import explain
 
         return explain(self)
 
@@ -144,11 +144,11 @@ class GroupAnalysis:
         return int(len(self.group_of))
 
     def table(self, *, max_members: int = 4, tablefmt: str = "simple") -> str:
-        from fxprune.inspect import analysis_table
+        from fxprune.report import analysis_table
 
         return analysis_table(self, max_members=max_members, tablefmt=tablefmt)
 
     def to_networkx(self):
-        from fxprune.inspect import analysis_graph
+        from fxprune.report import analysis_graph
 
         return analysis_graph(self)

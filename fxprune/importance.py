@@ -6,7 +6,7 @@ consumers' columns, the norm layers' scales...) and the group score is the reduc
 (``layer_norm``). A *gate criterion* scores each unit once, through a gate that the
 ``passes.gates`` rewrite puts on every edge where the unit is consumed (a deep copy:
 the user's module never gets hooks). ``normalize="memory"|"macs"|"params"`` divides
-any score by what removing the unit saves (``passes.cost``).
+any score by what removing the unit saves (``fxprune.cost``).
 
     =============  =============================================================
     ``l1``         sum |w| over the unit's slice, per member
@@ -174,7 +174,7 @@ class ScoreContext:
     @property
     def cost(self) -> Any:
         if self._cost is None:
-            from passes.cost import compute_cost
+            from fxprune.cost import compute_cost
 
             self._cost = compute_cost(self.analysis)
         return self._cost

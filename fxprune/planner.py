@@ -3,7 +3,7 @@
 ``plan(analysis, importance, target_macs=0.5)`` asks for half the MACs rather than a
 per-layer ratio. The planner reduces every choice to *how many units each group
 loses* (always its lowest-scored ones) and searches that count on the cost model
-(``passes.cost``), so a target is met exactly as the cost model counts it:
+(``fxprune.cost``), so a target is met exactly as the cost model counts it:
 
 * ``scope="local"``: every group loses the same fraction ``r``; ``r`` is bisected.
 * ``scope="global"``: units of all groups are ranked by score (make the scores
@@ -278,8 +278,8 @@ def plan(analysis: GroupAnalysis, importance: str | Importance | Callable = "l1"
     ``target_latency``: a fraction (<= 1) of the dense model's cost or an absolute
     value (> 1: MACs, parameters, milliseconds). Targets are met from below, within
     ``tolerance`` (relative) where the units' granularity allows; otherwise a warning
-    says by how much. ``cost``: a precomputed ``passes.cost.CostModel``; ``latency``: a
-    precomputed ``passes.cost.LatencyTable`` (else measured now, on this device, and
+    says by how much. ``cost``: a precomputed ``fxprune.cost.CostModel``; ``latency``: a
+    precomputed ``fxprune.cost.LatencyTable`` (else measured now, on this device, and
     cached). Raises ``BudgetError`` when the target is below what the model costs with
     every prunable group at its minimum, ``PlanError`` for invalid arguments.
     """
@@ -301,7 +301,7 @@ def plan(analysis: GroupAnalysis, importance: str | Importance | Callable = "l1"
     imp = _as_importance(importance)
 
     if cost is None and (kind != "ratio" or imp.cost_kind is not None):
-        from passes.cost import compute_cost
+        from fxprune.cost import compute_cost
 
         cost = compute_cost(analysis)
     cost_fn = _cost_fn(kind, cost, latency)
@@ -368,7 +368,7 @@ def _cost_fn(kind: str, cost: Any, latency: Any) -> CostFn | None:
         return None
     if kind == "latency":
         if latency is None:
-            from passes.cost import measure_latency
+            from fxprune.cost import measure_latency
 
             latency = measure_latency(cost)
         return _LatencyCost(latency, cost)

@@ -17,6 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from fxprune.errors import ShapePropagationError, describe_node
+from passes.rules.meta import tensor_shapes  # noqa: F401  (re-exported: part of this pass's API)
 
 __all__ = ["propagate_shapes", "tensor_shapes", "output_shape"]
 
@@ -70,7 +71,7 @@ class _Recorder(torch.fx.Interpreter):
 
 
 @contextlib.contextmanager
-def _eval_mode(gm: torch.nn.Module):
+def eval_mode(gm: torch.nn.Module):
     """Temporarily put every submodule in eval mode, then restore each flag exactly."""
     flags = [(m, m.training) for m in gm.modules()]
     try:
@@ -111,7 +112,7 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) ->
             f"{len(placeholders)} ({names}): pass exactly the model's forward arguments "
             "(inputs beyond them would be ignored, not analysed).")
     inputs = [fake(x) for x in example_inputs]
-    with _eval_mode(gm), torch.no_grad(), mode, _fake_state(gm, mode):
+    with eval_mode(gm), torch.no_grad(), mode, _fake_state(gm, mode):
         _Recorder(gm).run(*inputs)
 
 
@@ -139,21 +140,6 @@ def _fake_state(gm: torch.nn.Module, mode: FakeTensorMode):
     finally:
         for table, name, t in reversed(swapped):
             table[name] = t
-
-
-def tensor_shapes(node: torch.fx.Node) -> Any:
-    """Shape (tuple) of a tensor node, a nested tuple of shapes, or None."""
-    return _shapes(node.meta.get("tensor_meta"))
-
-
-def _shapes(meta: Any) -> Any:
-    if meta is None:
-        return None
-    if isinstance(meta, TensorMetadata):
-        return tuple(int(s) for s in meta.shape)
-    if isinstance(meta, (tuple, list)):
-        return tuple(_shapes(m) for m in meta)
-    return None
 
 
 def output_shape(gm: torch.fx.GraphModule) -> Any:

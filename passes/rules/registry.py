@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.fx
 
+from passes.rules.meta import tensor_shapes
 from passes.units import UnitStore
 
 Dims = dict[int, np.ndarray]
@@ -222,8 +223,7 @@ class RuleContext:
         return None
 
     def shape(self, value: Any) -> Any:
-        from passes.shape_prop import tensor_shapes
-
+        """Shape tuple of an argument (nested tuples for tuple values); constants: None."""
         if isinstance(value, torch.fx.Node):
             return tensor_shapes(value)
         return None

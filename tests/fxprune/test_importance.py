@@ -110,7 +110,7 @@ def test_random_is_seeded_uniform(bn_chain):
 
 def test_normalize_divides_by_the_unit_saving():
     """normalize='macs'|'params'|'memory' divides by what removing the unit saves."""
-    from passes.cost import compute_cost
+    from fxprune.cost import compute_cost
 
     model = BnChain()
     a = fxprune.analyze(model, (torch.randn(1, 2, 4, 4),))

@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import fxprune
 from fxprune.errors import BudgetError, PlanError
 from fxprune.importance import Importance
-from passes.cost import compute_cost, measure_latency, uniform_kept
+from fxprune.cost import compute_cost, measure_latency, uniform_kept
 
 
 def cost_floor_kept(analysis) -> np.ndarray:

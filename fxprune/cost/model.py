@@ -38,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fxprune.groups import ChannelGroup, GroupAnalysis
 from passes.rules.registry import find_module_entry, op_key
 from passes.rules.conv import CONV_MODULES
-from passes.shape_prop import _eval_mode, tensor_shapes
+from passes.shape_prop import eval_mode, tensor_shapes
 
 __all__ = ["Cost", "CostTerm", "CostModel", "compute_cost", "node_flops", "uniform_kept",
            "LatencyTable", "measure_latency", "COST_KINDS", "scaling_rule"]
@@ -381,7 +381,7 @@ def node_flops(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> dict[
     # Grad enabled and inputs requiring grad: inference fast paths (nn.MultiheadAttention's
     # fused kernel) would hide their matmuls from FlopCounterMode.
     recorder = _FlopRecorder(gm)
-    with _eval_mode(gm), torch.enable_grad(), mode:
+    with eval_mode(gm), torch.enable_grad(), mode:
         recorder.run(*[fake(x) for x in example_inputs])
     return recorder.flops
 

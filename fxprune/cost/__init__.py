@@ -1,0 +1,15 @@
+"""Planning layer: what a plan costs.
+
+* ``fxprune.cost.model`` — the cost model (:class:`CostModel`, ``compute_cost``): MACs,
+  parameters and activation memory of any plan, from per-op MAC scaling rules (the
+  ``macs`` field of each op entry in ``passes/rules/``);
+* ``fxprune.cost.flops`` — dense FLOP counting per node (``node_flops``, fake tensors);
+* ``fxprune.cost.latency`` — per-node latency tables measured on a device
+  (``measure_latency``, :class:`LatencyTable`).
+"""
+from fxprune.cost.model import (COST_KINDS, Cost, CostModel, CostTerm, compute_cost,
+                                node_flops, uniform_kept)
+from fxprune.cost.model import LatencyTable, measure_latency
+
+__all__ = ["Cost", "CostTerm", "CostModel", "compute_cost", "node_flops", "uniform_kept",
+           "LatencyTable", "measure_latency", "COST_KINDS"]

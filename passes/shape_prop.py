@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.fx
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from fxprune.errors import ShapePropagationError, describe_node
 from passes.rules.meta import tensor_shapes  # noqa: F401  (re-exported: part of this pass's API)

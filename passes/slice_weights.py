@@ -23,8 +23,8 @@ import torch.fx
 
 from fxprune.errors import RewriteError, describe_node
 from fxprune.groups import GroupAnalysis
-from passes.rules.registry import (FIXUPS, MODULE_FIXUPS, check_attention_scale,
-                                   find_module_entry, op_key, rewrite_options)
+from passes.rules.registry import (MODULE_FIXUPS, check_attention_scale, find_module_entry,
+                                   lookup, rewrite_options)
 from passes.shape_prop import propagate_shapes, tensor_shapes
 
 __all__ = ["slice_weights", "expected_shapes", "FixupContext"]
@@ -113,14 +113,11 @@ def _slice(analysis: GroupAnalysis, kept: np.ndarray) -> torch.fx.GraphModule:
     new_shapes = expected_shapes(analysis, kept)
     old_nodes = {n.name: n for n in analysis.gm.graph.nodes}
     for node in gm.graph.nodes:
-        module = None
-        if node.op == "call_module":  # modules whose attributes follow their input's shape
-            module = gm.get_submodule(node.target)
-            fn = find_module_entry(FIXUPS, module)
-        elif node.op in ("call_function", "call_method"):
-            fn = FIXUPS.get(op_key(node))
-        else:
+        if node.op not in ("call_module", "call_function", "call_method"):
             continue
+        # modules whose attributes follow their input's shape have a fixup too
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        fn = lookup(node, gm, "fixup")
         if fn is not None:
             fn(FixupContext(analysis, kept, new_shapes, node, old_nodes, module))
     gm.graph.lint()

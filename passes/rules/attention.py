@@ -17,7 +17,8 @@ import torch.nn as nn
 
 from passes.rules.dims import broadcast_merge
 from passes.rules.linear import contract
-from passes.rules.registry import RuleContext, fixup, module_fixup, rule, softmax_scale
+from passes.rules.registry import (MacContext, RuleContext, Terms, fixup, macs, module_fixup,
+                                   present, rule, softmax_scale)
 
 
 def _head_units(ctx: RuleContext, rows: np.ndarray, cols: np.ndarray, heads: int) -> None:
@@ -34,7 +35,7 @@ def _head_units(ctx: RuleContext, rows: np.ndarray, cols: np.ndarray, heads: int
         ctx.union(rows3[0, :, 0], cols2[:, 0])
 
 
-@rule(nn.MultiheadAttention)
+@rule(nn.MultiheadAttention, stop=True)
 def multihead_attention(ctx: RuleContext) -> None:
     """Inputs' embed dim -> in-proj columns; heads inside; out-proj rows -> output dim."""
     m = ctx.module
@@ -164,3 +165,37 @@ def set_sdpa_scale(fctx, positional: int | None) -> None:
         node.args = node.args[:positional] + (scale,) + node.args[positional + 1:]
     else:
         node.kwargs = {**node.kwargs, "scale": scale}
+
+
+# -- MAC scaling (cost model) -------------------------------------------------------
+@macs("scaled_dot_product_attention")
+def sdpa_macs(ctx: MacContext) -> Terms:
+    """q.k^T ~ L x S x E and attn.v ~ L x S x Ev, weighted by E : Ev."""
+    q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
+    e, ev = ctx.shape(q)[-1], ctx.shape(v)[-1]
+    out = ctx.out_axes()
+    labels = ctx.analysis.node_labels.get(ctx.node.name) or {}
+    last = len(ctx.shape(ctx.node)) - 1
+    lead = [u for a, u in labels.items() if a != last]
+    s = present(ctx.axis(k, -2))
+    return [(e / (e + ev), lead + present(ctx.axis(q, -1)) + s), (ev / (e + ev), out + s)]
+
+
+@macs(nn.MultiheadAttention)
+def multihead_attention_macs(ctx: MacContext) -> Terms:
+    """In-projections ~ tokens x E_in x inner; attention ~ L x S x inner; out ~ inner x E_out."""
+    m = ctx.module
+    target = ctx.node.target
+    q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
+    e_in = m.in_proj_weight.shape[1] if m.in_proj_weight is not None else m.embed_dim
+    inner = m.embed_dim
+    tokens = [math.prod(ctx.shape(t)) // ctx.shape(t)[-1] for t in (q, k, v)]
+    qshape = ctx.shape(q)
+    batch = 1 if len(qshape) == 2 else qshape[0 if m.batch_first else 1]
+    rows = ctx.param_axis(f"{target}.in_proj_weight", 0)
+    cols = ctx.param_axis(f"{target}.in_proj_weight", 1)
+    out_cols = ctx.param_axis(f"{target}.out_proj.weight", 1)
+    out_rows = ctx.param_axis(f"{target}.out_proj.weight", 0)
+    return [(sum(tokens) * e_in * inner, present(cols, rows)),
+            (2 * tokens[0] * (tokens[1] // batch) * inner, present(rows)),
+            (tokens[0] * inner * m.out_proj.weight.shape[0], present(out_cols, out_rows))]

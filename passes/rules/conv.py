@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch.nn as nn
 
-from passes.rules.registry import RuleContext, module_fixup, rule
+from passes.rules.registry import MacContext, RuleContext, Terms, macs, module_fixup, op_key, present, rule
 
 CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_TRANSPOSE_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -56,7 +56,7 @@ def couple_conv(ctx: RuleContext, x_units, w_out, in_units_fn, bias, groups: int
     return w_out
 
 
-@rule(CONV_MODULES)
+@rule(CONV_MODULES, stop=True)
 def conv_module(ctx: RuleContext) -> None:
     """nn.ConvNd: out[o] from weight rows; weight columns consume in-channels."""
     axis, channels = _module_input(ctx)
@@ -67,7 +67,7 @@ def conv_module(ctx: RuleContext) -> None:
     ctx.set({axis: out})
 
 
-@rule("conv")
+@rule("conv", "convolution", stop=True)
 def conv_functional(ctx: RuleContext) -> None:
     """F.convNd / aten.convolution with a get_attr weight; other weights are barriers."""
     x, w = ctx.arg(0, "input"), ctx.arg(1, "weight")
@@ -99,10 +99,10 @@ def _pin_kernel_dims(ctx: RuleContext, w) -> None:
 
 
 def _is_aten_convolution(ctx: RuleContext) -> bool:
-    return "convolution" in str(ctx.node.target)
+    return op_key(ctx.node) == "convolution"  # aten.convolution: (..., transposed, _, groups)
 
 
-@rule(CONV_TRANSPOSE_MODULES)
+@rule(CONV_TRANSPOSE_MODULES, stop=True)
 def conv_transpose_module(ctx: RuleContext) -> None:
     """nn.ConvTransposeNd: weight is (in, out/groups, ...); grouped ones are barriers."""
     axis, channels = _module_input(ctx)
@@ -134,3 +134,24 @@ def fix_conv_transpose(m: nn.Module) -> None:
     """Channel counts of a (groups=1) transposed conv from its sliced weight."""
     m.in_channels = m.weight.shape[0]
     m.out_channels = m.weight.shape[1] * m.groups
+
+
+# -- MAC scaling (cost model) -------------------------------------------------------
+@macs(CONV_MODULES, CONV_TRANSPOSE_MODULES)
+def conv_module_macs(ctx: MacContext) -> Terms:
+    """MACs ~ out channels x in channels per group (depthwise: out channels only)."""
+    m = ctx.module
+    x = ctx.arg(0, "input")
+    depthwise = m.groups > 1 and m.weight.shape[1] == 1
+    cin = None if depthwise else ctx.axis(x, -(m.weight.dim() - 1))
+    return [(1.0, ctx.out_axes() + present(cin))]
+
+
+@macs("conv", "convolution")
+def conv_functional_macs(ctx: MacContext) -> Terms:
+    """F.convNd / aten.convolution: like the module; the weight's dims carry the labels."""
+    x, w = ctx.arg(0, "input"), ctx.arg(1, "weight")
+    wshape = ctx.shape(w)
+    depthwise = wshape is not None and wshape[1] == 1 and ctx.shape(x)[-(len(wshape) - 1)] > 1
+    cin = None if depthwise else ctx.axis(x, -(len(wshape) - 1))
+    return [(1.0, ctx.out_axes() + present(cin))]

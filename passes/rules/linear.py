@@ -5,7 +5,8 @@ import numpy as np
 import torch.nn as nn
 
 from passes.rules.dims import broadcast_merge
-from passes.rules.registry import Dims, RuleContext, module_fixup, rule
+from passes.rules.registry import (Dims, MacContext, RuleContext, Terms, macs, module_fixup,
+                                   present, rule)
 
 
 def contract(ctx: RuleContext, a: np.ndarray | None, b: np.ndarray | None) -> None:
@@ -27,7 +28,7 @@ def apply_linear(ctx: RuleContext, x, w_out, w_in_fn, bias) -> None:
     ctx.set(dims)
 
 
-@rule(nn.Linear)
+@rule(nn.Linear, stop=True)
 def linear_module(ctx: RuleContext) -> None:
     """out[..., o] from weight row o; weight column i consumes in[..., i]."""
     apply_linear(ctx, ctx.arg(0), ctx.module_tensor("weight", 0, "out"),
@@ -35,7 +36,7 @@ def linear_module(ctx: RuleContext) -> None:
                  ctx.module_tensor("bias", 0, "dep"))
 
 
-@rule("linear")
+@rule("linear", stop=True)
 def linear_functional(ctx: RuleContext) -> None:
     """F.linear / aten.linear: a stop op when the weight is a get_attr, else a contraction."""
     x, w, b = ctx.arg(0, "input"), ctx.arg(1, "weight"), ctx.arg(2, "bias")
@@ -94,7 +95,7 @@ def matmul(ctx: RuleContext) -> None:
     ctx.set(out)
 
 
-@rule("addmm")
+@rule("addmm", stop=True)
 def addmm(ctx: RuleContext) -> None:
     """bias + x @ W with W stored (in, out) (HF Conv1D): W's rows consume x's columns, its
     columns start out[:, o]; the bias follows them."""
@@ -148,13 +149,13 @@ def einsum(ctx: RuleContext) -> None:
     ctx.set(out)
 
 
-@rule(nn.Embedding)
+@rule(nn.Embedding, stop=True)
 def embedding_module(ctx: RuleContext) -> None:
     """out[..., d] is weight column d; the vocabulary dim is never pruned."""
     ctx.set({len(ctx.out_shape) - 1: ctx.module_tensor("weight", 1, "out")})
 
 
-@rule("embedding")
+@rule("embedding", stop=True)
 def embedding_functional(ctx: RuleContext) -> None:
     """F.embedding(indices, weight) with a get_attr weight."""
     idx, w = ctx.arg(0, "input"), ctx.arg(1, "weight")
@@ -177,3 +178,48 @@ def fix_linear(m: nn.Module) -> None:
 def fix_embedding(m: nn.Module) -> None:
     m.embedding_dim = m.weight.shape[1]
 
+
+# -- MAC scaling (cost model) -------------------------------------------------------
+@macs(nn.Linear, "linear")
+def linear_macs(ctx: MacContext) -> Terms:
+    """MACs ~ every output axis x the consumed input features."""
+    return [(1.0, ctx.out_axes() + present(ctx.axis(ctx.arg(0, "input"), -1)))]
+
+
+@macs("addmm")
+def addmm_macs(ctx: MacContext) -> Terms:
+    """bias + x @ W: MACs ~ every output axis x the contracted columns of x."""
+    return [(1.0, ctx.out_axes() + present(ctx.axis(ctx.arg(1, "mat1"), -1)))]
+
+
+@macs("matmul", "mm", "bmm")
+def matmul_macs(ctx: MacContext) -> Terms:
+    """MACs ~ every output axis x the contracted dim."""
+    a, b = ctx.arg(0), ctx.arg(1)
+    k = ctx.axis(a, -1)
+    if k is None and ctx.shape(b) is not None:
+        k = ctx.axis(b, -2 if len(ctx.shape(b)) > 1 else 0)
+    return [(1.0, ctx.out_axes() + present(k))]
+
+
+@macs("einsum")
+def einsum_macs(ctx: MacContext) -> Terms:
+    """MACs ~ every output axis x every contracted letter (two-operand products)."""
+    equation = ctx.arg(0)
+    operands = list(ctx.node.args[1:])
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    lhs, _, rhs = str(equation).replace(" ", "").partition("->")
+    contracted: dict[str, np.ndarray] = {}
+    for term, op in zip(lhs.split(","), operands):
+        for axis, letter in enumerate(term):
+            labels = ctx.axis(op, axis)
+            if letter not in rhs and letter not in contracted and labels is not None:
+                contracted[letter] = labels
+    return [(1.0, ctx.out_axes() + list(contracted.values()))]
+
+
+@macs(nn.Embedding, "embedding")
+def embedding_macs(ctx: MacContext) -> Terms:
+    """A table lookup: no MACs (FlopCounterMode counts none); any count follows the width."""
+    return [(1.0, ctx.out_axes())]

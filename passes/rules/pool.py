@@ -1,11 +1,9 @@
 """Spatial ops that keep channels apart: pooling, interpolation, padding."""
 from __future__ import annotations
 
-import re
-
 import torch.nn as nn
 
-from passes.rules.registry import RuleContext, rule
+from passes.rules.registry import RuleContext, op_key, rule
 
 POOLS = tuple(f"{p}_pool{k}d" for p in ("max", "avg", "lp") for k in (1, 2, 3)) + tuple(
     f"adaptive_{p}_pool{k}d" for p in ("max", "avg") for k in (1, 2, 3)) + (
@@ -24,12 +22,27 @@ PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.Co
                nn.ReplicationPad2d)
 
 
+def _rank_of_name(name: str) -> int | None:
+    """``max_pool2d`` / ``MaxPool2d`` / ``max_pool2d_with_indices`` -> 2 (table building)."""
+    name = name.removesuffix("_with_indices")
+    return int(name[-2]) if name[-2:] in ("1d", "2d", "3d") else None
+
+
+# Spatial rank of each pool/pad that fixes it, by op key or module type; the others
+# (interpolate, upsample, constant_pad_nd) pool every dim after the channel dim.
+SPATIAL_RANK: dict = {k: r for k in POOLS + ("reflection_pad2d", "replication_pad2d")
+                      + POOL_MODULES + PAD_MODULES
+                      if (r := _rank_of_name(k if isinstance(k, str) else k.__name__))}
+
+
 def _spatial_dims(ctx: RuleContext) -> int:
-    name = type(ctx.module).__name__ if ctx.node.op == "call_module" else str(
-        ctx.node.target if ctx.node.op == "call_method" else getattr(ctx.node.target, "__name__",
-                                                                     ctx.node.target))
-    found = re.search(r"([123])d", name)
-    return int(found.group(1)) if found else len(ctx.shape(ctx.arg(0))) - 2
+    if ctx.node.op == "call_module":
+        rank = next((SPATIAL_RANK[t] for t in type(ctx.module).__mro__ if t in SPATIAL_RANK),
+                    None)
+    else:
+        key = op_key(ctx.node)
+        rank = SPATIAL_RANK.get(key) if isinstance(key, str) else None
+    return rank if rank is not None else len(ctx.shape(ctx.arg(0))) - 2
 
 
 def keep_channels(ctx: RuleContext, spatial: int) -> None:

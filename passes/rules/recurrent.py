@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch.nn as nn
 
-from passes.rules.registry import RuleContext, module_fixup, rule
+from passes.rules.registry import MacContext, RuleContext, Terms, macs, module_fixup, rule
 
 _GATES = {nn.RNN: 1, nn.GRU: 3, nn.LSTM: 4}
 
@@ -20,7 +20,7 @@ def _gates(m: nn.Module) -> int:
     return next(g for t, g in _GATES.items() if isinstance(m, t))
 
 
-@rule(nn.RNN, nn.GRU, nn.LSTM)
+@rule(nn.RNN, nn.GRU, nn.LSTM, stop=True)
 def recurrent(ctx: RuleContext) -> None:
     """Input features -> layer-0 ih columns; hidden units -> output features (x directions)."""
     m = ctx.module
@@ -75,3 +75,19 @@ def fix_recurrent(m: nn.Module) -> None:
     m.input_size = m.weight_ih_l0.shape[1]
     m.hidden_size = m.weight_hh_l0.shape[1]
     m._flat_weights = [getattr(m, n) if hasattr(m, n) else None for n in m._flat_weights_names]
+
+
+# -- MAC scaling (cost model) -------------------------------------------------------
+@macs(nn.RNN, nn.GRU, nn.LSTM)
+def recurrent_macs(ctx: MacContext) -> Terms:
+    """Per step, each weight matrix costs rows x columns: MACs split over the ih / hh
+    matrices by size, each shrinking with its kept rows and columns."""
+    m = ctx.module
+    terms: Terms = []
+    for name in m._flat_weights_names:
+        w = getattr(m, name, None)
+        if name.startswith("weight_") and w is not None:
+            fqn = f"{ctx.node.target}.{name}"
+            axes = [a for a in (ctx.param_axis(fqn, 0), ctx.param_axis(fqn, 1)) if a is not None]
+            terms.append((float(w.numel()), axes))
+    return terms or [(1.0, ctx.out_axes())]

@@ -16,7 +16,7 @@ import contextlib
 import contextvars
 import math
 import operator
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,9 +31,83 @@ Dims = dict[int, np.ndarray]
 Info = Any  # Dims | tuple[Info, ...] | None
 
 AnalysisRule = Callable[["RuleContext"], None]
-ANALYSIS_RULES: dict[Any, AnalysisRule] = {}
-FIXUPS: dict[Any, Callable[..., Any]] = {}
-MODULE_FIXUPS: dict[type, Callable[[torch.nn.Module], None]] = {}
+MacRule = Callable[["MacContext"], "Terms"]
+Terms = list[tuple[float, list[np.ndarray]]]  # (share, axes): share * prod(kept fraction)
+
+
+@dataclass
+class OpEntry:
+    """Everything fxprune knows about one op, stored under its canonical key
+    (``op_key(node)`` for functions and methods, the module type for ``call_module``).
+
+    ``rule``: the analysis rule (sets the node's output dims from its inputs').
+    ``fixup``: the rewrite fixup, ``fn(fctx)``, for literal sizes after slicing.
+    ``module_fixup``: re-derives module attributes (``in_channels``...) after slicing.
+    ``macs``: the MAC scaling rule of the cost model, ``fn(MacContext) -> Terms``.
+    ``stop``: a stop op (creates a channel space from sliceable weights); every stop op
+    must have a ``macs`` rule (``tests/rules/test_op_entries.py``).
+    """
+
+    key: Any
+    rule: AnalysisRule | None = None
+    fixup: Callable[..., Any] | None = None
+    module_fixup: Callable[..., Any] | None = None
+    macs: MacRule | None = None
+    stop: bool = False
+
+
+OPS: dict[Any, OpEntry] = {}
+_FIELDS = ("rule", "fixup", "module_fixup", "macs")
+
+
+def op_entry(key: Any) -> OpEntry:
+    """The entry registered under ``key`` (created empty on first use)."""
+    entry = OPS.get(key)
+    if entry is None:
+        entry = OPS[key] = OpEntry(key)
+    return entry
+
+
+class _FieldView(MutableMapping):
+    """``OPS`` seen as ``{key: entry.<field>}`` for entries that set the field (the names
+    ``ANALYSIS_RULES``, ``FIXUPS`` and ``MODULE_FIXUPS`` read and write through it)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __getitem__(self, key: Any) -> Any:
+        entry = OPS.get(key)
+        value = None if entry is None else getattr(entry, self.name)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        setattr(op_entry(key), self.name, value)
+
+    def __delitem__(self, key: Any) -> None:
+        self[key]  # KeyError when unset
+        setattr(OPS[key], self.name, None)
+
+    def __iter__(self) -> Iterator[Any]:
+        return (k for k, e in list(OPS.items()) if getattr(e, self.name) is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __contains__(self, key: Any) -> bool:
+        try:
+            return getattr(OPS.get(key), self.name, None) is not None
+        except TypeError:  # unhashable target
+            return False
+
+
+ANALYSIS_RULES: MutableMapping[Any, AnalysisRule] = _FieldView("rule")
+FIXUPS: MutableMapping[Any, Callable[..., Any]] = _FieldView("fixup")
+MODULE_FIXUPS: MutableMapping[type, Callable[..., Any]] = _FieldView("module_fixup")
+MAC_RULES: MutableMapping[Any, MacRule] = _FieldView("macs")
+_VIEWS = {"rule": ANALYSIS_RULES, "fixup": FIXUPS, "module_fixup": MODULE_FIXUPS,
+          "macs": MAC_RULES}
 
 # Namespaces whose functions are canonicalised by name ("relu", "add"...).
 _TORCH_NAMESPACES = (
@@ -45,7 +119,7 @@ _ALIASES = {
     "iadd": "add", "isub": "sub", "imul": "mul", "itruediv": "div", "truediv": "div",
     "true_divide": "div", "multiply": "mul", "divide": "div", "subtract": "sub",
     "swapaxes": "transpose", "swapdims": "transpose", "concat": "cat", "concatenate": "cat",
-    "conv1d": "conv", "conv2d": "conv", "conv3d": "conv", "convolution": "conv",
+    "conv1d": "conv", "conv2d": "conv", "conv3d": "conv",
     "conv_transpose1d": "conv_transpose", "conv_transpose2d": "conv_transpose",
     "conv_transpose3d": "conv_transpose", "_unsafe_view": "view", "absolute": "abs",
     "clip": "clamp", "hardtanh": "hardtanh", "__getitem__": "getitem",
@@ -87,13 +161,27 @@ def find_module_entry(table: Mapping[type, Any], module: torch.nn.Module) -> Any
     return None
 
 
-def rule(*keys: Any) -> Callable[[AnalysisRule], AnalysisRule]:
-    """Register an analysis rule under op names, module types or callables (families welcome)."""
+def rule(*keys: Any, stop: bool = False) -> Callable[[AnalysisRule], AnalysisRule]:
+    """Register an analysis rule under op names, module types or callables (families
+    welcome); ``stop=True`` marks stop ops (they must also get a ``@macs`` rule)."""
+    return _register("rule", keys, stop=stop)
+
+
+def macs(*keys: Any) -> Callable[[MacRule], MacRule]:
+    """Register the MAC scaling rule of the cost model: ``fn(MacContext) -> Terms``,
+    a list of ``(share, axes)``: the node's dense MACs times ``share / sum(shares)``
+    shrink by the kept fraction of each axis (a multilinear model)."""
+    return _register("macs", keys)
+
+
+def _register(field_name: str, keys: Iterable[Any], *, stop: bool = False) -> Callable:
     flat = _flatten_keys(keys)
 
-    def register(fn: AnalysisRule) -> AnalysisRule:
+    def register(fn: Callable) -> Callable:
         for key in flat:
-            ANALYSIS_RULES[key] = fn
+            entry = op_entry(key)
+            setattr(entry, field_name, fn)
+            entry.stop = entry.stop or stop
         return fn
 
     return register
@@ -129,25 +217,12 @@ def softmax_scale(old_dim: int, new_dim: int) -> float:
 
 def fixup(*keys: Any) -> Callable:
     """Register a rewrite fixup that returns new ``(args, kwargs)`` for a sliced node."""
-    flat = _flatten_keys(keys)
-
-    def register(fn: Callable) -> Callable:
-        for key in flat:
-            FIXUPS[key] = fn
-        return fn
-
-    return register
+    return _register("fixup", keys)
 
 
 def module_fixup(*types: type) -> Callable:
     """Register a function that re-derives module attributes from sliced parameters."""
-
-    def register(fn: Callable[[torch.nn.Module], None]) -> Callable:
-        for t in types:
-            MODULE_FIXUPS[t] = fn
-        return fn
-
-    return register
+    return _register("module_fixup", types)
 
 
 def _flatten_keys(keys: Iterable[Any]) -> list[Any]:
@@ -160,14 +235,83 @@ def _flatten_keys(keys: Iterable[Any]) -> list[Any]:
     return flat
 
 
-def lookup_rule(node: torch.fx.Node, gm: torch.fx.GraphModule) -> AnalysisRule | None:
+def entry_key(node: torch.fx.Node, gm: torch.nn.Module) -> Any:
+    """The canonical key of a node's entry: its module's type for ``call_module``,
+    ``op_key(node)`` otherwise."""
+    return type(gm.get_submodule(node.target)) if node.op == "call_module" else op_key(node)
+
+
+def lookup(node: torch.fx.Node, gm: torch.nn.Module, field_name: str) -> Any:
+    """``field_name`` of the node's op entry (``rule``, ``fixup``, ``module_fixup``,
+    ``macs``), or None. A module type without the field inherits it from a base class
+    whose ``forward`` it keeps. No substring matching: one key per op."""
     if node.op == "call_module":
-        return find_module_entry(ANALYSIS_RULES, gm.get_submodule(node.target))
-    key = op_key(node)
+        return find_module_entry(_VIEWS[field_name], gm.get_submodule(node.target))
     try:
-        return ANALYSIS_RULES.get(key)
+        entry = OPS.get(op_key(node))
     except TypeError:  # unhashable target
         return None
+    return None if entry is None else getattr(entry, field_name)
+
+
+def lookup_rule(node: torch.fx.Node, gm: torch.fx.GraphModule) -> AnalysisRule | None:
+    return lookup(node, gm, "rule")
+
+
+# ----------------------------------------------------------------------------------
+# What MAC rules see
+# ----------------------------------------------------------------------------------
+class MacContext:
+    """What a MAC rule sees: its node, the shapes, and the unit-label arrays of its axes
+    (global unit labels of a ``GroupAnalysis``, -1 where never pruned)."""
+
+    def __init__(self, analysis: Any, node: torch.fx.Node) -> None:
+        self.analysis, self.node = analysis, node
+
+    def arg(self, index: int, name: str | None = None) -> Any:
+        """Positional arg ``index`` or keyword ``name``."""
+        if index < len(self.node.args):
+            return self.node.args[index]
+        return self.node.kwargs.get(name) if name else None
+
+    def shape(self, value: Any) -> Any:
+        """Shape tuple of a node argument; constants: None."""
+        return tensor_shapes(value) if isinstance(value, torch.fx.Node) else None
+
+    def axis(self, value: Any, axis: int) -> np.ndarray | None:
+        """Labels of ``axis`` of an input (negative axes count from the end)."""
+        labels = self.analysis.node_labels.get(value.name) if isinstance(
+            value, torch.fx.Node) else None
+        shape = self.shape(value)
+        if not isinstance(labels, dict) or not isinstance(shape, tuple):
+            return None
+        return labels.get(axis % len(shape)) if shape else None
+
+    def out_axes(self) -> list[np.ndarray]:
+        """Label arrays of every tracked axis of the (first) output."""
+        labels = self.analysis.node_labels.get(self.node.name)
+        if isinstance(labels, tuple):
+            labels = labels[0] if labels and isinstance(labels[0], dict) else {}
+        return list((labels or {}).values())
+
+    def param_axis(self, fqn: str, dim: int) -> np.ndarray | None:
+        """Labels of dim ``dim`` of the model tensor ``fqn``."""
+        return self.analysis.tensor_labels.get((fqn, dim))
+
+    def attr_axis(self, value: Any, dim: int) -> np.ndarray | None:
+        """Labels of a weight argument's dim: its tensor's when read by get_attr."""
+        if isinstance(value, torch.fx.Node) and value.op == "get_attr":
+            return self.param_axis(value.target, dim)
+        return self.axis(value, dim)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.analysis.gm.get_submodule(self.node.target)
+
+
+def present(*axes: np.ndarray | None) -> list[np.ndarray]:
+    """The axes that are tracked (drops None)."""
+    return [a for a in axes if a is not None]
 
 
 # ----------------------------------------------------------------------------------

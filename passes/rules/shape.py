@@ -44,13 +44,13 @@ def permute(ctx: RuleContext) -> None:
 
 
 def permutation(node: torch.fx.Node, rank: int) -> list[int]:
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    name = op_key(node)
     args = list(node.args[1:]) or list(node.kwargs.values())
     perm = list(range(rank))
-    if "permute" in str(name):
+    if name == "permute":
         dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
         return [d % rank for d in dims]
-    if "move" in str(name):
+    if name in ("movedim", "moveaxis"):
         src, dst = args[0], args[1]
         src = [src] if isinstance(src, int) else list(src)
         dst = [dst] if isinstance(dst, int) else list(dst)
@@ -260,9 +260,8 @@ def split(ctx: RuleContext) -> None:
     """Pieces along a dim: each piece takes its run of units; other dims are shared."""
     x = ctx.arg(0, "input")
     shape, pieces = ctx.shape(x), ctx.out_shape
-    name = str(ctx.node.target)
     default_dim = 0
-    axis = ctx.arg(1 if "unbind" in name else 2, "dim", default_dim) % len(shape)
+    axis = ctx.arg(1 if op_key(ctx.node) == "unbind" else 2, "dim", default_dim) % len(shape)
     dims = ctx.dims(x) or {}
     units = dims.get(axis)
     out, offset = [], 0

@@ -7,9 +7,12 @@ start the output width. A pruned call is rewritten to ``fxprune.functional.windo
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from passes.rules.registry import RuleContext, fixup, rule, softmax_scale
+from passes.rules.registry import (MacContext, RuleContext, Terms, fixup, macs, present, rule,
+                                   softmax_scale)
 
 try:
     from torchvision.models import swin_transformer as _swin
@@ -107,8 +110,24 @@ def relative_position_bias_rule(ctx: RuleContext) -> None:
     ctx.set({1: table[1]} if 1 in table else {})
 
 
+def window_attention_macs(ctx: MacContext) -> Terms:
+    """Swin window attention, per padded token: qkv ~ 3 C_in x inner, attention ~
+    2 T x inner (T tokens per window), projection ~ inner x C_out."""
+    qkv_w, proj_w = ctx.arg(1), ctx.arg(2)
+    rows, c_in = ctx.shape(qkv_w)
+    inner, c_out = rows // 3, ctx.shape(proj_w)[0]
+    window = ctx.arg(4, "window_size")
+    tokens = math.prod(window)
+    qkv_rows, qkv_cols = ctx.attr_axis(qkv_w, 0), ctx.attr_axis(qkv_w, 1)
+    proj_rows, proj_cols = ctx.attr_axis(proj_w, 0), ctx.attr_axis(proj_w, 1)
+    return [(3 * c_in * inner, present(qkv_cols, qkv_rows)),
+            (2 * tokens * inner, present(qkv_rows)),
+            (inner * c_out, present(proj_cols, proj_rows))]
+
+
 if _swin is not None:
-    rule(_swin.shifted_window_attention)(window_attention_rule)
+    rule(_swin.shifted_window_attention, stop=True)(window_attention_rule)
     fixup(_swin.shifted_window_attention)(fix_window_attention)
+    macs(_swin.shifted_window_attention)(window_attention_macs)
     rule(_swin._patch_merging_pad)(patch_merging_pad_rule)
     rule(_swin._get_relative_position_bias)(relative_position_bias_rule)

@@ -55,10 +55,11 @@ def analyze(model: torch.nn.Module, example_inputs: Any, *, leaf_modules: Sequen
         propagate_shapes(gm, inputs)
         return gm
 
+    def groups(gm: torch.fx.GraphModule) -> GroupAnalysis:
+        return find_groups(gm, strict=strict, split_policy=split_policy, example_inputs=inputs)
+
     steps = [Step("trace", capture), Step("propagate_shapes", shapes, _lint),
-             Step("find_groups", lambda gm: find_groups(gm, strict=strict,
-                                                        split_policy=split_policy,
-                                                        example_inputs=inputs))]
+             Step("find_groups", groups)]
     return run_steps("fxprune.analyze", steps, None)
 
 
@@ -91,8 +92,10 @@ def compile(model: torch.nn.Module | GroupAnalysis, plan: Plan, *,
         check_sliced(pruned, analysis, kept, analysis.example_inputs)
         return pruned
 
-    steps = [Step("slice_weights",
-                  lambda _: slice_weights(analysis, kept, attention_scale=attention_scale))]
+    def sliced(_: Any) -> torch.fx.GraphModule:
+        return slice_weights(analysis, kept, attention_scale=attention_scale)
+
+    steps = [Step("slice_weights", sliced)]
     if check:
         steps.append(Step("check_sliced", checked))
     return run_steps("fxprune.compile", steps, None, error_type=RewriteError)

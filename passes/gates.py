@@ -36,6 +36,8 @@ import torch.fx
 import torch.nn as nn
 
 from fxprune.groups import GroupAnalysis
+from fxprune.errors import RewriteError
+from fxprune.pipeline import checked_pass, ensure_new_module
 from passes.rules.registry import iter_units
 
 __all__ = ["GateSite", "GatedGraph", "GatedModel", "insert_gates", "apply_gate", "GATES"]
@@ -99,6 +101,19 @@ class GatedModel(nn.Module):
         return torch.func.functional_call(self.gm, params, args, kwargs)
 
 
+def ensures_gated(gated: GatedGraph, analysis: GroupAnalysis) -> None:
+    """A new module with one gate per unit label, all 1 (the same function as the source),
+    every site's gate indices inside the gate vector."""
+    ensure_new_module(gated.gm, analysis.gm)
+    gates = gated.gates
+    if gates.shape != (analysis.num_units,) or not bool((gates == 1).all()):
+        raise AssertionError(f"gates must start as {analysis.num_units} ones")
+    for fqn, dim, labels in gated.param_gates:
+        if len(labels) and int(labels.max()) >= analysis.num_units:
+            raise AssertionError(f"gate labels of {fqn} dim {dim} exceed the unit count")
+
+
+@checked_pass(ensures=ensures_gated, error_type=RewriteError)
 def insert_gates(analysis: GroupAnalysis) -> GatedGraph:
     """Return a gated deep copy of ``analysis.gm`` (all gates 1: same function)."""
     gm = copy.deepcopy(analysis.gm)

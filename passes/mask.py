@@ -17,13 +17,16 @@ Before/after::
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import numpy as np
 import torch
 import torch.fx
 
 from fxprune.groups import GroupAnalysis
-from passes.slice_weights import keep_mask
+from fxprune.errors import RewriteError
+from fxprune.pipeline import checked_pass, ensure_new_module
+from passes.slice_weights import keep_mask, requires_kept_labels
 
 __all__ = ["insert_masks", "mask_blocks"]
 
@@ -42,6 +45,16 @@ def _mask_tensor(shape: tuple[int, ...], labels: dict, kept: np.ndarray) -> torc
     return torch.from_numpy(mask) if hit else None
 
 
+def ensures_masked(gm: torch.fx.GraphModule, analysis: GroupAnalysis, kept: np.ndarray) -> None:
+    """A new module with the source's parameter shapes (masks zero, they never slice)."""
+    ensure_new_module(gm, analysis.gm)
+    shapes = {n: t.shape for n, t in analysis.gm.named_parameters()}
+    changed = [n for n, t in gm.named_parameters() if n in shapes and t.shape != shapes[n]]
+    if changed:
+        raise AssertionError(f"masking changed parameter shapes: {changed[:3]}")
+
+
+@checked_pass(requires=requires_kept_labels, ensures=ensures_masked, error_type=RewriteError)
 def insert_masks(analysis: GroupAnalysis, kept: np.ndarray) -> torch.fx.GraphModule:
     """Return a copy of ``analysis.gm`` with removed channels zeroed after every node."""
     gm = copy.deepcopy(analysis.gm)
@@ -79,6 +92,13 @@ def insert_masks(analysis: GroupAnalysis, kept: np.ndarray) -> torch.fx.GraphMod
     return gm
 
 
+def ensures_blocks_masked(result: torch.fx.GraphModule, gm: torch.fx.GraphModule,
+                          blocks: Any) -> None:
+    """A new module computing on the same parameters' shapes."""
+    ensure_new_module(result, gm)
+
+
+@checked_pass(ensures=ensures_blocks_masked, error_type=RewriteError)
 def mask_blocks(gm: torch.fx.GraphModule, blocks) -> torch.fx.GraphModule:
     """Oracle for block removal: a copy of ``gm`` where each block's residual add reads
     ``f(x) * 0`` instead of its branch ``f(x)`` (nothing is erased)."""

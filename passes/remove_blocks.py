@@ -24,11 +24,22 @@ import torch
 import torch.fx
 
 from fxprune.errors import RewriteError
+from fxprune.pipeline import checked_pass, ensure_new_module
 from passes.find_blocks import Block
 
 __all__ = ["remove_blocks"]
 
 
+def ensures_removed(new: torch.fx.GraphModule, gm: torch.fx.GraphModule,
+                    blocks: Iterable[Block]) -> None:
+    """A new module in which no removed block's output node is left."""
+    ensure_new_module(new, gm)
+    left = {n.name for n in new.graph.nodes} & {b.output for b in blocks}
+    if left:
+        raise AssertionError(f"removed blocks' outputs still in the graph: {sorted(left)[:3]}")
+
+
+@checked_pass(ensures=ensures_removed, error_type=RewriteError)
 def remove_blocks(gm: torch.fx.GraphModule, blocks: Iterable[Block]) -> torch.fx.GraphModule:
     """Return a copy of ``gm`` without ``blocks`` (a block nested in another goes with it)."""
     blocks = list(blocks)

@@ -23,6 +23,7 @@ import torch.fx
 
 from fxprune.errors import RewriteError, describe_node
 from fxprune.groups import GroupAnalysis
+from fxprune.pipeline import checked_pass, ensure_new_module
 from passes.rules.registry import (MODULE_FIXUPS, check_attention_scale, find_module_entry,
                                    lookup, rewrite_options)
 from passes.shape_prop import propagate_shapes, tensor_shapes
@@ -86,6 +87,31 @@ class FixupContext:
         return RewriteError(f"{what} at {describe_node(self.node)}")
 
 
+def requires_kept_labels(analysis: GroupAnalysis, kept: np.ndarray, *args: Any,
+                         **kwargs: Any) -> None:
+    """``kept`` is one bool per unit label of ``analysis``."""
+    kept = np.asarray(kept)
+    if kept.dtype != bool or kept.shape != (analysis.num_units,):
+        raise AssertionError(f"kept must be {analysis.num_units} bools, got {kept.dtype} "
+                             f"{kept.shape}")
+
+
+def ensures_sliced(gm: torch.fx.GraphModule, analysis: GroupAnalysis, kept: np.ndarray,
+                   *args: Any, **kwargs: Any) -> None:
+    """A new module; every tracked dim of a model tensor kept under its FQN has the plan's
+    kept count (tensors a module fixup replaced are checked by ``check_sliced``)."""
+    ensure_new_module(gm, analysis.gm)
+    tensors = dict(gm.named_parameters(remove_duplicate=False))
+    tensors.update(gm.named_buffers(remove_duplicate=False))
+    for (fqn, dim), labels in analysis.tensor_labels.items():
+        t = tensors.get(fqn)
+        want = int(np.count_nonzero(keep_mask(labels, kept)))
+        if t is not None and t.dim() > dim and t.shape[dim] != want:
+            raise RewriteError(f"{fqn} dim {dim} has {t.shape[dim]} entries, the plan keeps "
+                               f"{want}")
+
+
+@checked_pass(requires=requires_kept_labels, ensures=ensures_sliced, error_type=RewriteError)
 def slice_weights(analysis: GroupAnalysis, kept: np.ndarray, *,
                   attention_scale: str = "original") -> torch.fx.GraphModule:
     """Return a deep copy of ``analysis.gm`` with every planned slice removed.

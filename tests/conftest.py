@@ -30,6 +30,16 @@ from fxprune.groups import GroupAnalysis  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
+# Every pass's requires/ensures checks run in the suite (fxprune/pipeline.py), also for
+# passes called directly; a test that wants them off deletes the variable with monkeypatch.
+os.environ.setdefault("FXPRUNE_DEBUG", "1")
+
+
+@pytest.fixture(autouse=True)
+def _pass_checks_on(monkeypatch):
+    """``FXPRUNE_DEBUG=1`` for every test, unless the run set it explicitly."""
+    monkeypatch.setenv("FXPRUNE_DEBUG", os.environ.get("FXPRUNE_DEBUG") or "1")
+
 
 # ----------------------------------------------------------------------------------
 # Snapshots: "the user's model is untouched"

@@ -344,7 +344,12 @@ def _check_no_empty_slice(analysis: GroupAnalysis, keep: Mapping[str, Iterable[i
 
 
 def magnitude_scores(analysis: GroupAnalysis, group: ChannelGroup, *, p: int = 1) -> np.ndarray:
-    """Sum over every member slice of the group of |w|^p, per unit (meta tensors: zeros)."""
+    """The L``p`` norm of each unit's parameters, every member slice of the group
+    together: ``sum |w|`` (p=1), ``sqrt(sum w^2)`` (p=2, the standard L2 norm, as
+    ``fxprune.importance.l2`` for one member). Shape ``(group.size,)``; meta tensors: zeros.
+    Raises ``PlanError`` for another ``p``."""
+    if p not in (1, 2):
+        raise PlanError(f"magnitude_scores: p must be 1 or 2, got {p!r}")
     scores = np.zeros(group.size)
     gm = analysis.gm
     for m in group.members:
@@ -355,7 +360,7 @@ def magnitude_scores(analysis: GroupAnalysis, group: ChannelGroup, *, p: int = 1
         per_index = per_index.sum(1).cpu().numpy()
         inside = m.units >= 0
         np.add.at(scores, m.units[inside], per_index[inside])
-    return scores
+    return np.sqrt(scores) if p == 2 else scores
 
 
 def _tensor(gm: torch.nn.Module, fqn: str) -> torch.Tensor | None:
@@ -373,4 +378,11 @@ def _scores(analysis: GroupAnalysis, g: ChannelGroup,
         return rng.random(g.size)
     if callable(criterion):
         return np.asarray(criterion(analysis, g), dtype=np.float64)
-    return magnitude_scores(analysis, g, p=2 if criterion == "l2" else 1)
+    if criterion not in _MAGNITUDE_P:
+        raise PlanError(f"unknown criterion {criterion!r} for Plan.from_ratio/from_counts: use "
+                        f"'l1', 'l2', 'random' or a callable fn(analysis, group) -> scores "
+                        "(data-driven criteria: fxprune.plan(analysis, name, ...))")
+    return magnitude_scores(analysis, g, p=_MAGNITUDE_P[criterion])
+
+
+_MAGNITUDE_P = {"l1": 1, "l2": 2}

@@ -232,15 +232,29 @@ def test_l1_and_l2_scores_are_hand_computed():
     (g,) = a.groups
     # unit u: sum of |w| (or w^2) over conv1 row u and conv2 column u
     # l1: [1+1+1.5, 3+0+0, 0.5+0.5+0.5] = [3.5, 3, 1.5]
-    # l2: [1+1+2.25, 9+0+0, 0.25+0.25+0.25] = [4.25, 9, 0.75]
+    # l2 = sqrt(sum w^2): sqrt([1+1+2.25, 9+0+0, 0.25+0.25+0.25]) = sqrt([4.25, 9, 0.75])
     np.testing.assert_allclose(magnitude_scores(a, g, p=1), [3.5, 3.0, 1.5])
-    np.testing.assert_allclose(magnitude_scores(a, g, p=2), [4.25, 9.0, 0.75])
+    np.testing.assert_allclose(magnitude_scores(a, g, p=2), np.sqrt([4.25, 9.0, 0.75]))
     # ratio 0.6 keeps round(3 * 0.4) = 1 unit: the best one differs between criteria
     assert fxprune.Plan.from_ratio(a, 0.6, criterion="l1").keep == {g.name: (0,)}
     assert fxprune.Plan.from_ratio(a, 0.6, criterion="l2").keep == {g.name: (1,)}
     # keeping 2 drops the weakest unit (2) under both
     assert fxprune.Plan.from_ratio(a, 0.3, criterion="l1").keep == {g.name: (0, 1)}
     assert fxprune.Plan.from_ratio(a, 0.3, criterion="l2").keep == {g.name: (0, 1)}
+
+
+def test_l2_is_the_standard_norm_and_unknown_names_raise():
+    from fxprune.errors import PlanError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4, bias=False), nn.ReLU(), nn.Linear(4, 2, bias=False))
+    a = fxprune.analyze(model, torch.randn(2, 3))
+    (g,) = a.groups
+    w0, w2 = model[0].weight.detach(), model[2].weight.detach()
+    want = torch.sqrt((w0 ** 2).sum(1) + (w2 ** 2).sum(0)).numpy()  # ||unit's weights||_2
+    np.testing.assert_allclose(magnitude_scores(a, g, p=2), want, rtol=1e-5)
+    with pytest.raises(PlanError, match="unknown criterion 'L2'"):
+        fxprune.Plan.from_ratio(a, 0.5, criterion="L2")
 
 
 def test_callable_criterion_and_random_seed(analysis):

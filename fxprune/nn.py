@@ -8,7 +8,6 @@ forward signature and semantics, independent sizes, and the original attention s
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -107,6 +106,3 @@ def _to_additive(mask: Tensor, like: Tensor) -> Tensor:
         return torch.zeros_like(mask, dtype=like.dtype).masked_fill(mask, float("-inf"))
     return mask.to(like.dtype)
 
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)

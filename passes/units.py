@@ -56,17 +56,6 @@ class UnitStore:
             s = parent[s]
         return s
 
-    def union(self, a: int, b: int, why: str) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            return
-        if rb < ra:
-            ra, rb = rb, ra
-        self.parent[rb] = ra
-        if self.pinned[rb]:
-            self.pinned[ra] = 1
-        self._union_spaces(self.space_of[ra], self.space_of[rb], why)
-
     def _union_spaces(self, a: int, b: int, why: str) -> None:
         sa, sb = self.find_space(a), self.find_space(b)
         if sa == sb:

@@ -343,7 +343,15 @@ class AnalysisState:
 
 
 class RuleContext:
-    """What a rule sees: its node, its inputs' dims and shapes, and unit operations."""
+    """What a rule sees: its node, its inputs' dims and shapes, and unit operations.
+
+    A rule reads its inputs' *dims* (``{axis: unit ids}``) and shapes, and sets the node's
+    output dims with ``set``. Unit ids are indices into one ``UnitStore``: ``fresh`` makes
+    new ones (a stop op's output channels), ``union`` merges two arrays elementwise into
+    one channel space (coupling), ``pin`` marks ids unprunable with a reason (barriers),
+    ``inexact`` flags their group ``exact=False`` (channel mixers). Ids are never freed or
+    renumbered during a run; ``GroupAnalysis`` relabels their classes at the end.
+    """
 
     def __init__(self, state: AnalysisState, node: torch.fx.Node) -> None:
         self.state = state
@@ -374,27 +382,33 @@ class RuleContext:
 
     @property
     def out_shape(self) -> Any:
+        """Shape of this node's output (nested tuples for tuple outputs)."""
         return self.shape(self.node)
 
     @property
     def module(self) -> torch.nn.Module:
+        """The called module of a ``call_module`` node."""
         return self.state.gm.get_submodule(self.node.target)
-
-    def input_nodes(self) -> list[torch.fx.Node]:
-        return list(self.node.all_input_nodes)
 
     # -- outputs ----------------------------------------------------------------------
     def set(self, info: Info) -> None:
+        """Set this node's output dims (``{axis: ids}``, a tuple of them, or None); axes
+        left out are untracked. Call it exactly once."""
         self.state.values[self.node.name] = info
 
     # -- units ------------------------------------------------------------------------
     def fresh(self, n: int) -> np.ndarray:
+        """``n`` new unit ids, one new channel space born at this node."""
         return self.store.fresh(n, self.node.name)
 
     def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Merge ids ``a[i]`` and ``b[i]`` for every ``i`` (equal lengths, or broadcastable
+        arrays): afterwards they are one unit, and their spaces one space."""
         self.store.union_arrays(a, b, self.why)
 
     def pin(self, units: np.ndarray | None, reason: str) -> None:
+        """Mark ids unprunable (a barrier), recording ``reason`` with this node's name;
+        pinning spreads to every id they are (or later get) merged with."""
         if units is not None and len(units):
             self.store.pin(units, f"{self.node.name}: {reason}")
 
@@ -404,6 +418,7 @@ class RuleContext:
             self.pin(units, reason)
 
     def inexact(self, units: np.ndarray, reason: str) -> None:
+        """Flag the group of these ids ``exact=False`` (pruning changes statistics)."""
         self.store.mark_inexact(units, f"{self.node.name}: {reason}")
 
     def link(self, source: np.ndarray | None, target: np.ndarray, reason: str) -> None:

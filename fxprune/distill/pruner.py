@@ -47,6 +47,7 @@ import copy
 import dataclasses
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -426,9 +427,12 @@ class Pruner:
         dense = self._cost_of(None, self.budget_kind)
         goal = dense - fraction * (dense - self.target)
         kind = self.budget_kind
-        plan = fxprune.plan(self.analysis, _FixedScores(scores), cost=self.cost,
-                            latency=self.latency, **{f"target_{kind}": goal / dense},
-                            **self.plan_options)
+        with warnings.catch_warnings():
+            if self.removals < self.total_removals:  # only the final budget's miss matters
+                warnings.simplefilter("ignore", UserWarning)
+            plan = fxprune.plan(self.analysis, _FixedScores(scores), cost=self.cost,
+                                latency=self.latency, **{f"target_{kind}": goal / dense},
+                                **self.plan_options)
         kept = torch.as_tensor(plan.kept_labels(self.analysis), dtype=torch.bool)
         self.mask &= kept
         with torch.no_grad():

@@ -256,12 +256,14 @@ class Pruner:
             raise BudgetError(f"the {kind} budget {target:,.6g} is already met by the dense "
                               f"model ({dense:,.6g}): nothing to prune; ask for less "
                               f"(e.g. target_{kind}=0.5)")
-        kept_min = np.zeros(self.analysis.num_units, dtype=bool)
-        floor = self._cost_of(kept_min, kind)
-        if target < floor:
-            raise BudgetError(f"the {kind} budget {target:,.6g} cannot be reached: the part "
-                              f"that cannot be pruned alone costs {floor:,.6g} (dense "
-                              f"{dense:,.6g}); raise the target")
+        try:  # a dry run of the planner with the same caps: fail now, not at the last removal
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                fxprune.plan(self.analysis, "l1", cost=self.cost, latency=self.latency,
+                             **{f"target_{kind}": target / dense}, **self.plan_options)
+        except BudgetError as exc:
+            raise BudgetError(f"the {kind} budget {target:,.6g} cannot be reached by pruning "
+                              f"while training (dense {dense:,.6g}): {exc}") from None
         return kind, target
 
     def _cost_of(self, kept: np.ndarray | None, kind: str) -> float:

@@ -52,6 +52,7 @@ def _worker(rank: int, world: int, folder: str):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two fresh interpreters import torch: 25-55 s on the shared 2-core box
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
 def test_two_gloo_ranks_match_each_other_and_one_process(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)

@@ -141,7 +141,8 @@ class Pruner:
     name in ``CRITERIA``; ``normalize``/``layer_norm``/``scope``/``round_to``/
     ``max_ratio_per_group`` as in ``fxprune.plan``. ``closure(student) -> loss`` feeds the
     curvature criteria's one extra pass per interval. ``teacher``: default a frozen
-    eval-mode deep copy of ``model``. ``frontend``: ``"fx"`` or ``"export"``.
+    eval-mode deep copy of ``model``; a teacher passed in is used as is (not copied: it
+    may be large) after ``.eval().requires_grad_(False)``. ``frontend``: ``"fx"`` or ``"export"``.
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any, *, target_macs: float | None = None,
@@ -195,6 +196,7 @@ class Pruner:
         self.weight_stats: dict[str, torch.Tensor] = {}
         self.history: list[dict[str, float]] = []
         self._hooks = self._weight_hooks() if "weight_taylor" in self.needs else []
+        self._scales: list[str] | None = None
         self.student.recording = True
 
     # -- construction checks ---------------------------------------------------------
@@ -289,10 +291,12 @@ class Pruner:
         return self.l1 * total
 
     def _norm_scales(self) -> list[str]:
-        ctx = ScoreContext(self.live, self.importance)
-        from fxprune.importance import _is_norm_scale  # one definition of "a norm's gamma"
-        return sorted({m.fqn for g in self.analysis.groups for m in g.members
-                       if _is_norm_scale(ctx, m)})
+        if self._scales is None:
+            ctx = ScoreContext(self.live, self.importance)
+            from fxprune.importance import _is_norm_scale  # one definition of "a norm's gamma"
+            self._scales = sorted({m.fqn for g in self.analysis.groups for m in g.members
+                                   if _is_norm_scale(ctx, m)})
+        return self._scales
 
     def step(self) -> dict[str, float] | None:
         """Call after ``optimizer.step()``: record the step's gate gradients; remove units

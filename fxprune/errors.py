@@ -56,3 +56,19 @@ def describe_node(node) -> str:
         path, cls = list(module.values())[-1]
         text += f" in module '{path}' ({getattr(cls, '__name__', cls)})"
     return text
+
+
+class DistillError(FxpruneError):
+    """Prune-while-training / distillation was misconfigured or its state was disturbed."""
+
+
+class DistillLossError(DistillError):
+    """A distillation loss got bad arguments (temperature, alpha, mismatched outputs)."""
+
+
+class GateTamperError(DistillError):
+    """A gate of the student was changed outside the pruner (masks would be inconsistent)."""
+
+
+class CheckpointMismatchError(DistillError):
+    """A pruner checkpoint belongs to another model or plan and cannot be resumed here."""

@@ -1,0 +1,584 @@
+"""Prune while training (CPD sections III-C/III-D): score from the training backward
+passes, remove units by zeroing gates on a schedule, finish with ``compile`` + ``verify``.
+
+    pruner = Pruner(model, example_inputs, criterion="taylor_gate", target_macs=0.5,
+                    interval=20, steps=200)
+    student, teacher = pruner.student, pruner.teacher
+    opt = torch.optim.SGD(student.parameters(), lr=0.05)
+    for x, y in batches:
+        s = student(x)
+        with torch.no_grad():
+            t = teacher(x)
+        loss = mixed_kd_loss(F.cross_entropy(s, y), s, t, alpha=0.5, temperature=4.0)
+        opt.zero_grad(); loss.backward(); opt.step()
+        pruner.step()                       # after optimizer.step()
+    result = pruner.finish()                # small GraphModule, plan, slice == mask report
+
+*Scores.* ``dL/dgate`` of every training backward is kept (one row per step, the gates'
+hook: no extra pass). At the end of each interval of ``interval`` steps the registered
+criterion (``fxprune.importance.CRITERIA``) reads those rows as its ``gate_grads``
+statistic (``taylor_gate``: |mean|, ``fisher``: mean of squares), ``taylor`` reads
+mean |w dL/dw| kept by parameter hooks, and curvature criteria (``hessian``, ``cpd``,
+``obd``) take one extra forward and one double backward per interval on
+``closure(student) -> loss``: Hutchinson's ``diag(H) ~ v * (H v)`` with Rademacher ``v``
+(Hutchinson 1990; CPD eq. 5). Data-free criteria (``l1``, ``bn_scale``...) read the
+current weights. Scores are all-reduced (mean) over ``torch.distributed`` ranks.
+
+*Removal.* At removal ``k`` of ``K = steps // interval`` the budget is
+``dense - f(k, K) (dense - target)`` with ``f`` the schedule: ``"linear"`` ``k/K``, or
+``"cubic"`` ``1 - (1 - k/K)^3`` (Zhu & Gupta 2017, "To prune, or not to prune").
+``fxprune.plan`` (the budget planner, on ``passes.cost``) picks the lowest-scored units,
+with units already removed ranked first; their gates go to 0 and stay there. A gated
+unit's producer rows and consumer columns get no gradient (the gate multiplies the only
+path), so masked units stay exactly removed.
+
+*Learned masks.* ``selection="slimming"`` (Network Slimming, Liu et al. 2017):
+``pruner.penalty()`` is ``l1 * sum |gamma|`` over the norm scales of prunable groups, to
+add to the loss; removals take the smallest ``|gamma|`` (criterion ``bn_scale``) under the
+same budget and schedule.
+
+Errors (``fxprune.errors``): ``BudgetError`` (already met / unreachable), ``DistillError``
+(interval, steps, teacher output, missing closure), ``GateTamperError`` (a gate changed
+outside the pruner), ``CheckpointMismatchError`` (a checkpoint of another model/plan).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten
+
+import fxprune
+from fxprune.distill.student import GatedStudent, set_graph_training
+from fxprune.errors import (BudgetError, CheckpointMismatchError, DistillError, GateTamperError,
+                            ImportanceError)
+from fxprune.importance import CRITERIA, Importance, ScoreContext
+from passes.gates import GATES, insert_gates
+
+__all__ = ["Pruner", "DistillResult", "SCHEDULES", "save_checkpoint", "load_checkpoint",
+           "cubic_schedule", "linear_schedule"]
+
+FORMAT = 1
+REMOVED = -np.finfo(np.float64).max  # ranks first; the planner rejects -inf
+SELECTIONS = ("scored", "slimming")
+
+
+def linear_schedule(k: int, total: int) -> float:
+    """Equal shares of the budget per removal: ``k / total``."""
+    return k / total
+
+
+def cubic_schedule(k: int, total: int) -> float:
+    """Zhu & Gupta 2017: ``1 - (1 - k/total)^3`` (large cuts first, gentle at the end)."""
+    return 1.0 - (1.0 - k / total) ** 3
+
+
+SCHEDULES: dict[str, Callable[[int, int], float]] = {"linear": linear_schedule,
+                                                      "cubic": cubic_schedule}
+# criterion -> statistics gathered during training (gate gradients are always kept)
+NEEDS = {"taylor": ("weight_taylor",), "hessian": ("gate_hessian",), "cpd": ("gate_hessian",),
+         "obd": ("weight_hessian",)}
+
+
+def _no_closure(model: nn.Module, i: int) -> torch.Tensor:
+    raise ImportanceError("prune-while-training criteria read statistics of the training run")
+
+
+class _Statistics(dict):
+    """The statistics a criterion may read; an unknown one raises a typed error."""
+
+    def __missing__(self, name: str) -> Any:
+        raise ImportanceError(f"statistic {name!r} is not gathered while training (gathered: "
+                              f"{sorted(self)}); use a criterion that reads those, or a "
+                              "data-free one (l1, l2, bn_scale, fpgm, lamp)")
+
+    def __contains__(self, name: object) -> bool:  # ScoreContext.stat tests membership
+        return True
+
+
+class _FixedScores:
+    """``fn(analysis, group) -> scores`` for the planner, from precomputed scores."""
+
+    def __init__(self, scores: Mapping[str, np.ndarray]) -> None:
+        self.scores = scores
+
+    def __call__(self, analysis: Any, group: Any) -> np.ndarray:
+        return self.scores[group.name]
+
+
+@dataclass(frozen=True)
+class DistillResult:
+    """``finish()``: the small model, its plan, the slice == mask report, student agreement."""
+
+    model: torch.fx.GraphModule = field(repr=False)
+    plan: fxprune.Plan = field(repr=False)
+    report: Any = field(repr=False)
+    student_max_err: float
+    macs: float
+    params: float
+    dense_macs: float
+    dense_params: float
+
+
+class Pruner:
+    """Prune-while-training hook: build the student and teacher, call ``step()`` per step.
+
+    ``model``/``example_inputs``: the user's model (never modified) and inputs for capture.
+    Budget (exactly one): ``target_macs``/``target_params``/``target_latency``, a fraction
+    <= 1 of the dense cost or an absolute value (MACs, parameters, ms). ``interval``:
+    training steps between removals; ``steps``: steps by which the budget is reached
+    (``steps // interval`` removals, after ``start`` warm-up steps). ``criterion``: any
+    name in ``CRITERIA``; ``normalize``/``layer_norm``/``scope``/``round_to``/
+    ``max_ratio_per_group`` as in ``fxprune.plan``. ``closure(student) -> loss`` feeds the
+    curvature criteria's one extra pass per interval. ``teacher``: default a frozen
+    eval-mode deep copy of ``model``; a teacher passed in is used as is (not copied: it
+    may be large) after ``.eval().requires_grad_(False)``. ``frontend``: ``"fx"`` or ``"export"``.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Any, *, target_macs: float | None = None,
+                 target_params: float | None = None, target_latency: float | None = None,
+                 interval: int = 10, steps: int = 100, start: int = 0,
+                 criterion: str = "taylor_gate", schedule: str | Callable = "cubic",
+                 selection: str = "scored", l1: float = 1e-4, normalize: str | None = "auto",
+                 layer_norm: str | None = None, scope: str = "local", round_to: int = 1,
+                 max_ratio_per_group: float = 0.9, closure: Callable | None = None,
+                 teacher: nn.Module | None = None, frontend: str = "fx", probes: int = 1,
+                 seed: int = 0, latency: Any = None, process_group: Any = None) -> None:
+        self._check_args(interval, steps, start, criterion, schedule, selection)
+        self.interval, self.steps, self.start = interval, steps, start
+        self.criterion = "bn_scale" if selection == "slimming" else criterion
+        self.selection, self.l1 = selection, float(l1)
+        self.schedule = SCHEDULES[schedule] if isinstance(schedule, str) else schedule
+        self.schedule_name = schedule if isinstance(schedule, str) else getattr(
+            schedule, "__name__", "custom")
+        self.total_removals = steps // interval
+        self.plan_options = dict(scope=scope, round_to=round_to,
+                                 max_ratio_per_group=max_ratio_per_group)
+        self.importance = Importance(self.criterion, closure=_no_closure, normalize=normalize,
+                                     layer_norm=layer_norm, probes=probes, seed=seed)
+        self.needs = NEEDS.get(self.criterion, ())
+        self.closure, self.probes = closure, probes
+        self.process_group = process_group
+        self.generator = torch.Generator().manual_seed(seed)
+
+        inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else \
+            tuple(example_inputs)
+        self.example_inputs = inputs
+        # Capture from a train-mode copy: export bakes the mode into the graph.
+        captured = copy.deepcopy(model).train()
+        self.analysis = fxprune.analyze(captured, inputs, frontend=frontend)
+        self.export = self.analysis.gm.meta.get("fxprune_frontend") == "export"
+        self.student = GatedStudent(insert_gates(self.analysis), export=self.export).train()
+        self.live = dataclasses.replace(self.analysis, gm=self.student.gm)
+        if teacher is None:
+            teacher = copy.deepcopy(model)
+        self.teacher = teacher.eval().requires_grad_(False)
+        self._check_teacher(inputs)
+
+        from passes.cost import compute_cost
+        self.cost = compute_cost(self.analysis)
+        self.budget_kind, self.target = self._budget(target_macs, target_params,
+                                                     target_latency, latency)
+        self.mask = torch.ones(self.analysis.num_units, dtype=torch.bool)
+        self.step_count = 0
+        self.removals = 0
+        self.rows: list[torch.Tensor] = []
+        self.weight_stats: dict[str, torch.Tensor] = {}
+        self.history: list[dict[str, float]] = []
+        self._hooks = self._weight_hooks() if "weight_taylor" in self.needs else []
+        self._scales: list[str] | None = None
+        self.student.recording = True
+
+    # -- construction checks ---------------------------------------------------------
+    @staticmethod
+    def _check_args(interval: Any, steps: Any, start: Any, criterion: str, schedule: Any,
+                    selection: str) -> None:
+        if not isinstance(interval, int) or interval < 1:
+            raise DistillError(f"interval must be an integer >= 1 (training steps between "
+                               f"removals), got {interval!r}")
+        if not isinstance(steps, int) or steps < interval:
+            raise DistillError(f"steps must be an integer >= interval ({interval}): the budget "
+                               f"is reached in steps // interval removals, got {steps!r}")
+        if not isinstance(start, int) or start < 0:
+            raise DistillError(f"start must be an integer >= 0, got {start!r}")
+        if criterion not in CRITERIA:
+            raise DistillError(f"unknown criterion {criterion!r}; known: {sorted(CRITERIA)}")
+        if not callable(schedule) and schedule not in SCHEDULES:
+            raise DistillError(f"schedule must be a callable or one of {sorted(SCHEDULES)}")
+        if selection not in SELECTIONS:
+            raise DistillError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+
+    def _check_teacher(self, inputs: tuple) -> None:
+        with torch.no_grad():
+            was = self.student.training
+            self.student.eval()
+            s_out = self.student(*inputs)
+            self.student.train(was)
+            t_out = self.teacher(*inputs)
+        s_leaves, s_spec = tree_flatten(s_out)
+        t_leaves, t_spec = tree_flatten(t_out)
+        s_shapes = [tuple(t.shape) for t in s_leaves if isinstance(t, torch.Tensor)]
+        t_shapes = [tuple(t.shape) for t in t_leaves if isinstance(t, torch.Tensor)]
+        if s_spec != t_spec or s_shapes != t_shapes:
+            raise DistillError(f"the teacher's outputs {t_shapes} ({t_spec}) do not match the "
+                               f"student's {s_shapes} ({s_spec}): use a teacher with the same "
+                               "output structure (classes, embedding width), or distil a "
+                               "matching part with your own loss in the hook API")
+
+    def _budget(self, macs: Any, params: Any, latency_ms: Any, latency: Any
+                ) -> tuple[str, float]:
+        given = {k: v for k, v in {"macs": macs, "params": params, "latency": latency_ms}.items()
+                 if v is not None}
+        if len(given) != 1:
+            raise DistillError("give exactly one budget: target_macs=, target_params= or "
+                               f"target_latency= (got {sorted(given) or 'none'})")
+        kind, value = next(iter(given.items()))
+        if kind == "latency":
+            from passes.cost import measure_latency
+            self.latency = latency if latency is not None else measure_latency(self.cost)
+        else:
+            self.latency = None
+        dense = self._cost_of(None, kind)
+        value = float(value)
+        if not (value > 0 and np.isfinite(value)):
+            raise BudgetError(f"target_{kind} must be a positive number (a fraction <= 1 of the "
+                              f"dense model, or an absolute value > 1), got {value}")
+        target = value * dense if value <= 1.0 else value
+        if target >= dense:
+            raise BudgetError(f"the {kind} budget {target:,.6g} is already met by the dense "
+                              f"model ({dense:,.6g}): nothing to prune; ask for less "
+                              f"(e.g. target_{kind}=0.5)")
+        try:  # a dry run of the planner with the same caps: fail now, not at the last removal
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                fxprune.plan(self.analysis, "l1", cost=self.cost, latency=self.latency,
+                             **{f"target_{kind}": target / dense}, **self.plan_options)
+        except BudgetError as exc:
+            raise BudgetError(f"the {kind} budget {target:,.6g} cannot be reached by pruning "
+                              f"while training (dense {dense:,.6g}): {exc}") from None
+        return kind, target
+
+    def _cost_of(self, kept: np.ndarray | None, kind: str) -> float:
+        if kind == "latency":
+            return float(self.latency.predict(self.cost, kept))
+        return float(self.cost.evaluate(kept)[kind])
+
+    def _weight_hooks(self) -> list:
+        hooks = []
+        for name, p in self.student.gm.named_parameters():
+            hooks.append(p.register_hook(_WeightTaylor(self, name, p)))
+        return hooks
+
+    # -- the training-loop API ---------------------------------------------------------
+    def penalty(self) -> torch.Tensor:
+        """Network Slimming's ``l1 * sum |gamma|`` over prunable groups' norm scales."""
+        ref = self.student.mask
+        total = ref.new_zeros(())
+        if self.selection != "slimming":
+            return total
+        for fqn in self._norm_scales():
+            total = total + self.student.gm.get_parameter(fqn).abs().sum()
+        return self.l1 * total
+
+    def _norm_scales(self) -> list[str]:
+        if self._scales is None:
+            ctx = ScoreContext(self.live, self.importance)
+            from fxprune.importance import _is_norm_scale  # one definition of "a norm's gamma"
+            self._scales = sorted({m.fqn for g in self.analysis.groups for m in g.members
+                                   if _is_norm_scale(ctx, m)})
+        return self._scales
+
+    def step(self) -> dict[str, float] | None:
+        """Call after ``optimizer.step()``: record the step's gate gradients; remove units
+        when an interval ends. Returns the log entry of a removal, else None."""
+        self._check_gates()
+        pending = self.student.pending_grads
+        if pending:
+            self.rows.append(torch.stack(pending).sum(0))
+            pending.clear()
+        self.step_count += 1
+        due = (self.step_count > self.start and (self.step_count - self.start) % self.interval == 0
+               and self.removals < self.total_removals)
+        return self._remove() if due else None
+
+    @property
+    def done(self) -> bool:
+        return self.removals >= self.total_removals
+
+    def budget_reached(self) -> float:
+        """Fraction of the way from the dense cost to the target (1.0: budget met)."""
+        dense = self._cost_of(None, self.budget_kind)
+        now = self._cost_of(self.mask.numpy(), self.budget_kind)
+        return (dense - now) / (dense - self.target)
+
+    def _check_gates(self) -> None:
+        now = self.student.mask.detach().cpu()
+        want = self.mask.to(now.dtype)
+        if not torch.equal(now, want):
+            bad = np.flatnonzero((now != want).numpy())
+            groups = sorted({self.analysis.groups[i].name
+                             for i in np.unique(self.analysis.group_of[bad])})
+            raise GateTamperError(
+                f"{len(bad)} gates of the student were changed outside the pruner (groups "
+                f"{groups[:5]}): gates are the pruner's state. Do not pass them to an optimizer "
+                "or write them; restore with pruner.load_state_dict(...) from a checkpoint")
+
+    # -- scoring and removal -----------------------------------------------------------
+    def _statistics(self) -> _Statistics:
+        stats = _Statistics()
+        rows = torch.stack(self.rows) if self.rows else torch.zeros(1, self.analysis.num_units,
+                                                                    dtype=torch.float64)
+        weight = {k: v / max(len(self.rows), 1) for k, v in self.weight_stats.items()}
+        curvature: dict[str, Any] = {}
+        if any("hessian" in n for n in self.needs):
+            curvature = self._curvature()
+        rows, weight, curvature = self._all_reduce(rows, weight, curvature)
+        stats["gate_grads"] = rows.numpy()
+        if "weight_taylor" in self.needs:
+            stats["weight_taylor"] = weight
+        if "gate_hessian" in curvature:
+            stats["gate_hessian"] = curvature["gate_hessian"].numpy()
+        if "weight_hessian" in curvature:
+            stats["weight_hessian"] = curvature["weight_hessian"]
+        return stats
+
+    def _curvature(self) -> dict[str, Any]:
+        """Hutchinson diagonals from one forward and one double backward on ``closure``."""
+        if self.closure is None:
+            raise DistillError(f"criterion {self.criterion!r} needs a curvature estimate: pass "
+                               "Pruner(..., closure=<fn(student) -> loss on one batch>) (one "
+                               "extra forward/backward per interval; fit() sets it), or use "
+                               "taylor_gate / fisher / taylor")
+        student = self.student
+        buffers = {n: b.detach().clone() for n, b in student.gm.named_buffers()}
+        live = self.mask.to(student.mask.dtype).to(student.mask.device)
+        gates = student.mask.detach().clone().requires_grad_(True)
+        weights = dict(student.gm.named_parameters()) if "obd" == self.criterion else {}
+        wrt = [gates, *weights.values()]
+        out_g = torch.zeros(len(gates), dtype=torch.float64)
+        out_w = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in weights.items()}
+        try:
+            for _ in range(self.probes):
+                loss = student.with_gates(gates, self.closure)
+                grads = torch.autograd.grad(loss, wrt, create_graph=True, allow_unused=True)
+                vs = [_rademacher(t, self.generator) for t in wrt]
+                vs[0] = vs[0] * live
+                dot = sum((g * v).sum() for g, v in zip(grads, vs) if g is not None)
+                hv = torch.autograd.grad(dot, wrt, allow_unused=True)
+                for i, (v, h) in enumerate(zip(vs, hv)):
+                    if h is None:
+                        continue
+                    if i == 0:
+                        out_g += (v * h).double().cpu()
+                    else:
+                        out_w[list(weights)[i - 1]] += (v * h).double()
+        finally:
+            with torch.no_grad():  # the extra pass must not move BatchNorm running stats
+                for n, b in student.gm.named_buffers():
+                    if n in buffers:
+                        b.copy_(buffers[n])
+        result: dict[str, Any] = {"gate_hessian": out_g / self.probes}
+        if weights:
+            result["weight_hessian"] = {n: (w / self.probes).cpu() for n, w in out_w.items()}
+        return result
+
+    def _all_reduce(self, rows: torch.Tensor, weight: dict, curvature: dict) -> tuple:
+        if not (dist.is_available() and dist.is_initialized()):
+            return rows, weight, curvature
+        world = dist.get_world_size(self.process_group)
+        tensors = [rows, *weight.values(), *[v for v in curvature.values()
+                                               if isinstance(v, torch.Tensor)]]
+        for d in curvature.values():
+            if isinstance(d, dict):
+                tensors += list(d.values())
+        for t in tensors:
+            dist.all_reduce(t, group=self.process_group)
+            t /= world
+        return rows, weight, curvature
+
+    def scores(self) -> dict[str, np.ndarray]:
+        """Per-group unit scores from this interval's statistics (removed units: ``REMOVED``, ranked first)."""
+        imp = self.importance
+        ctx = ScoreContext(self.live, imp, kept=self.mask.numpy(), cost=self.cost)
+        ctx._stats = self._statistics()
+        from fxprune.importance import _normalized  # the registry's own per-group normaliser
+        kept = self.mask.numpy()
+        out = {}
+        for g in self.analysis.groups:
+            raw = imp._raw(ctx, self.live, g)
+            if not CRITERIA[self.criterion].per_member:
+                raw = _normalized(raw, imp.layer_norm)
+            s = imp._per_cost(ctx, g, raw).copy()
+            s[~kept[self.analysis.group_of == g.id]] = REMOVED
+            out[g.name] = s
+        return out
+
+    def _remove(self) -> dict[str, float]:
+        scores = self.scores()
+        self.removals += 1
+        fraction = float(self.schedule(self.removals, self.total_removals))
+        if not 0.0 <= fraction <= 1.0:
+            raise DistillError(f"schedule gave {fraction} at removal {self.removals}; fractions "
+                               "lie in [0, 1]")
+        dense = self._cost_of(None, self.budget_kind)
+        goal = dense - fraction * (dense - self.target)
+        kind = self.budget_kind
+        with warnings.catch_warnings():
+            if self.removals < self.total_removals:  # only the final budget's miss matters
+                warnings.simplefilter("ignore", UserWarning)
+            plan = fxprune.plan(self.analysis, _FixedScores(scores), cost=self.cost,
+                                latency=self.latency, **{f"target_{kind}": goal / dense},
+                                **self.plan_options)
+        kept = torch.as_tensor(plan.kept_labels(self.analysis), dtype=torch.bool)
+        self.mask &= kept
+        with torch.no_grad():
+            self.student.mask.copy_(self.mask.to(self.student.mask.dtype))
+        self.rows.clear()
+        for v in self.weight_stats.values():
+            v.zero_()
+        entry = {"step": self.step_count, "removal": self.removals, "fraction": fraction,
+                 kind: self._cost_of(self.mask.numpy(), kind), "goal": goal,
+                 "budget_reached": self.budget_reached(),
+                 "units_removed": int((~self.mask).sum())}
+        self.history.append(entry)
+        return entry
+
+    # -- finish ------------------------------------------------------------------------
+    def finish(self, inputs: Any = None, *, rtol: float = 1e-4) -> DistillResult:
+        """Compile the gated student into the small GraphModule and prove it.
+
+        ``verify`` checks slice == mask (float64) on a copy of the analysed graph that
+        carries the student's trained weights; then the small model (eval mode) is
+        compared with the gated student (eval mode) on ``inputs`` (default: the example
+        inputs): ``student_max_err`` is the max |difference| relative to the output scale.
+        """
+        inputs = self.example_inputs if inputs is None else (
+            (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs))
+        trained = self._trained_graph()
+        analysis = dataclasses.replace(self.analysis, gm=trained)
+        kept = self.mask.numpy()
+        keep = {g.name: np.flatnonzero(kept[analysis.group_of == g.id]).tolist()
+                for g in analysis.groups if not kept[analysis.group_of == g.id].all()}
+        plan = fxprune.Plan.from_indices(analysis, keep)
+        small = fxprune.compile(analysis, plan)
+        set_graph_training(small, False)
+        small.eval()
+        report = fxprune.verify(analysis, small, plan, inputs)
+        was = self.student.training
+        self.student.eval()
+        with torch.no_grad():
+            want = [t for t in tree_flatten(self.student(*inputs))[0]
+                    if isinstance(t, torch.Tensor)]
+            got = [t for t in tree_flatten(small(*inputs))[0] if isinstance(t, torch.Tensor)]
+        self.student.train(was)
+        scale = max(float(w.abs().max()) for w in want) or 1.0
+        err = max(float((a - b).abs().max()) for a, b in zip(got, want)) / scale
+        if err > rtol:
+            raise fxprune.VerificationError(
+                f"the compiled model differs from the gated student by {err:.3g} (relative, "
+                f"tol {rtol:g}) although slice == mask holds: a gate outside the plan "
+                "(an inexact group?). Please report it")
+        cost = self.cost.evaluate(kept)
+        return DistillResult(small, plan, report, err, cost.macs, cost.params,
+                             self.cost.dense.macs, self.cost.dense.params)
+
+    def _trained_graph(self) -> torch.fx.GraphModule:
+        """A copy of the analysed (ungated) graph with the student's current weights."""
+        gm = copy.deepcopy(self.analysis.gm)
+        state = {k: v for k, v in self.student.gm.state_dict().items()
+                 if not k.startswith("_fxprune_gate")}
+        gm.load_state_dict(state, strict=True)
+        set_graph_training(gm, False)
+        return gm
+
+    # -- checkpoint --------------------------------------------------------------------
+    def _identity(self) -> dict[str, Any]:
+        return {"fingerprint": self.analysis.fingerprint, "num_units": self.analysis.num_units,
+                "criterion": self.criterion, "interval": self.interval, "steps": self.steps,
+                "start": self.start, "budget": [self.budget_kind, self.target],
+                "schedule": self.schedule_name, "selection": self.selection}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Masks, this interval's statistics, step, schedule position, RNG states."""
+        return {"format": FORMAT, "identity": self._identity(), "mask": self.mask.clone(),
+                "rows": [r.clone() for r in self.rows],
+                "weight_stats": {k: v.clone() for k, v in self.weight_stats.items()},
+                "step": self.step_count, "removals": self.removals,
+                "history": copy.deepcopy(self.history),
+                "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any], *, restore_rng: bool = True) -> None:
+        """Resume; ``restore_rng`` also restores torch's global CPU RNG (dropout, shuffles).
+
+        Raises ``CheckpointMismatchError`` for a checkpoint of another model, plan or
+        configuration; nothing is changed then."""
+        if state.get("format") != FORMAT:
+            raise CheckpointMismatchError(f"pruner checkpoint format {state.get('format')!r}, "
+                                          f"expected {FORMAT}: not a Pruner.state_dict()")
+        mine, theirs = self._identity(), dict(state["identity"])
+        diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+        if diff:
+            raise CheckpointMismatchError(
+                "this checkpoint belongs to another model or pruning setup (checkpoint vs "
+                f"here: {diff}); resume with the model, budget and settings it was made with")
+        self.mask = state["mask"].clone().to(torch.bool)
+        with torch.no_grad():
+            self.student.mask.copy_(self.mask.to(self.student.mask.dtype))
+        self.rows = [r.clone() for r in state["rows"]]
+        for k, v in state["weight_stats"].items():
+            self.weight_stats[k] = v.clone()
+        self.step_count, self.removals = int(state["step"]), int(state["removals"])
+        self.history = copy.deepcopy(state["history"])
+        self.generator.set_state(state["generator"])
+        if restore_rng:
+            torch.set_rng_state(state["torch_rng"])
+
+
+class _WeightTaylor:
+    """Parameter hook: accumulate |w * dL/dw| (weights as used in this forward)."""
+
+    def __init__(self, pruner: Pruner, name: str, p: torch.Tensor) -> None:
+        self.pruner, self.name, self.p = pruner, name, p
+
+    def __call__(self, grad: torch.Tensor) -> None:
+        acc = self.pruner.weight_stats.get(self.name)
+        value = (self.p.detach() * grad.detach()).abs().double().cpu()
+        self.pruner.weight_stats[self.name] = value if acc is None else acc + value
+
+
+def _rademacher(like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    bits = torch.randint(0, 2, like.shape, generator=gen, device="cpu")
+    return (bits * 2 - 1).to(like.dtype).to(like.device)
+
+
+def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
+    """``torch.save(state)`` to a temporary file in the same folder, then ``os.replace``:
+    a failed save leaves the previous checkpoint intact (and no temporary file)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(dict(state), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` (on CPU)."""
+    return torch.load(os.fspath(path), map_location="cpu", weights_only=False)

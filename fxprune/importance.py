@@ -157,6 +157,11 @@ class ScoreContext:
         self.warnings: list[str] = []
 
     # -- structure -------------------------------------------------------------------
+    def set_statistics(self, stats: dict[str, Any]) -> None:
+        """Use ``stats`` (statistic name -> value, as ``STATISTICS`` computes them) instead
+        of computing them: a training loop accumulates them from its own backward passes."""
+        self._stats = dict(stats)
+
     def labels(self, group: ChannelGroup) -> np.ndarray:
         """Global labels of the group's units, in local order."""
         return np.flatnonzero(self.analysis.group_of == group.id)
@@ -265,7 +270,8 @@ def l2(ctx: ScoreContext, group: ChannelGroup) -> np.ndarray:
 _NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
-def _is_norm_scale(ctx: ScoreContext, member: Member) -> bool:
+def is_norm_scale(ctx: ScoreContext, member: Member) -> bool:
+    """Whether ``member`` is the per-channel scale (gamma) of a BatchNorm/GroupNorm/LayerNorm."""
     owner, _, name = member.fqn.rpartition(".")
     if name != "weight" or member.role != "dep":
         return False
@@ -279,7 +285,7 @@ def _is_norm_scale(ctx: ScoreContext, member: Member) -> bool:
 def bn_scale(ctx: ScoreContext, group: ChannelGroup) -> np.ndarray:
     """|gamma| of the group's norm layers (groups without one: +inf, kept whole)."""
     vectors = [unit_sums(ctx.parameter(m.fqn).abs(), m, group.size)
-               for m in group.members if _is_norm_scale(ctx, m) and ctx.parameter(m.fqn) is not None]
+               for m in group.members if is_norm_scale(ctx, m) and ctx.parameter(m.fqn) is not None]
     if not vectors:
         ctx.warnings.append(f"group {group.name}: no norm-layer scale, bn_scale keeps it whole")
         return np.full(group.size, np.inf)
@@ -624,15 +630,23 @@ class Importance:
                cost: Any = None) -> GroupScores:
         """Per-unit scores of every group (group name -> float64 array of its size)."""
         ctx = ScoreContext(analysis, self, kept, cost)
-        out: GroupScores = {}
-        for g in analysis.groups:
-            raw = self._raw(ctx, analysis, g)
-            if not (self.spec and self.spec.per_member):
-                raw = _normalized(raw, self.layer_norm)
-            out[g.name] = self._per_cost(ctx, g, raw)
+        out = self.scores_in(ctx)
         _check_finite(out)
         for message in dict.fromkeys(ctx.warnings):
             warnings.warn(message, stacklevel=2)
+        return out
+
+    def scores_in(self, ctx: ScoreContext) -> GroupScores:
+        """Per-unit scores of every group of ``ctx.analysis`` (raw, per-group normalised,
+        divided by unit cost where asked), read through ``ctx`` (its kept units, cost model
+        and statistics). ``scores`` builds the context; a training loop passes its own,
+        whose statistics come from its backward passes (``ScoreContext.set_statistics``)."""
+        out: GroupScores = {}
+        for g in ctx.analysis.groups:
+            raw = self._raw(ctx, ctx.analysis, g)
+            if not (self.spec and self.spec.per_member):
+                raw = _normalized(raw, self.layer_norm)
+            out[g.name] = self._per_cost(ctx, g, raw)
         return out
 
     def _raw(self, ctx: ScoreContext, analysis: GroupAnalysis, g: ChannelGroup) -> np.ndarray:

@@ -27,7 +27,7 @@ current weights. Scores are all-reduced (mean) over ``torch.distributed`` ranks.
 *Removal.* At removal ``k`` of ``K = steps // interval`` the budget is
 ``dense - f(k, K) (dense - target)`` with ``f`` the schedule: ``"linear"`` ``k/K``, or
 ``"cubic"`` ``1 - (1 - k/K)^3`` (Zhu & Gupta 2017, "To prune, or not to prune").
-``fxprune.plan`` (the budget planner, on ``passes.cost``) picks the lowest-scored units,
+``fxprune.plan`` (the budget planner, on ``fxprune.cost``) picks the lowest-scored units,
 with units already removed ranked first; their gates go to 0 and stay there. A gated
 unit's producer rows and consumer columns get no gradient (the gate multiplies the only
 path), so masked units stay exactly removed.
@@ -185,7 +185,7 @@ class Pruner:
         self.teacher = teacher.eval().requires_grad_(False)
         self._check_teacher(inputs)
 
-        from passes.cost import compute_cost
+        from fxprune.cost import compute_cost
         self.cost = compute_cost(self.analysis)
         self.budget_kind, self.target = self._budget(target_macs, target_params,
                                                      target_latency, latency)
@@ -244,7 +244,7 @@ class Pruner:
                                f"target_latency= (got {sorted(given) or 'none'})")
         kind, value = next(iter(given.items()))
         if kind == "latency":
-            from passes.cost import measure_latency
+            from fxprune.cost import measure_latency
             self.latency = latency if latency is not None else measure_latency(self.cost)
         else:
             self.latency = None
@@ -293,9 +293,9 @@ class Pruner:
     def _norm_scales(self) -> list[str]:
         if self._scales is None:
             ctx = ScoreContext(self.live, self.importance)
-            from fxprune.importance import _is_norm_scale  # one definition of "a norm's gamma"
+            from fxprune.importance import is_norm_scale  # one definition of "a norm's gamma"
             self._scales = sorted({m.fqn for g in self.analysis.groups for m in g.members
-                                   if _is_norm_scale(ctx, m)})
+                                   if is_norm_scale(ctx, m)})
         return self._scales
 
     def step(self) -> dict[str, float] | None:
@@ -410,15 +410,12 @@ class Pruner:
         """Per-group unit scores from this interval's statistics (removed units: ``REMOVED``, ranked first)."""
         imp = self.importance
         ctx = ScoreContext(self.live, imp, kept=self.mask.numpy(), cost=self.cost)
-        ctx._stats = self._statistics()
-        from fxprune.importance import _normalized  # the registry's own per-group normaliser
+        ctx.set_statistics(self._statistics())
         kept = self.mask.numpy()
         out = {}
-        for g in self.analysis.groups:
-            raw = imp._raw(ctx, self.live, g)
-            if not CRITERIA[self.criterion].per_member:
-                raw = _normalized(raw, imp.layer_norm)
-            s = imp._per_cost(ctx, g, raw).copy()
+        for name, s in imp.scores_in(ctx).items():
+            s = s.copy()
+            g = self.analysis.group(name)
             s[~kept[self.analysis.group_of == g.id]] = REMOVED
             out[g.name] = s
         return out

@@ -26,3 +26,12 @@ __all__ = [
 __all__ += ["plan", "Importance", "importance_scores", "CRITERIA", "BudgetError",
             "ImportanceError", "NonFiniteScoreError"]
 __all__ += ["Block", "find_blocks", "block_similarity", "remove_blocks", "verify_blocks"]
+
+from fxprune.errors import PatternError, SharedWeightError, SparsityError
+from fxprune.sparsity import (GradualPruner, SparsityPlan, apply_sparsity, attach_masks,
+                              cubic_sparsity, finalize, sparsify, to_semi_structured,
+                              verify_sparsity)
+
+__all__ += ["sparsify", "SparsityPlan", "verify_sparsity", "apply_sparsity", "attach_masks",
+            "finalize", "cubic_sparsity", "GradualPruner", "to_semi_structured",
+            "SparsityError", "PatternError", "SharedWeightError"]

@@ -56,3 +56,15 @@ def describe_node(node) -> str:
         path, cls = list(module.values())[-1]
         text += f" in module '{path}' ({getattr(cls, '__name__', cls)})"
     return text
+
+
+class SparsityError(FxpruneError):
+    """A sparsity request cannot be met (bad fraction, pattern, weight or plan)."""
+
+
+class PatternError(SparsityError):
+    """An N:M pattern is invalid (N >= M) or does not fit a layer's reduction dim."""
+
+
+class SharedWeightError(SparsityError):
+    """A weight to sparsify is shared under several names, which one mask cannot follow."""

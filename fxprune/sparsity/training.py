@@ -47,9 +47,24 @@ def _owner(model: nn.Module, fqn: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(path) if path else model), name
 
 
+def _copy(model: nn.Module) -> nn.Module:
+    """A deep copy whose parametrized modules have classes of their own.
+
+    ``parametrize`` keeps a parametrized module's properties on a generated class, which
+    ``deepcopy`` shares between original and copy: removing or adding a parametrization
+    on the copy would otherwise change the original too.
+    """
+    out = copy.deepcopy(model)
+    for module in out.modules():
+        if parametrize.is_parametrized(module):
+            cls = type(module)
+            module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+    return out
+
+
 def attach_masks(model: nn.Module, plan: SparsityPlan) -> nn.Module:
     """A copy of ``model`` with each planned weight behind a :class:`WeightMask`."""
-    out = copy.deepcopy(model)
+    out = _copy(model)
     for fqn, packed in plan.masks.items():
         module, name = _owner(out, fqn)
         w = getattr(module, name, None)
@@ -92,7 +107,7 @@ def current_plan(model: nn.Module, fingerprint: str, meta: dict | None = None) -
 
 def finalize(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every :class:`WeightMask` removed, zeros baked in."""
-    out = copy.deepcopy(model)
+    out = _copy(model)
     for module in list(out.modules()):
         if not parametrize.is_parametrized(module):
             continue

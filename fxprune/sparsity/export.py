@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 import torch.nn as nn
@@ -81,7 +82,9 @@ def storage_bytes(model: nn.Module, plan: SparsityPlan) -> dict[str, int]:
         w = params[fqn].detach()
         item = w.element_size()
         dense += w.numel() * item
-        m = w.reshape(w.shape[0], -1).to_sparse_csr()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "CSR support is in beta"
+            m = w.reshape(w.shape[0], -1).to_sparse_csr()
         csr += (m.values().numel() * item + m.col_indices().numel() * 8
                 + m.crow_indices().numel() * 8)
         semi += w.numel() // 2 * item + w.numel() // 2 * 2 // 8

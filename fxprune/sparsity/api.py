@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -30,17 +29,13 @@ from fxprune.sparsity.masks import (check_fraction, check_nm, nm_mask, parse_pat
 from fxprune.sparsity.plan import PackedMask, SparsityPlan
 
 __all__ = ["sparsify", "plan_sparsity", "apply_sparsity", "verify_sparsity",
-           "sparsity_table", "select_weights", "Sparsified", "SparsityReport", "LayerCheck",
+           "sparsity_table", "select_weights", "WeightSite", "Sparsified", "SparsityReport", "LayerCheck",
            "DEFAULT_KINDS"]
 
 DEFAULT_KINDS = ("linear", "conv")
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 _FORWARD_ONLY = {"wanda"}  # data-driven rules that need inputs, not a loss
-_TRANSPARENT_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "permute",
-                        "transpose", "contiguous", "float", "to", "type_as"}
-_TRANSPARENT_FUNCTIONS = {operator.getitem, torch.flatten, torch.reshape, torch.squeeze,
-                          torch.unsqueeze, torch.permute, torch.transpose, F.dropout}
 
 
 class Sparsified(NamedTuple):
@@ -50,7 +45,37 @@ class Sparsified(NamedTuple):
     plan: SparsityPlan
 
 
-def _kind(module: nn.Module) -> str | None:
+@dataclass(frozen=True)
+class WeightSite:
+    """Where a weight is consumed: its kind, the node reading its input, conv groups."""
+
+    kind: str                 # linear | conv | head | embedding | norm
+    node: str                 # the node that consumes the weight (first use)
+    input_node: str | None    # the node whose value is the layer's input (linear/conv)
+    groups: int = 1
+
+    is_conv: bool = False
+
+
+def _fn_name(target: Any) -> str:
+    """``aten.view.default`` / ``torch.reshape`` / ``F.linear`` -> ``view`` / ``reshape``..."""
+    packet = getattr(target, "overloadpacket", None)
+    name = getattr(packet, "__name__", None) or getattr(target, "__name__", str(target))
+    return name.rsplit(".", 1)[-1]
+
+
+_TRANSPARENT = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose",
+                "contiguous", "dropout", "clone", "getitem", "_to_copy", "to", "alias",
+                "detach", "float", "type_as", "_unsafe_view"}
+# function name -> (kind, index of the weight argument, index of `groups` or None)
+_WEIGHT_FUNCTIONS = {"linear": ("linear", 1, None), "conv1d": ("conv", 1, 6),
+                     "conv2d": ("conv", 1, 6), "conv3d": ("conv", 1, 6),
+                     "convolution": ("conv", 1, 8), "embedding": ("embedding", None, None),
+                     "layer_norm": ("norm", 2, None), "rms_norm": ("norm", 2, None),
+                     "group_norm": ("norm", 2, None), "native_layer_norm": ("norm", 2, None)}
+
+
+def _module_kind(module: nn.Module) -> str | None:
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, _CONV):
@@ -62,21 +87,52 @@ def _kind(module: nn.Module) -> str | None:
     return None
 
 
+def _site(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[str, WeightSite] | None:
+    """(weight FQN, site) when ``node`` consumes a weight of a known kind, else None."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        kind = _module_kind(module)
+        if kind is None or not isinstance(getattr(module, "weight", None), nn.Parameter):
+            return None
+        x = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+        return f"{node.target}.weight", WeightSite(kind, node.name, x and x.name,
+                                                   getattr(module, "groups", 1), kind == "conv")
+    if node.op != "call_function":
+        return None
+    name = _fn_name(node.target)
+    if name not in _WEIGHT_FUNCTIONS:
+        return None
+    kind, w_at, g_at = _WEIGHT_FUNCTIONS[name]
+    if name == "embedding":  # F.embedding(input, weight) / aten.embedding(weight, input)
+        w_at = 0 if hasattr(node.target, "overloadpacket") else 1
+    if name == "convolution" and len(node.args) > 6 and node.args[6]:
+        return None  # transposed convolution: reduction dim is not dim 1
+    w = node.args[w_at] if len(node.args) > w_at else node.kwargs.get("weight")
+    if not (isinstance(w, torch.fx.Node) and w.op == "get_attr"):
+        return None
+    groups = node.args[g_at] if g_at is not None and len(node.args) > g_at else \
+        node.kwargs.get("groups", 1)
+    x = node.args[0] if kind in ("linear", "conv") else None
+    return w.target, WeightSite(kind, node.name, x.name if isinstance(x, torch.fx.Node) else None,
+                                int(groups) if isinstance(groups, int) else 1, kind == "conv")
+
+
 def _heads(gm: torch.fx.GraphModule) -> set[str]:
-    """Linear/conv modules whose output reaches the graph output through transparent ops."""
+    """Linear/conv nodes whose output reaches the graph output through transparent ops."""
     out, seen, todo = set(), set(), [n for n in gm.graph.nodes if n.op == "output"]
     while todo:
         node = todo.pop()
         if node in seen:
             continue
         seen.add(node)
-        if node.op == "call_module" and _kind(gm.get_submodule(node.target)) in ("linear", "conv"):
-            out.add(f"{node.target}.weight")
+        site = _site(gm, node)
+        if site is not None and site[1].kind in ("linear", "conv"):
+            out.add(node.name)
             continue
         module = gm.get_submodule(node.target) if node.op == "call_module" else None
         transparent = (node.op == "output"
-                       or (node.op == "call_method" and node.target in _TRANSPARENT_METHODS)
-                       or (node.op == "call_function" and node.target in _TRANSPARENT_FUNCTIONS)
+                       or (node.op in ("call_method", "call_function")
+                           and _fn_name(node.target) in _TRANSPARENT)
                        or isinstance(module, (nn.Dropout, nn.Identity, nn.Flatten)))
         if transparent:
             todo.extend(node.all_input_nodes)
@@ -85,26 +141,30 @@ def _heads(gm: torch.fx.GraphModule) -> set[str]:
 
 def select_weights(gm: torch.fx.GraphModule, *, kinds: Sequence[str] = DEFAULT_KINDS,
                    include: Iterable[str] = (), ignore: Iterable[str] = ()
-                   ) -> dict[str, nn.Module]:
-    """Parameter FQN -> owning module of every weight to sparsify (graph order of modules)."""
+                   ) -> dict[str, WeightSite]:
+    """Parameter FQN -> :class:`WeightSite` of every weight to sparsify, in graph order.
+
+    Weights are found on the graph: ``nn.Linear``/``nn.Conv*d``/``nn.Embedding``/norm
+    modules and their functional or ATen forms (``F.linear``, ``aten.linear``,
+    ``aten.conv2d``, ``aten.layer_norm``...) reading a ``get_attr`` weight, so fx-traced
+    and ``torch.export``-ed graphs are covered alike.
+    """
     unknown = set(kinds) - {"linear", "conv", "head", "embedding", "norm"}
     if unknown:
         raise SparsityError(f"unknown weight kinds {sorted(unknown)}; known: linear, conv, "
                             "head, embedding, norm")
     heads = _heads(gm)
     include, ignore = tuple(include), tuple(ignore)
-    chosen: dict[str, nn.Module] = {}
-    for path, module in gm.named_modules():
-        kind = _kind(module)
-        w = getattr(module, "weight", None)
-        if kind is None or not isinstance(w, nn.Parameter):
+    chosen: dict[str, WeightSite] = {}
+    for node in gm.graph.nodes:
+        found = _site(gm, node)
+        if found is None or found[0] in chosen:
             continue
-        fqn = f"{path}.weight" if path else "weight"
-        if fqn in heads:
-            kind = "head"
+        fqn, site = found
+        kind = "head" if node.name in heads else site.kind
         wanted = kind in kinds or any(fnmatch.fnmatchcase(fqn, p) for p in include)
         if wanted and not any(fnmatch.fnmatchcase(fqn, p) for p in ignore):
-            chosen[fqn] = module
+            chosen[fqn] = site
     return chosen
 
 
@@ -203,11 +263,11 @@ def plan_sparsity(model: nn.Module, example_inputs: Any, sparsity: float | None 
     if nm is None:
         masks = unstructured_masks(scores, sparsity, scope)
     else:
-        masks = {fqn: nm_mask(s, nm[0], nm[1], isinstance(chosen[fqn], _CONV), fqn)
+        masks = {fqn: nm_mask(s, nm[0], nm[1], chosen[fqn].is_conv, fqn)
                  for fqn, s in scores.items()}
     meta = {"sparsity": sparsity, "pattern": pattern if nm else "unstructured",
             "scope": scope if nm is None else "run", "criterion": criterion,
-            "conv": sorted(f for f, m in chosen.items() if isinstance(m, _CONV))}
+            "conv": sorted(f for f, site in chosen.items() if site.is_conv)}
     return SparsityPlan(analysis.fingerprint,
                         {f: PackedMask.from_tensor(m) for f, m in masks.items()}, meta)
 

@@ -17,7 +17,7 @@ and for a single weight alike:
 """
 from __future__ import annotations
 
-import copy
+import torch.fx
 from typing import Any
 
 import torch
@@ -28,13 +28,12 @@ from fxprune.importance import Importance, ScoreContext, weight_criterion
 
 __all__ = ["WeightContext", "weight_scores"]
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 class WeightContext:
     """What a weight rule sees: the analysis (data-driven rules), settings, cached stats."""
 
-    def __init__(self, analysis: Any, settings: Importance, owners: dict[str, nn.Module]) -> None:
+    def __init__(self, analysis: Any, settings: Importance, owners: dict[str, Any]) -> None:
         self.analysis, self.settings, self.owners = analysis, settings, owners
         self._score_ctx: ScoreContext | None = None
         self._input_norms: dict[str, torch.Tensor] | None = None
@@ -61,32 +60,62 @@ class WeightContext:
 
 
 def _calibration_norms(ctx: WeightContext) -> dict[str, torch.Tensor]:
-    """Run the data through a copy of the graph with pre-hooks summing x^2 per input column."""
-    gm = copy.deepcopy(ctx.analysis.gm).eval()
-    sums: dict[str, torch.Tensor] = {}
-    handles = []
-    for fqn, owner in ctx.owners.items():
-        path = fqn.rpartition(".")[0]
-        try:
-            module = gm.get_submodule(path)
-        except AttributeError:
-            continue
-        if isinstance(module, nn.Linear) or isinstance(module, _CONV):
-            handles.append(module.register_forward_pre_hook(_SumSquares(fqn, module, sums)))
+    """Run the data through the graph, summing x^2 per input column of every layer input."""
+    wanted: dict[str, list[str]] = {}
+    for fqn, site in ctx.owners.items():
+        if site.input_node is not None and site.kind in ("linear", "conv", "head"):
+            wanted.setdefault(site.input_node, []).append(fqn)
+    conv = {fqn for fqn, site in ctx.owners.items() if site.is_conv}
+    runner = _Recorder(ctx.analysis.gm, wanted, conv)
     settings = ctx.settings
-    try:
-        with torch.no_grad():
-            if settings.closure is not None:
-                for i in range(settings.batches):
-                    settings.closure(gm, i)
-            else:
-                device = next(iter(gm.parameters()), torch.empty(0)).device
-                for inputs in _calibration_inputs(settings.data, settings.batches):
-                    gm(*(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs))
-    finally:
-        for h in handles:
-            h.remove()
-    return {k: v.sqrt() for k, v in sums.items()}
+    with torch.no_grad():
+        if settings.closure is not None:
+            for i in range(settings.batches):
+                settings.closure(runner, i)
+        else:
+            device = next(iter(ctx.analysis.gm.parameters()), torch.empty(0)).device
+            for inputs in _calibration_inputs(settings.data, settings.batches):
+                runner(*(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs))
+    return {k: v.sqrt() for k, v in runner.sums.items()}
+
+
+class _Recorder(nn.Module):
+    """Runs ``gm`` through an ``fx.Interpreter`` that adds sum x^2 per column of layer inputs.
+
+    Linear: x [..., in] summed over all leading dims. Conv: x [B, C, *spatial] summed over
+    batch and positions, per input channel C. The graph and its weights are not touched.
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, wanted: dict[str, list[str]],
+                 conv: set[str]) -> None:
+        super().__init__()
+        self.gm, self.wanted, self.conv = gm, wanted, conv
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def forward(self, *args: Any) -> Any:
+        return _RecordingInterpreter(self).run(*args)
+
+    def record(self, node_name: str, value: Any) -> None:
+        if not isinstance(value, torch.Tensor):
+            return
+        for fqn in self.wanted.get(node_name, ()):
+            x = value.detach().double()
+            if fqn in self.conv and x.dim() > 1:
+                x = x.movedim(1, -1)
+            s = (x * x).reshape(-1, x.shape[-1]).sum(0).cpu()
+            self.sums[fqn] = self.sums.get(fqn, 0) + s
+
+
+class _RecordingInterpreter(torch.fx.Interpreter):
+    def __init__(self, recorder: _Recorder) -> None:
+        super().__init__(recorder.gm, garbage_collect_values=True)
+        self.recorder = recorder
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        value = super().run_node(n)
+        if n.name in self.recorder.wanted:
+            self.recorder.record(n.name, value)
+        return value
 
 
 def _calibration_inputs(data: Any, n: int) -> list[tuple]:
@@ -103,20 +132,6 @@ def _calibration_inputs(data: Any, n: int) -> list[tuple]:
     if not out:
         raise ImportanceError("criterion 'wanda': data yielded no batch")
     return out
-
-
-class _SumSquares:
-    """Forward pre-hook: add sum of x^2 per input column (linear) or channel (conv)."""
-
-    def __init__(self, fqn: str, module: nn.Module, sums: dict[str, torch.Tensor]) -> None:
-        self.fqn, self.conv, self.sums = fqn, isinstance(module, _CONV), sums
-
-    def __call__(self, module: nn.Module, args: tuple) -> None:
-        x = args[0].detach().double()
-        if self.conv:
-            x = x.movedim(1, -1) if x.dim() > 1 else x
-        s = (x * x).reshape(-1, x.shape[-1]).sum(0).cpu()
-        self.sums[self.fqn] = self.sums.get(self.fqn, 0) + s
 
 
 @weight_criterion("magnitude")
@@ -159,10 +174,10 @@ def obd(ctx: WeightContext, fqn: str, w: torch.Tensor) -> torch.Tensor:
 def wanda(ctx: WeightContext, fqn: str, w: torch.Tensor) -> torch.Tensor:
     """|W_ij| * ||X_j||_2 over the calibration inputs (Sun et al. 2023)."""
     norms = ctx.input_norms(fqn).to(torch.float64)
-    module = ctx.owners[fqn]
+    site = ctx.owners[fqn]
     w = w.detach().double().cpu()
-    if isinstance(module, _CONV):
-        groups = module.groups
+    if site.is_conv:
+        groups = site.groups
         per_group = norms.reshape(groups, -1)                      # [groups, in/groups]
         rows = per_group.repeat_interleave(w.shape[0] // groups, 0)  # [out, in/groups]
         return w.abs() * rows.reshape(rows.shape + (1,) * (w.dim() - 2))

@@ -162,3 +162,14 @@ def test_verify_catches_a_leak_and_a_changed_weight():
     report = fxprune.verify_sparsity(model, changed, plan, x, raise_on_failure=False)
     assert not report.ok and report.max_abs_error > 0
     assert "2:4 violations" in fxprune.verify_sparsity(model, sparse, plan, x).table()
+
+
+def test_export_frontend_finds_the_same_weights_and_masks():
+    model, x = small_cnn(), cnn_inputs()
+    gm = fxprune.trace(model, (x,), frontend="export")
+    assert set(select_weights(gm)) == set(select_weights(fxprune.analyze(model, x).gm))
+    data = [(xb, None) for xb, _ in cnn_data(n=2)]  # the export is specialised to batch 2
+    _, via_fx = fxprune.sparsify(model, x, criterion="wanda", data=data)
+    sparse, via_export = fxprune.sparsify(gm, x, criterion="wanda", data=data)
+    assert via_fx.masks == via_export.masks
+    assert fxprune.verify_sparsity(gm, sparse, via_export, x).ok

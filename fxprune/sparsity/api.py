@@ -255,16 +255,21 @@ def plan_sparsity(model: nn.Module, example_inputs: Any, sparsity: float | None 
         if w.is_meta:
             raise SparsityError(f"weight {fqn!r} is on 'meta': load real weights first")
     ctx = WeightContext(analysis, settings, chosen)
-    scores = {fqn: weight_scores(ctx, criterion, fqn, params[fqn]) for fqn in chosen}
-    if previous is not None:
-        for fqn, s in scores.items():
-            if fqn in previous.masks:
-                s.masked_fill_(~previous.mask(fqn), float("-inf"))
-    if nm is None:
-        masks = unstructured_masks(scores, sparsity, scope)
-    else:
-        masks = {fqn: nm_mask(s, nm[0], nm[1], chosen[fqn].is_conv, fqn)
-                 for fqn, s in scores.items()}
+    def scored(fqn: str) -> torch.Tensor:
+        s = weight_scores(ctx, criterion, fqn, params[fqn])
+        if previous is not None and fqn in previous.masks:
+            s.masked_fill_(~previous.mask(fqn), float("-inf"))  # zeroed stays zeroed
+        return s
+
+    if nm is None and scope == "global":
+        masks = unstructured_masks({fqn: scored(fqn) for fqn in chosen}, sparsity, scope)
+    else:  # one weight's scores at a time: peak memory of one float64 copy of a weight
+        masks = {}
+        for fqn, site in chosen.items():
+            s = scored(fqn)
+            masks[fqn] = (unstructured_masks({fqn: s}, sparsity, scope)[fqn] if nm is None
+                          else nm_mask(s, nm[0], nm[1], site.is_conv, fqn))
+            del s
     meta = {"sparsity": sparsity, "pattern": pattern if nm else "unstructured",
             "scope": scope if nm is None else "run", "criterion": criterion,
             "conv": sorted(f for f, site in chosen.items() if site.is_conv)}

@@ -94,7 +94,10 @@ def unstructured_masks(scores: dict[str, torch.Tensor], sparsity: float,
         for k, s in scores.items():
             rows = s.reshape(s.shape[0], -1) if s.dim() > 1 else s.reshape(1, -1)
             kk = round(sparsity * rows.shape[1])
-            out[k] = torch.stack([_lowest(r, kk) for r in rows]).reshape(s.shape)
+            keep = torch.ones_like(rows, dtype=torch.bool)
+            if kk:
+                keep.scatter_(1, torch.argsort(rows, dim=1, stable=True)[:, :kk], False)
+            out[k] = keep.reshape(s.shape)
         return out
     if scope == "global":
         flat = torch.cat([s.reshape(-1) for s in scores.values()])

@@ -95,7 +95,7 @@ class DigitsCNN(nn.Module):
         return self.head(F.relu(self.fc(x.flatten(1))))
 
 
-def _digits(seed: int):
+def _digits(seed: int, quick: bool = False):
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -103,6 +103,8 @@ def _digits(seed: int):
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(d.target)
     xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
+    if quick:
+        return xtr[:256], ytr[:256], xte[:128], yte[:128]
     return xtr, ytr, xte, yte
 
 
@@ -128,10 +130,10 @@ def _accuracy(model, x, y) -> float:
 
 def digits(quick: bool, seeds: int) -> list[tuple]:
     sparsities = (0.5,) if quick else (0.5, 0.8, 0.9)
-    train_epochs, tune_epochs = (2, 1) if quick else (15, 8)
+    train_epochs, tune_epochs = (1, 1) if quick else (15, 8)
     results: dict[tuple, list[float]] = {}
     for seed in range(seeds):
-        xtr, ytr, xte, yte = _digits(seed)
+        xtr, ytr, xte, yte = _digits(seed, quick)
         torch.manual_seed(seed)
         dense = DigitsCNN()
         _epochs(dense, xtr, ytr, train_epochs, seed)
@@ -146,7 +148,8 @@ def digits(quick: bool, seeds: int) -> list[tuple]:
             assert all(r.masked_nonzero == 0 for r in fxprune.sparsity.sparsity_table(tuned, plan))
             results.setdefault(("one-shot + fine-tune", s), []).append(_accuracy(tuned, xte, yte))
             pruner = fxprune.GradualPruner(dense, xte[:2], s, begin=0,
-                                           end=int(steps * 0.75), frequency=max(steps // 40, 1))
+                                           end=int(steps * 0.75),
+                                           frequency=max(steps // (4 if quick else 40), 1))
             pruner.model.train()
             _epochs(pruner.model, xtr, ytr, tune_epochs, seed + 100, on_step=pruner.step,
                     lr=0.02)
@@ -229,6 +232,8 @@ def wanda_child(d: int, ff: int, heads: int, tokens: int, batches: int) -> dict:
 def wanda(quick: bool) -> list[tuple]:
     d, ff, heads = (256, 688, 4) if quick else (4096, 11008, 32)
     tokens, batches = (16, 2) if quick else (128, 4)
+    if quick:  # in this process: the peak RSS is then not Wanda's own
+        return [_wanda_row(wanda_child(d, ff, heads, tokens, batches), d, ff, tokens, batches)]
     code = (f"import json, torch, sparsity as b; torch.set_num_threads({torch.get_num_threads()}); "
             f"print(json.dumps(b.wanda_child({d}, {ff}, {heads}, {tokens}, {batches})))")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
@@ -237,12 +242,16 @@ def wanda(quick: bool) -> list[tuple]:
                          env=env, capture_output=True, text=True, check=True,
                          cwd=str(Path(__file__).resolve().parent))
     r = json.loads(out.stdout.strip().splitlines()[-1])
+    return [_wanda_row(r, d, ff, tokens, batches)]
+
+
+def _wanda_row(r: dict, d: int, ff: int, tokens: int, batches: int) -> tuple:
     per_layer = r["seconds"] / 2
     row = (f"{d}/{ff}", f"{r['params'] / 1e6:.0f} M", f"{batches}x{tokens}",
            f"{r['seconds']:.1f}", f"{per_layer:.1f}", f"{per_layer * 32:.0f}",
            f"{r['rss_before_mib']:.0f}", f"{r['peak_rss_mib']:.0f}", f"{r['sparsity']:.4f}")
     print(*row, flush=True)
-    return [row]
+    return row
 
 
 # ----------------------------------------------------------------------------------

@@ -66,3 +66,20 @@ def test_to_semi_structured():
     sparse, plan = fxprune.sparsify(lin, xx, pattern="2:4", kinds=("linear", "head"))
     fast = to_semi_structured(sparse, plan)
     torch.testing.assert_close(fast(xx), sparse(xx), rtol=1e-2, atol=1e-2)
+
+
+def test_dense_with_zeros_onnx(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import numpy_helper
+
+    model, x = small_cnn(), cnn_inputs()
+    sparse, plan = fxprune.sparsify(model, x, 0.5)
+    path = tmp_path / "sparse.onnx"
+    torch.onnx.export(sparse, (x,), str(path), dynamo=False)
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+    for fqn in ("conv2.weight", "fc.weight"):  # conv1 is folded with the BatchNorm
+        assert int((inits[fqn] == 0).sum()) == plan.masks[fqn].numel - plan.masks[fqn].kept
+    session = ort.InferenceSession(str(path))
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert abs(got - sparse(x).detach().numpy()).max() < 1e-5

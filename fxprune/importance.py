@@ -27,6 +27,11 @@ Curvature is estimated by Hutchinson's method with finite differences of gradien
 ``Hv ~ (grad L(theta + eps v) - grad L(theta)) / eps`` for Rademacher ``v``, and
 ``diag(H) ~ mean(v * Hv)`` over ``probes`` draws and ``batches`` batches.
 
+Weight-level rules (one score per weight, for ``fxprune.sparsify``) are registered on the
+same names with :func:`weight_criterion` (``fxprune/sparsity/criteria.py``): ``magnitude``,
+``l1``/``l2`` (|w| of one weight), ``taylor``, ``fisher`` (g^2 of the weight), ``obd``,
+``wanda``, ``random``; a name without one raises when asked for weight scores.
+
 A score of ``+inf`` means "never remove this unit" (a group without norm layer under
 ``bn_scale``, a unit whose removal saves nothing under ``normalize``); NaN and ``-inf``
 raise :class:`~fxprune.errors.NonFiniteScoreError` naming the group.

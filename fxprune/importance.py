@@ -73,6 +73,11 @@ class CriterionSpec:
     #: (``fxprune.sparsity``); None: the criterion scores units only.
     weight_fn: Callable[..., torch.Tensor] | None = None
 
+    @property
+    def scores_units(self) -> bool:
+        """False for criteria that score single weights only (``wanda``, ``magnitude``)."""
+        return not isinstance(self.fn, _WeightsOnly)
+
 
 CRITERIA: dict[str, CriterionSpec] = {}
 REDUCTIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {}

@@ -173,3 +173,8 @@ def test_export_frontend_finds_the_same_weights_and_masks():
     sparse, via_export = fxprune.sparsify(gm, x, criterion="wanda", data=data)
     assert via_fx.masks == via_export.masks
     assert fxprune.verify_sparsity(gm, sparse, via_export, x).ok
+
+
+def test_unit_and_weight_views_of_the_registry():
+    assert not CRITERIA["wanda"].scores_units and not CRITERIA["magnitude"].scores_units
+    assert CRITERIA["taylor"].scores_units and CRITERIA["l1"].scores_units

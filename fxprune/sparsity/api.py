@@ -19,7 +19,6 @@ from typing import Any, NamedTuple
 import torch
 import torch.fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from fxprune.errors import ImportanceError, SharedWeightError, SparsityError, VerificationError
 from fxprune.importance import CRITERIA, Importance

@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import fxprune
 from fxprune.errors import (ImportanceError, PatternError, SharedWeightError, SparsityError)

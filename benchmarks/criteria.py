@@ -224,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scopes", default="local,global")
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--weight-decay", type=float, default=5e-3)
-    parser.add_argument("--criteria", default=",".join(CRITERIA))
+    parser.add_argument("--criteria", default=",".join(
+        n for n, s in CRITERIA.items() if getattr(s, "scores_units", True)))
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     data = load_digits()

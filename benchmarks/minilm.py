@@ -136,7 +136,8 @@ def criteria(names: list[str] | None) -> list[str]:
     except ImportError:
         available = ["l1", "l2", "random"]
     else:
-        available = [n for n in CRITERIA if n != "bn_scale"]  # no BatchNorm in a BERT
+        available = [n for n, s in CRITERIA.items()  # no BatchNorm in a BERT
+                     if n != "bn_scale" and getattr(s, "scores_units", True)]
     return [n for n in available if names is None or n in names]
 
 

@@ -22,7 +22,8 @@ __version__ = "0.1.0"
 # Core and planning names load eagerly: they import no pass. ``plan`` (the function) is
 # bound after the submodule ``fxprune.plan`` has been imported, so it wins the attribute.
 from fxprune.errors import (BudgetError, FxpruneError, ImportanceError,  # noqa: E402
-                            NonFiniteScoreError, PlanError, RewriteError,
+                            NonFiniteScoreError, PatternError, PlanError, RewriteError,
+                            SharedWeightError, SparsityError,
                             ShapePropagationError, TraceError, UnsupportedOpError,
                             VerificationError)
 from fxprune.groups import ChannelGroup, GroupAnalysis, Member  # noqa: E402
@@ -36,6 +37,9 @@ _EXPORTS = {
     **dict.fromkeys(["FxpruneTracer", "trace"], "fxprune.capture"),
     **dict.fromkeys(["Block", "block_similarity", "find_blocks", "remove_blocks",
                      "verify_blocks"], "fxprune.blocks"),
+    **dict.fromkeys(["GradualPruner", "SparsityPlan", "apply_sparsity", "attach_masks",
+                     "cubic_sparsity", "finalize", "sparsify", "to_semi_structured",
+                     "verify_sparsity"], "fxprune.sparsity"),
 }
 
 __all__ = [
@@ -47,6 +51,9 @@ __all__ = [
 __all__ += ["plan", "Importance", "importance_scores", "CRITERIA", "BudgetError",
             "ImportanceError", "NonFiniteScoreError"]
 __all__ += ["Block", "find_blocks", "block_similarity", "remove_blocks", "verify_blocks"]
+__all__ += ["sparsify", "SparsityPlan", "verify_sparsity", "apply_sparsity", "attach_masks",
+            "finalize", "cubic_sparsity", "GradualPruner", "to_semi_structured",
+            "SparsityError", "PatternError", "SharedWeightError"]
 
 
 def __getattr__(name: str) -> Any:

@@ -72,3 +72,15 @@ class GateTamperError(DistillError):
 
 class CheckpointMismatchError(DistillError):
     """A pruner checkpoint belongs to another model or plan and cannot be resumed here."""
+
+
+class SparsityError(FxpruneError):
+    """A sparsity request cannot be met (bad fraction, pattern, weight or plan)."""
+
+
+class PatternError(SparsityError):
+    """An N:M pattern is invalid (N >= M) or does not fit a layer's reduction dim."""
+
+
+class SharedWeightError(SparsityError):
+    """A weight to sparsify is shared under several names, which one mask cannot follow."""

@@ -27,6 +27,11 @@ Curvature is estimated by Hutchinson's method with finite differences of gradien
 ``Hv ~ (grad L(theta + eps v) - grad L(theta)) / eps`` for Rademacher ``v``, and
 ``diag(H) ~ mean(v * Hv)`` over ``probes`` draws and ``batches`` batches.
 
+Weight-level rules (one score per weight, for ``fxprune.sparsify``) are registered on the
+same names with :func:`weight_criterion` (``fxprune/sparsity/criteria.py``): ``magnitude``,
+``l1``/``l2`` (|w| of one weight), ``taylor``, ``fisher`` (g^2 of the weight), ``obd``,
+``wanda``, ``random``; a name without one raises when asked for weight scores.
+
 A score of ``+inf`` means "never remove this unit" (a group without norm layer under
 ``bn_scale``, a unit whose removal saves nothing under ``normalize``); NaN and ``-inf``
 raise :class:`~fxprune.errors.NonFiniteScoreError` naming the group.
@@ -46,6 +51,7 @@ from fxprune.errors import ImportanceError, NonFiniteScoreError
 from fxprune.groups import ChannelGroup, GroupAnalysis, Member
 
 __all__ = ["Importance", "CriterionSpec", "CRITERIA", "STATISTICS", "criterion",
+           "weight_criterion",
            "importance_scores", "ScoreContext"]
 
 GroupScores = dict[str, np.ndarray]
@@ -63,6 +69,14 @@ class CriterionSpec:
     per_member: bool
     normalize: str | None
     doc: str
+    #: ``fn(ctx, fqn, weight) -> per-element scores`` for unstructured / N:M sparsity
+    #: (``fxprune.sparsity``); None: the criterion scores units only.
+    weight_fn: Callable[..., torch.Tensor] | None = None
+
+    @property
+    def scores_units(self) -> bool:
+        """False for criteria that score single weights only (``wanda``, ``magnitude``)."""
+        return not isinstance(self.fn, _WeightsOnly)
 
 
 CRITERIA: dict[str, CriterionSpec] = {}
@@ -81,6 +95,43 @@ def criterion(name: str, *, needs_data: bool = False, per_member: bool = False,
         return fn
 
     return register
+
+
+def weight_criterion(name: str, *, needs_data: bool = False) -> Callable:
+    """Register ``fn(ctx, fqn, weight) -> per-element scores`` as the weight-level form of
+    ``name``: a criterion already in ``CRITERIA`` keeps its unit rule and gains this one
+    (one name, one quantity, two granularities); a new name scores weights only, and
+    asking it for unit scores raises :class:`ImportanceError`."""
+
+    def register(fn: Callable) -> Callable:
+        import dataclasses
+
+        doc = (fn.__doc__ or "").strip().splitlines()[0]
+        old = CRITERIA.get(name)
+        if old is not None:
+            if old.needs_data != needs_data:
+                raise ImportanceError(f"criterion {name!r}: the weight rule and the unit rule "
+                                      "disagree on needing data")
+            CRITERIA[name] = dataclasses.replace(old, weight_fn=fn)
+        else:
+            CRITERIA[name] = CriterionSpec(name, _WeightsOnly(name), needs_data, False, None,
+                                           doc, fn)
+        return fn
+
+    return register
+
+
+class _WeightsOnly:
+    """The unit rule of a criterion that only scores single weights: a typed refusal."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, ctx: "ScoreContext", group: ChannelGroup) -> np.ndarray:
+        raise ImportanceError(
+            f"criterion {self.name!r} scores single weights, not channels: use it with "
+            f"fxprune.sparsify(...); unit criteria: "
+            f"{sorted(n for n, c in CRITERIA.items() if not isinstance(c.fn, _WeightsOnly))}")
 
 
 def _reduction(name: str) -> Callable:
@@ -522,6 +573,20 @@ def weight_taylor(ctx: ScoreContext) -> dict[str, torch.Tensor]:
         r.check_params(grads, f"gradient on batch {i}")
         for a, w, g in zip(acc, tensors, grads):
             a += (w.detach() * g).double().abs()
+    return {n: (a / r.n_batches).cpu() for n, a in zip(names, acc)}
+
+
+@statistic("weight_fisher")
+def weight_fisher(ctx: ScoreContext) -> dict[str, torch.Tensor]:
+    """Mean over batches of (dL_b/dw)^2 per parameter element (empirical Fisher diagonal)."""
+    r = _runner(ctx)
+    names, tensors = list(r.params), list(r.params.values())
+    acc = [torch.zeros_like(t, dtype=torch.float64) for t in tensors]
+    for i in range(r.n_batches):
+        grads = r.grads(i, tensors)
+        r.check_params(grads, f"gradient on batch {i}")
+        for a, g in zip(acc, grads):
+            a += g.double() ** 2
     return {n: (a / r.n_batches).cpu() for n, a in zip(names, acc)}
 
 

@@ -99,24 +99,34 @@ class Plan:
     @classmethod
     def from_ratio(cls, analysis: GroupAnalysis, ratio: float, *,
                    criterion: str | Callable[[GroupAnalysis, ChannelGroup], np.ndarray] = "l1",
-                   round_to: int = 1, ignore: Iterable[str] = (), exact_only: bool = False,
-                   seed: int = 0) -> "Plan":
+                   round_to: int = 1, ignore: Iterable[str | torch.nn.Module] = (),
+                   exact_only: bool = False, seed: int = 0,
+                   include_softmax: bool = False) -> "Plan":
         """Remove ``ratio`` of every group's units, lowest score first.
 
-        ``criterion``: "l1" / "l2" magnitude of every member slice, "random", or a callable
-        ``(analysis, group) -> scores``. ``round_to``: kept counts are multiples of it.
-        ``ignore``: module or parameter name prefixes whose groups stay whole.
+        ``criterion``: a name in ``fxprune.CRITERIA`` ("l1" / "l2" magnitude of every
+        member slice, "random", "fpgm"...; data-driven ones need an ``Importance`` with
+        data) or a callable ``(analysis, group) -> scores``; an unknown name raises
+        ``ImportanceError``. ``round_to``: kept counts are multiples of it.
+        ``ignore``: modules, or module / parameter name prefixes, whose groups stay whole
+        (a name that matches nothing in the model raises ``PlanError``).
+        ``include_softmax``: also prune groups whose units a softmax normalises (a
+        distribution over the units, ``inexact_kind == "softmax"``); left whole by default,
+        since removing units changes what the distribution can express.
         """
         if not 0.0 <= ratio < 1.0 or math.isnan(ratio):
             raise PlanError(f"ratio must lie in [0, 1), got {ratio}")
         if round_to < 1:
             raise PlanError("round_to must be >= 1")
-        ignore = tuple(ignore)
+        ignore = resolve_ignore(analysis, ignore)
+        criterion = resolve_criterion(analysis, criterion)
         rng = np.random.default_rng(seed)
         out: dict[str, tuple[int, ...]] = {}
         scored: dict[str, np.ndarray] = {}
         for g in analysis.groups:
             if exact_only and not g.exact:
+                continue
+            if "softmax" in g.inexact_kinds and not include_softmax:
                 continue
             if any(m.fqn == p or m.fqn.startswith(p + ".") for m in g.members for p in ignore):
                 continue
@@ -129,7 +139,8 @@ class Plan:
             out[g.name] = tuple(sorted(order[:n_keep].tolist()))
             scored[g.name] = scores
         out = _keep_every_dim(analysis, out, scored)
-        return cls._make(analysis, out, meta={"ratio": ratio, "criterion": str(criterion)})
+        return cls._make(analysis, out, meta={"ratio": ratio,
+                                              "criterion": criterion_name(criterion)})
 
     @classmethod
     def from_counts(cls, analysis: GroupAnalysis, counts: Mapping[str | tuple[str, int], int],
@@ -144,6 +155,7 @@ class Plan:
         ``"head_dim"``: one index of every head), so a count that does not divide into
         whole units raises ``PlanError`` naming the module and the valid counts.
         """
+        criterion = resolve_criterion(analysis, criterion)
         rng = np.random.default_rng(seed)
         out: dict[str, tuple[int, ...]] = {}
         for key, n in counts.items():
@@ -166,7 +178,8 @@ class Plan:
             out[g.name] = tuple(sorted(np.concatenate([chosen, elsewhere]).tolist()))
         out = {name: keep for name, keep in out.items()
                if len(keep) < analysis.group(name).size}
-        return cls._make(analysis, out, meta={"from": "counts", "criterion": str(criterion)})
+        return cls._make(analysis, out, meta={"from": "counts",
+                                              "criterion": criterion_name(criterion)})
 
     @classmethod
     def _make(cls, analysis: GroupAnalysis, keep: dict[str, tuple[int, ...]],
@@ -363,6 +376,98 @@ def _tensor(gm: torch.nn.Module, fqn: str) -> torch.Tensor | None:
     for part in fqn.split("."):
         obj = getattr(obj, part, None)
     return obj if isinstance(obj, torch.Tensor) else None
+
+
+_BUILTIN = ("l1", "l2", "random")  # scored here (seeded by ``seed``), no registry call
+
+
+class _Registered:
+    """A registry criterion, scored once for the whole analysis, read per group."""
+
+    def __init__(self, name: str, scores: Mapping[str, np.ndarray]) -> None:
+        self.__name__ = name
+        self._scores = scores
+
+    def __call__(self, analysis: GroupAnalysis, group: ChannelGroup) -> np.ndarray:
+        return self._scores[group.name]
+
+
+def resolve_criterion(analysis: GroupAnalysis, criterion: Any) -> Any:
+    """A criterion name resolved through the one registry (``fxprune.CRITERIA``).
+
+    Raises ``ImportanceError`` for a name the registry does not know (never a silent
+    fallback to L1), and for a data-driven name given without data.
+    """
+    if callable(criterion):
+        return criterion
+    from fxprune.importance import CRITERIA, Importance
+
+    if not isinstance(criterion, str) or criterion not in CRITERIA:
+        from fxprune.errors import ImportanceError
+
+        raise ImportanceError(f"unknown criterion {criterion!r}; known: {sorted(CRITERIA)} "
+                              "or a callable (analysis, group) -> scores")
+    if criterion in _BUILTIN:
+        return criterion
+    if CRITERIA[criterion].needs_data:
+        from fxprune.errors import ImportanceError
+
+        raise ImportanceError(f"criterion {criterion!r} is data-driven: pass criterion="
+                              f"fxprune.Importance({criterion!r}, data=..., loss_fn=...) "
+                              "(or closure=...), or use a data-free one such as 'l1'")
+    return _Registered(criterion, Importance(criterion).scores(analysis))  # needs_data raises
+
+
+def criterion_name(criterion: Any) -> str:
+    if isinstance(criterion, str):
+        return criterion
+    return getattr(criterion, "name", None) or getattr(criterion, "__name__", None) or \
+        type(criterion).__name__
+
+
+def resolve_ignore(analysis: GroupAnalysis, ignore: Iterable[Any]) -> tuple[str, ...]:
+    """``ignore=`` entries as name prefixes: a module becomes its name in the analysed
+    graph (found by identity, or by its parameters); a name must match some module,
+    parameter or buffer of the model. Raises ``PlanError`` otherwise (a typo would
+    silently prune what the user meant to protect)."""
+    if isinstance(ignore, (str, torch.nn.Module)):
+        ignore = (ignore,)
+    gm = analysis.gm
+    names = [n for n, _ in gm.named_modules()] + [n for n, _ in gm.named_parameters()] + \
+        [n for n, _ in gm.named_buffers()]
+    out: list[str] = []
+    for entry in ignore:
+        if isinstance(entry, torch.nn.Module):
+            out.append(_module_name(gm, entry))
+        elif isinstance(entry, str):
+            if not any(n == entry or n.startswith(entry + ".") for n in names):
+                close = sorted({n for n in names if entry.split(".")[-1] in n})[:5]
+                raise PlanError(f"ignore={entry!r} matches no module, parameter or buffer of "
+                                f"the analysed model" + (f" (similar: {close})" if close else
+                                                         "") + "; pass a name from "
+                                "model.named_modules() or the module itself")
+            out.append(entry)
+        else:
+            raise PlanError(f"ignore= takes module names or modules, got {type(entry).__name__}")
+    return tuple(out)
+
+
+def _module_name(gm: torch.nn.Module, module: torch.nn.Module) -> str:
+    for name, m in gm.named_modules():
+        if m is module:
+            return name
+    # torch.export copies modules but keeps parameter names: the longest common prefix
+    own = {id(p) for p in module.parameters()}
+    found = [n.split(".")[:-1] for n, p in gm.named_parameters() if id(p) in own]
+    if found and len(found) == len(own):
+        prefix = found[0]
+        for parts in found[1:]:
+            while parts[:len(prefix)] != prefix:
+                prefix = prefix[:-1]
+        if prefix:
+            return ".".join(prefix)
+    raise PlanError(f"ignore= got a {type(module).__name__} that is not part of the analysed "
+                    "model; pass the model's own submodule, or its name")
 
 
 def _scores(analysis: GroupAnalysis, g: ChannelGroup,

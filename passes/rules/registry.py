@@ -259,8 +259,9 @@ class RuleContext:
         for units in iter_units(info):
             self.pin(units, reason)
 
-    def inexact(self, units: np.ndarray, reason: str) -> None:
-        self.store.mark_inexact(units, f"{self.node.name}: {reason}")
+    def inexact(self, units: np.ndarray, reason: str, kind: str = "statistics") -> None:
+        """Flag ``units`` as mixed by this op; ``kind`` is "statistics" or "softmax"."""
+        self.store.mark_inexact(units, f"{self.node.name}: {reason}", kind)
 
     def link(self, source: np.ndarray | None, target: np.ndarray, reason: str) -> None:
         """Couple ``target`` units to ``source``; pin ``target`` when source is untracked."""

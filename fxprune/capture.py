@@ -235,10 +235,10 @@ def library_leaves(model: torch.nn.Module) -> tuple[tuple[type, ...], tuple[Call
         return (), ()
     from timm.layers import get_notrace_functions, get_notrace_modules
 
-    from passes.rules.timm import register
+    from passes.rules.timm import LEAF_MODULES, register
 
     register()
-    return tuple(get_notrace_modules()), tuple(get_notrace_functions())
+    return tuple(get_notrace_modules()) + tuple(LEAF_MODULES), tuple(get_notrace_functions())
 
 
 def _inline_grad_mode_regions(gm: torch.fx.GraphModule) -> None:

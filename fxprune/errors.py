@@ -47,9 +47,12 @@ def source_line(node) -> str:
     trace = node.meta.get("stack_trace") if node is not None else None
     if not trace:
         return ""
+    import os
+
+    own = os.path.dirname(os.path.abspath(__file__)) + os.sep  # fxprune's tracer frames
     lines = [ln.strip() for ln in trace.strip().splitlines()]
     for i in range(len(lines) - 1, -1, -1):
-        if lines[i].startswith("File") and "/torch/" not in lines[i]:
+        if lines[i].startswith("File") and "/torch/" not in lines[i] and own not in lines[i]:
             code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File") \
                 else ""
             where = lines[i].replace("File ", "", 1).replace('"', "")

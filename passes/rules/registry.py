@@ -278,6 +278,12 @@ class RuleContext:
         fqn = self.state.aliases.get(fqn, fqn)
         key = (fqn, dim)
         units = self.state.tensors.get(key)
+        if units is None and fqn not in self.state.aliases:  # not a parameter or buffer
+            from passes.rules.parametrized import NOT_DERIVED, derived_units
+
+            derived = derived_units(self, fqn, dim, role)
+            if derived is not NOT_DERIVED:
+                return derived
         if units is None:
             tensor = _get_tensor(self.state.gm, fqn)
             if tensor is None or tensor.dim() <= dim:

@@ -49,7 +49,20 @@ class FxpruneTracer(torch.fx.Tracer):
         if isinstance(m, self._leaf_types) or qualname in self._leaf_names \
                 or type(m).__name__ in self._leaf_names:
             return True
+        if type(m) in _TRACED_COMPOSITES:  # made of layers that have rules: trace inside
+            return False
         return super().is_leaf_module(m, qualname)
+
+    def trace(self, root: Any, concrete_args: dict | None = None) -> torch.fx.Graph:
+        """``torch.fx.Tracer.trace`` with the MHA fast path off: the Transformer layers'
+        fast-path checks (``src.dim() == 3``, devices...) are Python control flow on
+        proxies, and the slow path computes the same thing from traceable layers."""
+        enabled = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(enabled)
 
     def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
         return _Proxy(node, self)
@@ -69,6 +82,13 @@ class FxpruneTracer(torch.fx.Tracer):
                 and not any(m is mod for mod in self.root.modules()):
             return forward(*args, **kwargs)
         return super().call_module(m, forward, args, kwargs)
+
+
+# torch.nn composites with no rule of their own, built from modules that have one: the
+# tracer goes inside (as torch.export does) instead of leaving them whole barriers.
+_TRACED_COMPOSITES = (torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer,
+                      torch.nn.TransformerEncoder, torch.nn.TransformerDecoder,
+                      torch.nn.Transformer)
 
 
 class _Proxy(torch.fx.Proxy):

@@ -194,9 +194,10 @@ def test_ignore_keeps_groups_touching_the_prefix_whole(analysis):
     assert set(plan.keep) == {"conv2.weight[0]"}
     plan = fxprune.Plan.from_ratio(analysis, 0.5, ignore=["head.weight"])
     assert set(plan.keep) == {"conv1.weight[0]"}
-    # a prefix matches whole names only: "conv" is neither "conv1" nor "conv2"
-    plan = fxprune.Plan.from_ratio(analysis, 0.5, ignore=["conv"])
-    assert set(plan.keep) == {"conv1.weight[0]", "conv2.weight[0]"}
+    # a prefix matches whole names only: "conv" is neither "conv1" nor "conv2", so it
+    # matches nothing, which is an error (issue 8: a typo must not protect nothing)
+    with pytest.raises(fxprune.PlanError, match="matches no module"):
+        fxprune.Plan.from_ratio(analysis, 0.5, ignore=["conv"])
 
 
 def test_exact_only_skips_inexact_groups():

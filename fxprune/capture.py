@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import sys
 import operator
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -12,7 +14,11 @@ import torch.fx
 
 from fxprune.errors import TraceError
 
-__all__ = ["trace", "FxpruneTracer"]
+__all__ = ["trace", "FxpruneTracer", "FallbackWarning"]
+
+
+class FallbackWarning(UserWarning):
+    """``frontend="auto"`` captured the model with torch.export because fx could not."""
 
 
 class FxpruneTracer(torch.fx.Tracer):
@@ -20,12 +26,22 @@ class FxpruneTracer(torch.fx.Tracer):
 
     ``autowrap_functions`` are traced as single ``call_function`` nodes (leaf functions:
     timm's ``register_notrace_function`` helpers), as in ``torch.fx.Tracer``.
+
+    Beyond ``torch.fx.Tracer`` it handles three idioms that would otherwise need the
+    export fallback: iterating the result of ``chunk`` / ``split`` with explicit sizes
+    (``list(x.chunk(2, 1))``, ``for y in x.split([2, 6], 1)``: the piece count is known
+    from the arguments), calling a container that is not installed but whose children
+    are (``self.f[1:](x)`` on an ``nn.Sequential``: traced through, each child a
+    call_module), and, with ``proxy_buffers=True``, buffers as graph values (so that
+    ``self.pe[:, :x.size(1)]`` slices a ``get_attr`` by a traced size).
     """
 
     def __init__(self, leaf_modules: Sequence[type | str] = (),
-                 autowrap_functions: Sequence[Callable] = ()) -> None:
+                 autowrap_functions: Sequence[Callable] = (), *,
+                 proxy_buffers: bool = False) -> None:
         super().__init__(autowrap_functions=tuple(autowrap_functions))
         self.record_stack_traces = True
+        self.proxy_buffer_attributes = proxy_buffers
         self._leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
         self._leaf_names = {t for t in leaf_modules if isinstance(t, str)}
 
@@ -33,7 +49,86 @@ class FxpruneTracer(torch.fx.Tracer):
         if isinstance(m, self._leaf_types) or qualname in self._leaf_names \
                 or type(m).__name__ in self._leaf_names:
             return True
+        if type(m) in _TRACED_COMPOSITES:  # made of layers that have rules: trace inside
+            return False
         return super().is_leaf_module(m, qualname)
+
+    def trace(self, root: Any, concrete_args: dict | None = None) -> torch.fx.Graph:
+        """``torch.fx.Tracer.trace`` with the MHA fast path off: the Transformer layers'
+        fast-path checks (``src.dim() == 3``, devices...) are Python control flow on
+        proxies, and the slow path computes the same thing from traceable layers."""
+        enabled = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(enabled)
+
+    def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
+        return _Proxy(node, self)
+
+    def iter(self, obj: torch.fx.Proxy):
+        """Iterate a ``chunk`` / ``split``-with-sizes result: its pieces are getitems."""
+        count = _piece_count(obj.node)
+        if count is None:
+            return super().iter(obj)
+        return iter([obj[i] for i in range(count)])
+
+    def call_module(self, m: torch.nn.Module, forward: Callable[..., Any],
+                    args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A container made in forward (``self.f[1:]``) is traced through: its children
+        are installed, it is not."""
+        if isinstance(m, (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)) \
+                and not any(m is mod for mod in self.root.modules()):
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+
+# torch.nn composites with no rule of their own, built from modules that have one: the
+# tracer goes inside (as torch.export does) instead of leaving them whole barriers.
+_TRACED_COMPOSITES = (torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer,
+                      torch.nn.TransformerEncoder, torch.nn.TransformerDecoder,
+                      torch.nn.Transformer)
+
+
+class _Proxy(torch.fx.Proxy):
+    """A Proxy whose ``len()`` is known for ``chunk`` / ``split``-with-sizes results
+    (``list(proxy)`` asks for it before iterating)."""
+
+    def __len__(self) -> int:
+        count = _piece_count(self.node)
+        if count is None:
+            return super().__len__()
+        return count
+
+
+_CHUNKS = ("chunk", "split", "split_with_sizes", "tensor_split")
+
+
+def _piece_count(node: torch.fx.Node) -> int | None:
+    """How many tensors a ``chunk(n)`` / ``split([sizes])`` / ``tensor_split([idx])`` node
+    returns, when its arguments say so; None otherwise (``split(int)`` depends on shapes).
+
+    ``chunk(n)`` returns fewer than ``n`` pieces when the dim is too short to fill them
+    (size 5 in 4 chunks: 3); ``trace`` then checks the pieces on the example inputs.
+    """
+    if node.op not in ("call_method", "call_function"):
+        return None
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if name not in _CHUNKS:
+        return None
+    rest = node.args[1:]
+    second = rest[0] if rest else node.kwargs.get(
+        {"chunk": "chunks", "split": "split_size_or_sections",
+         "split_with_sizes": "split_sizes", "tensor_split": "indices_or_sections"}[name],
+        node.kwargs.get("split_size"))
+    if name == "chunk":
+        return second if isinstance(second, int) else None
+    if isinstance(second, (list, tuple)) and all(isinstance(v, int) for v in second):
+        return len(second) + (1 if name == "tensor_split" else 0)
+    if name == "tensor_split" and isinstance(second, int):
+        return second
+    return None
 
 
 def trace(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None, *,
@@ -53,15 +148,8 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None, *
     errors: list[str] = []
     if frontend in ("auto", "fx"):
         try:
-            extra_leaves, extra_functions = library_leaves(model)
-            tracer = FxpruneTracer(tuple(leaf_modules) + extra_leaves,
-                                   tuple(autowrap_functions) + extra_functions)
-            graph = tracer.trace(model, concrete_args=concrete_args)
-            name = type(model).__name__
-            gm = torch.fx.GraphModule(tracer.root, graph, name)
-            gm.training = model.training  # the root only: submodules are the user's own
-            gm.meta["fxprune_frontend"] = "fx"
-            return gm
+            return _fx_trace(model, example_inputs, leaf_modules, concrete_args,
+                             autowrap_functions)
         except Exception as exc:  # symbolic tracing failures have many types
             errors.append(f"symbolic tracing failed: {_where(exc)}")
             if frontend == "fx":
@@ -69,14 +157,95 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None, *
     if example_inputs is None:
         raise TraceError("; ".join(errors) + ". frontend='export' needs example_inputs" + _REMEDY)
     try:
-        exported = torch.export.export(model, tuple(example_inputs), strict=False)
+        exported = _export(model, tuple(example_inputs))
         gm = exported.module()
         _inline_grad_mode_regions(gm)
         gm.meta["fxprune_frontend"] = "export"
-        return gm
     except Exception as exc:
         errors.append(f"torch.export failed: {_where(exc)}")
         raise TraceError("; ".join(errors) + _REMEDY) from exc
+    if errors:  # auto fell back: say why, once, where the user called from
+        warnings.warn(f"fxprune: captured {type(model).__name__} with torch.export (ATen "
+                      f"level) because {errors[0]}. Batch and sequence dims stay dynamic "
+                      "where the model allows; pass frontend='export' to silence this, or "
+                      "fix the fx failure to analyse at the torch level.",
+                      FallbackWarning, stacklevel=_user_stacklevel())
+        gm.meta["fxprune_fallback_reason"] = errors[0]
+    return gm
+
+
+def _fx_trace(model: torch.nn.Module, example_inputs: Sequence[Any] | None,
+              leaf_modules: Sequence[type | str], concrete_args: dict | None,
+              autowrap_functions: Sequence[Callable]) -> torch.fx.GraphModule:
+    """Symbolic tracing; retried once with buffers as graph values (a buffer sliced by a
+    traced size). A trace that iterated a ``chunk`` is checked on the example inputs."""
+    extra_leaves, extra_functions = library_leaves(model)
+    first: Exception | None = None
+    for proxy_buffers in (False, True):
+        tracer = FxpruneTracer(tuple(leaf_modules) + extra_leaves,
+                               tuple(autowrap_functions) + extra_functions,
+                               proxy_buffers=proxy_buffers)
+        try:
+            graph = tracer.trace(model, concrete_args=concrete_args)
+        except Exception as exc:
+            first = first or exc
+            if not any(True for _ in model.buffers()):
+                break
+            continue
+        gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+        gm.training = model.training  # the root only: submodules are the user's own
+        gm.meta["fxprune_frontend"] = "fx"
+        if example_inputs is not None and any(
+                n.op in ("call_method", "call_function") and _piece_count(n) is not None
+                and n.target in ("chunk", torch.chunk) for n in graph.nodes):
+            _check_runs(gm, example_inputs)
+        return gm
+    raise first  # the first failure is the informative one
+
+
+def _user_stacklevel() -> int:
+    """The ``warnings.warn`` stacklevel of the first caller outside fxprune and torch."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    own = (os.path.join(here, "fxprune") + os.sep, os.path.join(here, "passes") + os.sep)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (os.path.abspath(frame.f_code.co_filename).startswith(own)
+                                 or "/torch/" in frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _check_runs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+    """Run ``gm`` on fake copies of the inputs (no compute): a ``chunk`` that yields fewer
+    pieces than it was asked for fails here, and ``auto`` falls back to export."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    args = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+    with torch.no_grad(), mode:
+        gm(*args)
+
+
+def _export(model: torch.nn.Module, inputs: tuple) -> Any:
+    """``torch.export.export`` with the batch dim (dim 0) of every tensor input and the
+    sequence dim (dim 1) of token-shaped inputs (rank 2 or 3) marked ``Dim.AUTO``: they
+    stay dynamic where the model allows it, and are specialised silently where it does
+    not (a size-1 example dim is always specialised). Falls back to static shapes when
+    export rejects the dynamic ones."""
+    auto = torch.export.Dim.AUTO
+
+    def spec(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            return None
+        dims = {0: auto}
+        if x.dim() in (2, 3):
+            dims[1] = auto
+        return dims
+
+    try:
+        return torch.export.export(model, inputs, strict=False,
+                                   dynamic_shapes=tuple(spec(x) for x in inputs))
+    except Exception:  # dynamic shapes unsupported here: static export still prunes
+        return torch.export.export(model, inputs, strict=False)
 
 
 def library_leaves(model: torch.nn.Module) -> tuple[tuple[type, ...], tuple[Callable, ...]]:
@@ -86,10 +255,10 @@ def library_leaves(model: torch.nn.Module) -> tuple[tuple[type, ...], tuple[Call
         return (), ()
     from timm.layers import get_notrace_functions, get_notrace_modules
 
-    from passes.rules.timm import register
+    from passes.rules.timm import LEAF_MODULES, register
 
     register()
-    return tuple(get_notrace_modules()), tuple(get_notrace_functions())
+    return tuple(get_notrace_modules()) + tuple(LEAF_MODULES), tuple(get_notrace_functions())
 
 
 def _inline_grad_mode_regions(gm: torch.fx.GraphModule) -> None:

@@ -207,6 +207,13 @@ def _analysis_summary(analysis: Any) -> str:
             f"(channel mixers); {nodes} graph nodes")
 
 
+def _pins_summary(analysis: Any) -> str:
+    pins = analysis.pins()
+    whole = sum(1 for p in pins if p.whole)
+    return (f"{whole} parameter dims left whole, {len(pins) - whole} partly pinned: "
+            "see fxprune inspect --pins")
+
+
 def _group_rows(analysis: Any, plan: Any, limit: int | None) -> str:
     from tabulate import tabulate
 
@@ -215,7 +222,8 @@ def _group_rows(analysis: Any, plan: Any, limit: int | None) -> str:
         kept = len(plan.keep[g.name]) if plan is not None and g.name in plan.keep else g.size
         shown = ", ".join(f"{m.fqn}[{m.dim}]:{m.role}" for m in g.members[:3])
         more = len(g.members) - 3
-        row = [g.id, g.name, g.size, g.granularity, "yes" if g.exact else "no",
+        row = [g.id, g.name, g.size, g.granularity,
+               "yes" if g.exact else f"no ({g.inexact_kind or 'mixer'})",
                len(g.members), shown + (f" +{more}" if more > 0 else ""), len(g.merged_by)]
         if plan is not None:
             row.insert(3, kept)
@@ -244,6 +252,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         group = _find_group(analysis, args.why if args.why is not None else args.dot)
         print(group.why() if args.why is not None else group.to_dot())
         return 0
+    if args.pins:
+        print(f"{args.model}: {_pins_summary(analysis)}")
+        print(analysis.pins_table())
+        return 0
     print(f"{args.model}: {_analysis_summary(analysis)}; analysed in {seconds:.2f}s")
     print(_group_rows(analysis, None, None if args.all else args.limit))
     return 0
@@ -269,7 +281,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     try:
         analysis = stages.run("analyze", lambda: fxprune.analyze(model, inputs))
         plan = stages.run("plan", lambda: fxprune.Plan.from_ratio(
-            analysis, args.ratio, criterion=args.criterion, round_to=args.round_to))
+            analysis, args.ratio, criterion=args.criterion, round_to=args.round_to,
+            include_softmax=args.include_softmax))
         small = stages.run("compile", lambda: fxprune.compile(
             model, plan, attention_scale=args.attention_scale)).eval()
         report = None
@@ -290,6 +303,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     units = sum(g.size for g in analysis.groups)
     print(f"{args.model}: {_analysis_summary(analysis)}")
     print(_group_rows(analysis, plan, None if args.all else args.limit))
+    print(_pins_summary(analysis))
     print(f"\npruned {len(removed)}/{len(analysis.groups)} groups at ratio {args.ratio} "
           f"({args.criterion}): units {units:,} -> {units - sum(removed.values()):,}")
     p0, p1 = count_params(model), count_params(small)
@@ -337,6 +351,13 @@ def _save_export(model: torch.nn.Module, inputs: tuple, path: str) -> None:
 
 
 # ----------------------------------------------------------------------------------
+def _data_free_criteria() -> list[str]:
+    """Criterion names from the one registry that need no data (the CLI has none)."""
+    from fxprune.importance import CRITERIA
+
+    return [name for name, spec in CRITERIA.items() if not spec.needs_data]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fxprune", description="Structured pruning of PyTorch models as torch.fx passes.")
@@ -356,13 +377,18 @@ def build_parser() -> argparse.ArgumentParser:
     common(ins)
     ins.add_argument("--why", metavar="GROUP", help="explain one group (id or name)")
     ins.add_argument("--dot", metavar="GROUP", help="print one group as Graphviz DOT")
+    ins.add_argument("--pins", action="store_true",
+                     help="list the parameter dims left whole: reason, node, source line")
     ins.set_defaults(func=cmd_inspect)
 
     pr = sub.add_parser("prune", help="analyse, plan, compile, verify and save")
     common(pr)
     pr.add_argument("--ratio", type=float, required=True,
                     help="fraction of every group's units to remove, in [0, 1)")
-    pr.add_argument("--criterion", default="l1", choices=["l1", "l2", "random"])
+    pr.add_argument("--criterion", default="l1", choices=_data_free_criteria(),
+                    help="importance criterion (the registry's data-free ones)")
+    pr.add_argument("--include-softmax", action="store_true",
+                    help="also prune groups whose units a softmax normalises")
     pr.add_argument("--round-to", type=int, default=1, help="kept counts are multiples of it")
     pr.add_argument("--out", help="save the pruned model here (torch.export .pt2)")
     pr.add_argument("--plan-out", help="write the plan as JSON here")

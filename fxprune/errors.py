@@ -42,6 +42,24 @@ class NonFiniteScoreError(ImportanceError):
     """A criterion produced NaN or infinite gradients or scores; names the groups hit."""
 
 
+def source_line(node) -> str:
+    """``file:line`` (and the code) of the user's line that made ``node``, or ""."""
+    trace = node.meta.get("stack_trace") if node is not None else None
+    if not trace:
+        return ""
+    import os
+
+    own = os.path.dirname(os.path.abspath(__file__)) + os.sep  # fxprune's tracer frames
+    lines = [ln.strip() for ln in trace.strip().splitlines()]
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("File") and "/torch/" not in lines[i] and own not in lines[i]:
+            code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File") \
+                else ""
+            where = lines[i].replace("File ", "", 1).replace('"', "")
+            return f"{where}: {code}" if code else where
+    return ""
+
+
 def describe_node(node) -> str:
     """One line naming a node, its FX form and, when recorded, its source line."""
     text = f"node '{node.name}' ({node.format_node()})"

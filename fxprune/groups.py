@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch.fx
 
-__all__ = ["Member", "ChannelGroup", "GroupAnalysis"]
+__all__ = ["Member", "ChannelGroup", "GroupAnalysis", "Pin"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,15 @@ class ChannelGroup:
     # (slice key "fqn[dim]", FX node whose op uses that slice): a consumer conv's input
     # columns point at the conv, so a group graph is connected through its consumers
     slice_users: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    # why inexact, by kind: "statistics" (LayerNorm/GroupNorm, mean/var over the units:
+    # they stay features) and/or "softmax" (the units are normalised into a distribution:
+    # default plans leave such groups whole)
+    inexact_kinds: tuple[str, ...] = ()
+
+    @property
+    def inexact_kind(self) -> str:
+        """The kinds of channel mixer ("softmax", "statistics"); empty for exact groups."""
+        return "+".join(self.inexact_kinds) if not self.exact else ""
 
     @property
     def name(self) -> str:
@@ -98,6 +107,31 @@ class ChannelGroup:
         from fxprune.report import explain
 
         return explain(self)
+
+
+@dataclass(frozen=True)
+class Pin:
+    """A parameter dim whose indices (all, or ``pinned`` of ``size``) no plan may remove.
+
+    ``reason`` is the first cause found (a barrier op, a model output, an op without a
+    rule...), ``node`` the FX node that caused it ("" when no node did) and ``source``
+    the user's source line of that node when the tracer recorded it. ``reasons`` lists
+    every cause (a dim can reach several barriers).
+    """
+
+    fqn: str
+    dim: int
+    pinned: int
+    size: int
+    reason: str
+    node: str = ""
+    source: str = ""
+    reasons: tuple[str, ...] = field(default=(), repr=False)
+
+    @property
+    def whole(self) -> bool:
+        """True when no index of this dim can be removed."""
+        return self.pinned == self.size
 
 
 @dataclass(frozen=True)
@@ -147,6 +181,17 @@ class GroupAnalysis:
         from fxprune.report import analysis_table
 
         return analysis_table(self, max_members=max_members, tablefmt=tablefmt)
+
+    def pins(self) -> tuple[Pin, ...]:
+        """Every parameter dim left (partly) whole, with its reason, node and source line."""
+        from fxprune.report import find_pins
+
+        return find_pins(self)
+
+    def pins_table(self, *, tablefmt: str = "simple") -> str:
+        from fxprune.report import pins_table
+
+        return pins_table(self, tablefmt=tablefmt)
 
     def to_networkx(self):
         from fxprune.report import analysis_graph

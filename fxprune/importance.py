@@ -39,7 +39,7 @@ raise :class:`~fxprune.errors.NonFiniteScoreError` naming the group.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +49,7 @@ import torch.nn as nn
 
 from fxprune.errors import ImportanceError, NonFiniteScoreError
 from fxprune.groups import ChannelGroup, GroupAnalysis, Member
+import fxprune.plan as plan_module
 
 __all__ = ["Importance", "CriterionSpec", "CRITERIA", "STATISTICS", "criterion",
            "weight_criterion",
@@ -795,3 +796,40 @@ def importance_scores(analysis: GroupAnalysis, criterion: str | Callable = "l1",
                       **settings: Any) -> GroupScores:
     """``Importance(criterion, **settings).scores(analysis)``."""
     return Importance(criterion, **settings).scores(analysis)
+
+
+_BUILTIN = ("l1", "l2", "random")  # scored here (seeded by ``seed``), no registry call
+
+
+class _Registered:
+    """A registry criterion, scored once for the whole analysis, read per group."""
+
+    def __init__(self, name: str, scores: Mapping[str, np.ndarray]) -> None:
+        self.__name__ = name
+        self._scores = scores
+
+    def __call__(self, analysis: GroupAnalysis, group: ChannelGroup) -> np.ndarray:
+        return self._scores[group.name]
+
+
+def resolve_criterion(analysis: GroupAnalysis, criterion: Any) -> Any:
+    """A criterion name resolved through the one registry (``fxprune.CRITERIA``).
+
+    Raises ``ImportanceError`` for a name the registry does not know (never a silent
+    fallback to L1), and for a data-driven name given without data.
+    """
+    if callable(criterion):
+        return criterion
+    if not isinstance(criterion, str) or criterion not in CRITERIA:
+        raise ImportanceError(f"unknown criterion {criterion!r}; known: {sorted(CRITERIA)} "
+                              "or a callable (analysis, group) -> scores")
+    if criterion in _BUILTIN:
+        return criterion
+    if CRITERIA[criterion].needs_data:
+        raise ImportanceError(f"criterion {criterion!r} is data-driven: pass criterion="
+                              f"fxprune.Importance({criterion!r}, data=..., loss_fn=...) "
+                              "(or closure=...), or use a data-free one such as 'l1'")
+    return _Registered(criterion, Importance(criterion).scores(analysis))  # needs_data raises
+
+
+plan_module.criterion_resolver = resolve_criterion

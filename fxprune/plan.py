@@ -99,24 +99,34 @@ class Plan:
     @classmethod
     def from_ratio(cls, analysis: GroupAnalysis, ratio: float, *,
                    criterion: str | Callable[[GroupAnalysis, ChannelGroup], np.ndarray] = "l1",
-                   round_to: int = 1, ignore: Iterable[str] = (), exact_only: bool = False,
-                   seed: int = 0) -> "Plan":
+                   round_to: int = 1, ignore: Iterable[str | torch.nn.Module] = (),
+                   exact_only: bool = False, seed: int = 0,
+                   include_softmax: bool = False) -> "Plan":
         """Remove ``ratio`` of every group's units, lowest score first.
 
-        ``criterion``: "l1" / "l2" magnitude of every member slice, "random", or a callable
-        ``(analysis, group) -> scores``. ``round_to``: kept counts are multiples of it.
-        ``ignore``: module or parameter name prefixes whose groups stay whole.
+        ``criterion``: a name in ``fxprune.CRITERIA`` ("l1" / "l2" magnitude of every
+        member slice, "random", "fpgm"...; data-driven ones need an ``Importance`` with
+        data) or a callable ``(analysis, group) -> scores``; an unknown name raises
+        ``ImportanceError``. ``round_to``: kept counts are multiples of it.
+        ``ignore``: modules, or module / parameter name prefixes, whose groups stay whole
+        (a name that matches nothing in the model raises ``PlanError``).
+        ``include_softmax``: also prune groups whose units a softmax normalises (a
+        distribution over the units, ``inexact_kind == "softmax"``); left whole by default,
+        since removing units changes what the distribution can express.
         """
         if not 0.0 <= ratio < 1.0 or math.isnan(ratio):
             raise PlanError(f"ratio must lie in [0, 1), got {ratio}")
         if round_to < 1:
             raise PlanError("round_to must be >= 1")
-        ignore = tuple(ignore)
+        ignore = resolve_ignore(analysis, ignore)
+        criterion = resolve_criterion(analysis, criterion)
         rng = np.random.default_rng(seed)
         out: dict[str, tuple[int, ...]] = {}
         scored: dict[str, np.ndarray] = {}
         for g in analysis.groups:
             if exact_only and not g.exact:
+                continue
+            if "softmax" in g.inexact_kinds and not include_softmax:
                 continue
             if any(m.fqn == p or m.fqn.startswith(p + ".") for m in g.members for p in ignore):
                 continue
@@ -129,7 +139,8 @@ class Plan:
             out[g.name] = tuple(sorted(order[:n_keep].tolist()))
             scored[g.name] = scores
         out = _keep_every_dim(analysis, out, scored)
-        return cls._make(analysis, out, meta={"ratio": ratio, "criterion": str(criterion)})
+        return cls._make(analysis, out, meta={"ratio": ratio,
+                                              "criterion": criterion_name(criterion)})
 
     @classmethod
     def from_counts(cls, analysis: GroupAnalysis, counts: Mapping[str | tuple[str, int], int],
@@ -144,6 +155,7 @@ class Plan:
         ``"head_dim"``: one index of every head), so a count that does not divide into
         whole units raises ``PlanError`` naming the module and the valid counts.
         """
+        criterion = resolve_criterion(analysis, criterion)
         rng = np.random.default_rng(seed)
         out: dict[str, tuple[int, ...]] = {}
         for key, n in counts.items():
@@ -166,7 +178,8 @@ class Plan:
             out[g.name] = tuple(sorted(np.concatenate([chosen, elsewhere]).tolist()))
         out = {name: keep for name, keep in out.items()
                if len(keep) < analysis.group(name).size}
-        return cls._make(analysis, out, meta={"from": "counts", "criterion": str(criterion)})
+        return cls._make(analysis, out, meta={"from": "counts",
+                                              "criterion": criterion_name(criterion)})
 
     @classmethod
     def _make(cls, analysis: GroupAnalysis, keep: dict[str, tuple[int, ...]],
@@ -368,6 +381,75 @@ def _tensor(gm: torch.nn.Module, fqn: str) -> torch.Tensor | None:
     for part in fqn.split("."):
         obj = getattr(obj, part, None)
     return obj if isinstance(obj, torch.Tensor) else None
+
+
+#: How a criterion *name* becomes a scoring callable. Core code imports no planning
+#: module, so the planning layer installs its resolver here when it loads
+#: (``fxprune.importance.resolve_criterion``: one registry, unknown names raise); until
+#: then only the built-in magnitude/random names and callables are accepted.
+criterion_resolver: Callable[[GroupAnalysis, Any], Any] | None = None
+
+
+def resolve_criterion(analysis: GroupAnalysis, criterion: Any) -> Any:
+    """``criterion`` as a callable or a built-in name ("l1", "l2", "random"), through the
+    installed resolver (the one criterion registry); an unknown name raises."""
+    if criterion_resolver is not None:
+        return criterion_resolver(analysis, criterion)
+    if callable(criterion) or criterion in _MAGNITUDE_P or criterion == "random":
+        return criterion
+    raise PlanError(f"unknown criterion {criterion!r}: use 'l1', 'l2', 'random' or a callable")
+
+
+def criterion_name(criterion: Any) -> str:
+    if isinstance(criterion, str):
+        return criterion
+    return getattr(criterion, "name", None) or getattr(criterion, "__name__", None) or \
+        type(criterion).__name__
+
+
+def resolve_ignore(analysis: GroupAnalysis, ignore: Iterable[Any]) -> tuple[str, ...]:
+    """``ignore=`` entries as name prefixes: a module becomes its name in the analysed
+    graph (found by identity, or by its parameters); a name must match some module,
+    parameter or buffer of the model. Raises ``PlanError`` otherwise (a typo would
+    silently prune what the user meant to protect)."""
+    if isinstance(ignore, (str, torch.nn.Module)):
+        ignore = (ignore,)
+    gm = analysis.gm
+    names = [n for n, _ in gm.named_modules()] + [n for n, _ in gm.named_parameters()] + \
+        [n for n, _ in gm.named_buffers()]
+    out: list[str] = []
+    for entry in ignore:
+        if isinstance(entry, torch.nn.Module):
+            out.append(_module_name(gm, entry))
+        elif isinstance(entry, str):
+            if not any(n == entry or n.startswith(entry + ".") for n in names):
+                close = sorted({n for n in names if entry.split(".")[-1] in n})[:5]
+                raise PlanError(f"ignore={entry!r} matches no module, parameter or buffer of "
+                                f"the analysed model" + (f" (similar: {close})" if close else
+                                                         "") + "; pass a name from "
+                                "model.named_modules() or the module itself")
+            out.append(entry)
+        else:
+            raise PlanError(f"ignore= takes module names or modules, got {type(entry).__name__}")
+    return tuple(out)
+
+
+def _module_name(gm: torch.nn.Module, module: torch.nn.Module) -> str:
+    for name, m in gm.named_modules():
+        if m is module:
+            return name
+    # torch.export copies modules but keeps parameter names: the longest common prefix
+    own = {id(p) for p in module.parameters()}
+    found = [n.split(".")[:-1] for n, p in gm.named_parameters() if id(p) in own]
+    if found and len(found) == len(own):
+        prefix = found[0]
+        for parts in found[1:]:
+            while parts[:len(prefix)] != prefix:
+                prefix = prefix[:-1]
+        if prefix:
+            return ".".join(prefix)
+    raise PlanError(f"ignore= got a {type(module).__name__} that is not part of the analysed "
+                    "model; pass the model's own submodule, or its name")
 
 
 def _scores(analysis: GroupAnalysis, g: ChannelGroup,

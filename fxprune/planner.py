@@ -30,7 +30,7 @@ import numpy as np
 from fxprune.errors import BudgetError, PlanError
 from fxprune.groups import ChannelGroup, GroupAnalysis
 from fxprune.importance import Importance
-from fxprune.plan import Plan
+from fxprune.plan import Plan, resolve_ignore
 
 __all__ = ["plan", "Budget", "SCHEDULES", "TOLERANCE"]
 
@@ -137,12 +137,14 @@ def _override_for(group: ChannelGroup, overrides: Mapping[str, float]) -> float 
 
 
 def _bounds(analysis: GroupAnalysis, scores: Mapping[str, np.ndarray], *, round_to: int,
-            max_ratio: float, ignore: tuple[str, ...], overrides: Mapping[str, float]
-            ) -> list[_Bounds]:
+            max_ratio: float, ignore: tuple[str, ...], overrides: Mapping[str, float],
+            include_softmax: bool = False) -> list[_Bounds]:
     out = []
     for g in analysis.groups:
         if any(_matches(m.fqn, p) for m in g.members for p in ignore) or g.size < round_to:
             continue
+        if "softmax" in g.inexact_kinds and not include_softmax:
+            continue  # a distribution over the units: whole unless the user opts in
         removable = int((~np.isposinf(scores[g.name])).sum())  # +inf: never removed
         cap = min(int(math.floor(max_ratio * g.size + 1e-9)), g.size - round_to, removable)
         fixed = _override_for(g, overrides)
@@ -268,7 +270,8 @@ def plan(analysis: GroupAnalysis, importance: str | Importance | Callable = "l1"
          scope: str = "local", max_ratio_per_group: float = 1.0, round_to: int = 1,
          ignore: Iterable[str] = (), overrides: Mapping[str, float] | None = None,
          steps: int = 1, schedule: str | Callable[[int, int], float] = "linear",
-         cost: Any = None, latency: Any = None, tolerance: float = TOLERANCE) -> Plan:
+         cost: Any = None, latency: Any = None, tolerance: float = TOLERANCE,
+         include_softmax: bool = False) -> Plan:
     """A ``Plan`` that meets one budget, removing the lowest-scored units.
 
     ``importance``: a criterion name (``fxprune.importance.CRITERIA``), an
@@ -281,7 +284,9 @@ def plan(analysis: GroupAnalysis, importance: str | Importance | Callable = "l1"
     says by how much. ``cost``: a precomputed ``fxprune.cost.CostModel``; ``latency``: a
     precomputed ``fxprune.cost.LatencyTable`` (else measured now, on this device, and
     cached). Raises ``BudgetError`` when the target is below what the model costs with
-    every prunable group at its minimum, ``PlanError`` for invalid arguments.
+    every prunable group at its minimum, ``PlanError`` for invalid arguments (an
+    ``ignore`` name that matches nothing included; ``ignore`` also takes modules).
+    Groups whose units a softmax normalises stay whole unless ``include_softmax``.
     """
     kind, value = _parse_budget(ratio, {"macs": target_macs, "params": target_params,
                                         "latency": target_latency})
@@ -299,6 +304,7 @@ def plan(analysis: GroupAnalysis, importance: str | Importance | Callable = "l1"
             raise PlanError(f"override for {module!r} must lie in [0, 1), got {r}")
     fraction_of = _schedule_fn(schedule)
     imp = _as_importance(importance)
+    ignore = resolve_ignore(analysis, ignore)
 
     if cost is None and (kind != "ratio" or imp.cost_kind is not None):
         from fxprune.cost import compute_cost
@@ -316,7 +322,7 @@ def plan(analysis: GroupAnalysis, importance: str | Importance | Callable = "l1"
             raise PlanError(f"schedule gave {fraction} at step {step}; fractions lie in [0, 1]")
         scores = _rescored(imp, analysis, kept, cost)
         bounds = _bounds(analysis, scores, round_to=round_to, max_ratio=max_ratio_per_group,
-                         ignore=tuple(ignore), overrides=overrides)
+                         ignore=ignore, overrides=overrides, include_softmax=include_softmax)
         search = _Search(analysis, bounds, scores, scope)
         counts = _solve(search, budget.at(fraction), cost_fn, tolerance,
                         final=step == steps, previous=counts)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from fxprune.groups import ChannelGroup, GroupAnalysis
+    from fxprune.groups import ChannelGroup, GroupAnalysis, Pin
 
 
 def analysis_table(analysis: "GroupAnalysis", *, max_members: int = 4,
@@ -19,7 +19,8 @@ def analysis_table(analysis: "GroupAnalysis", *, max_members: int = 4,
     for g in analysis.groups:
         shown = [f"{m.fqn}[{m.dim}]:{m.role}" for m in g.members[:max_members]]
         more = len(g.members) - len(shown)
-        rows.append((g.id, g.name, g.size, g.granularity, "yes" if g.exact else "no",
+        exact = "yes" if g.exact else f"no ({g.inexact_kind or 'mixer'})"
+        rows.append((g.id, g.name, g.size, g.granularity, exact,
                      len(g.members), ", ".join(shown) + (f" +{more}" if more > 0 else ""),
                      len(g.merged_by)))
     head = ["id", "group", "units", "gran", "exact", "#slices", "slices", "#merges"]
@@ -97,3 +98,83 @@ def explain(group: "ChannelGroup") -> str:
     if group.pinned_because:
         parts.append("  some units pinned: " + "; ".join(group.pinned_because[:5]))
     return "\n".join(parts)
+
+
+def find_pins(analysis: "GroupAnalysis") -> tuple["Pin", ...]:
+    """Pins of every parameter (and tracked buffer) dim, in graph order of their tensors.
+
+    A tracked dim is pinned where its labels are -1; its reasons come from the analysis
+    (``"node: why"``). A parameter no rule ever read (it lives inside a module without a
+    rule, or is computed from in forward) is listed on dim 0 with the module's node.
+    """
+    import numpy as np
+
+    from fxprune.groups import Pin
+
+    gm = analysis.gm
+    nodes = {n.name: n for n in gm.graph.nodes}
+    out: list[Pin] = []
+    seen: set[str] = set()
+    for (fqn, dim), labels in analysis.tensor_labels.items():
+        seen.add(fqn)
+        pinned = int((np.asarray(labels) < 0).sum())
+        if not pinned:
+            continue
+        reasons = analysis.pin_reasons.get((fqn, dim), ())
+        if not reasons:
+            reasons = (f"{fqn}[{dim}]: its channels belong to no group (a fixed size, or "
+                       "units shared with an untracked tensor)",)
+        out.append(_pin(fqn, dim, pinned, len(labels), reasons, nodes))
+    aliased = {a for names in analysis.tensor_aliases.values() for a in names}
+    for fqn, t in gm.named_parameters():
+        if fqn in seen or fqn in aliased or t.dim() == 0 or t.shape[0] <= 1:
+            continue
+        node = _reader(gm, fqn)
+        if node is None:
+            why = "not read by the traced graph"
+        elif node.op == "call_module":
+            why = (f"inside module '{node.target}' ({type(gm.get_submodule(node.target)).__name__}),"
+                   " which has no rule (a barrier); register one or trace through it")
+        else:
+            why = f"read by {node.op} {getattr(node.target, '__name__', node.target)}, " \
+                  "which no rule slices (e.g. a weight computed in forward)"
+        name = node.name if node is not None else ""
+        out.append(_pin(fqn, 0, int(t.shape[0]), int(t.shape[0]),
+                        (f"{name}: {why}" if name else why,), nodes))
+    return tuple(out)
+
+
+def _reader(gm, fqn: str):
+    """The first node that reads ``fqn``: its get_attr, or the call_module that owns it."""
+    owner = None
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and (n.target == fqn or fqn.startswith(n.target + ".")):
+            users = list(n.users)
+            return users[0] if users else n
+        if n.op == "call_module" and fqn.startswith(n.target + ".") and owner is None:
+            owner = n
+    return owner
+
+
+def _pin(fqn: str, dim: int, pinned: int, size: int, reasons: tuple[str, ...],
+         nodes: dict) -> "Pin":
+    from fxprune.errors import source_line
+    from fxprune.groups import Pin
+
+    first = reasons[0]
+    name, _, why = first.partition(": ")
+    node = nodes.get(name)
+    if node is None:
+        name, why = "", first
+    return Pin(fqn, dim, pinned, size, why, name, source_line(node) if node is not None else "",
+               tuple(reasons))
+
+
+def pins_table(analysis: "GroupAnalysis", *, tablefmt: str = "simple") -> str:
+    """One row per pinned parameter dim: how much is pinned, why, node, source line."""
+    from tabulate import tabulate
+
+    rows = [(f"{p.fqn}[{p.dim}]", "all" if p.whole else f"{p.pinned}/{p.size}", p.reason,
+             p.node, p.source) for p in analysis.pins()]
+    return tabulate(rows, headers=["parameter dim", "pinned", "reason", "node", "source"],
+                    tablefmt=tablefmt)

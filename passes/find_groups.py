@@ -227,6 +227,7 @@ def _make_groups(state, spaces, counts, group_of, local_of, node_labels, tensor_
             exact=not inexact, members=mem, nodes=tuple(nodes[gid]), edges=edges,
             merged_by=tuple(dict.fromkeys(store.merged_by.get(space, ()))),
             inexact_because=tuple(dict.fromkeys(inexact)),
+            inexact_kinds=tuple(sorted(set(store.inexact_kinds.get(space, ())))),
             pinned_because=tuple(dict.fromkeys(store.pin_reasons.get(space, ()))),
             origin=store.space_origin[space], slice_users=users))
     return tuple(groups)

@@ -124,11 +124,25 @@ def _zero_removed_slices(gm: torch.nn.Module, analysis: GroupAnalysis, kept: np.
         if m.all():
             continue
         owner_path, _, name = fqn.rpartition(".")
-        tensor = getattr(gm.get_submodule(owner_path) if owner_path else gm, name)
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        if name == "original1" and _weight_norm_dim(owner) == dim:
+            continue  # w = g v/||v||: zeroing g zeroes the row; a zero v row would be 0/0
+        tensor = getattr(owner, name)
         view = [1] * tensor.dim()
         view[dim] = len(m)
         with torch.no_grad():
             tensor.mul_(torch.from_numpy(m).to(tensor.device, tensor.dtype).reshape(view))
+
+
+def _weight_norm_dim(plist: torch.nn.Module) -> int | None:
+    """The norm dim when ``plist`` is a ParametrizationList holding one weight_norm."""
+    from torch.nn.utils.parametrizations import _WeightNorm
+    from torch.nn.utils.parametrize import ParametrizationList
+
+    if isinstance(plist, ParametrizationList) and len(plist) == 1 and \
+            isinstance(plist[0], _WeightNorm) and plist[0].dim not in (None, -1):
+        return plist[0].dim % plist.original1.dim()
+    return None
 
 
 def _device(gm: torch.nn.Module) -> torch.device:

@@ -26,6 +26,7 @@ class UnitStore:
     space_parent: list[int] = field(default_factory=list)
     space_origin: list[str] = field(default_factory=list)
     inexact: dict[int, list[str]] = field(default_factory=dict)
+    inexact_kinds: dict[int, list[str]] = field(default_factory=dict)  # "softmax", "statistics"
     merged_by: dict[int, list[str]] = field(default_factory=dict)
     pin_reasons: dict[int, list[str]] = field(default_factory=dict)
 
@@ -63,7 +64,7 @@ class UnitStore:
         if sb < sa:
             sa, sb = sb, sa
         self.space_parent[sb] = sa
-        for table in (self.inexact, self.merged_by, self.pin_reasons):
+        for table in (self.inexact, self.inexact_kinds, self.merged_by, self.pin_reasons):
             moved = table.pop(sb, None)
             if moved:
                 table.setdefault(sa, []).extend(moved)
@@ -119,11 +120,14 @@ class UnitStore:
         for s in spaces:
             self.pin_reasons.setdefault(s, []).append(why)
 
-    def mark_inexact(self, units: np.ndarray, why: str) -> None:
-        """Flag the spaces of ``units`` as passing through a channel mixer."""
+    def mark_inexact(self, units: np.ndarray, why: str, kind: str = "statistics") -> None:
+        """Flag the spaces of ``units`` as passing through a channel mixer of ``kind``:
+        "statistics" (norms, mean/var: the units stay features) or "softmax" (the units
+        become a distribution, whose meaning changes when units go)."""
         spaces = {self.find_space(self.space_of[u]) for u in np.unique(units).tolist()}
         for s in spaces:
             self.inexact.setdefault(s, []).append(why)
+            self.inexact_kinds.setdefault(s, []).append(kind)
 
     # -- bulk resolution ------------------------------------------------------------
     def roots(self) -> np.ndarray:

@@ -41,22 +41,13 @@ def multihead_attention(ctx: RuleContext) -> None:
     m = ctx.module
     query, key, value = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
     out_shape = ctx.out_shape
-    supported = (m._qkv_same_embed_dim and m.bias_k is None and not m.add_zero_attn
-                 and m.in_proj_weight is not None)
-    if not supported:
+    if m.bias_k is not None or m.add_zero_attn:
         for a in (query, key, value):
-            ctx.pin_info(ctx.dims(a), "MultiheadAttention variant not supported")
+            ctx.pin_info(ctx.dims(a), "MultiheadAttention with bias_k/bias_v or add_zero_attn "
+                         "is not supported")
         ctx.set(tuple({} if s is not None else None for s in out_shape))
         return
-    cols = ctx.module_tensor("in_proj_weight", 1, "in")
-    seen: set[str] = set()
-    for a in (query, key, value):
-        if isinstance(a, torch.fx.Node) and a.name in seen:
-            continue
-        seen.add(getattr(a, "name", ""))
-        dims = ctx.dims(a) or {}
-        ctx.link(dims.get(len(ctx.shape(a)) - 1), cols, "attention input dim is untracked")
-    rows = ctx.module_tensor("in_proj_weight", 0, "out")
+    rows = _mha_inputs(ctx, m, (query, key, value))
     bias = ctx.module_tensor("in_proj_bias", 0, "dep")
     if bias is not None:
         ctx.union(rows, bias)
@@ -76,6 +67,27 @@ def multihead_attention(ctx: RuleContext) -> None:
     ctx.set((dims, {} if len(out_shape) > 1 and out_shape[1] is not None else None))
 
 
+def _mha_inputs(ctx: RuleContext, m: nn.MultiheadAttention, inputs: tuple) -> np.ndarray:
+    """Couple each input's embed dim with its projection's columns (one packed
+    ``in_proj_weight``, or q/k/v_proj_weight when ``kdim``/``vdim`` differ); return the
+    projections' rows as one (3 * embed) array, the packed layout."""
+    packed = m._qkv_same_embed_dim
+    names = ("in_proj_weight",) * 3 if packed else ("q_proj_weight", "k_proj_weight",
+                                                    "v_proj_weight")
+    seen: set[tuple[str, str]] = set()
+    for a, name in zip(inputs, names):
+        key = (getattr(a, "name", ""), name)
+        if isinstance(a, torch.fx.Node) and key in seen:
+            continue
+        seen.add(key)
+        dims = ctx.dims(a) or {}
+        ctx.link(dims.get(len(ctx.shape(a)) - 1), ctx.module_tensor(name, 1, "in"),
+                 "attention input dim is untracked")
+    if packed:
+        return ctx.module_tensor("in_proj_weight", 0, "out")
+    return np.concatenate([ctx.module_tensor(n, 0, "out") for n in names])
+
+
 @module_fixup(nn.MultiheadAttention)
 def fix_multihead_attention(m: nn.MultiheadAttention, note: dict | None = None):
     """Replace by PrunedMultiheadAttention with the kept heads/head_dim (softmax scale:
@@ -83,7 +95,8 @@ def fix_multihead_attention(m: nn.MultiheadAttention, note: dict | None = None):
     from fxprune.nn import PrunedMultiheadAttention
 
     note = note or {"policy": "inner", "num_heads": m.num_heads, "head_dim": m.head_dim}
-    inner = m.in_proj_weight.shape[0] // 3
+    inner = m.in_proj_weight.shape[0] // 3 if m._qkv_same_embed_dim else \
+        m.q_proj_weight.shape[0]
     if note["policy"] == "inner":
         heads, head_dim = note["num_heads"], inner // note["num_heads"]
     else:

@@ -77,8 +77,11 @@ def conv_functional(ctx: RuleContext) -> None:
     axis = _channel_axis(ctx, x, len(ctx.shape(w)) - 2)
     dims = ctx.dims(x) or {}
     if fqn is None or transposed or not isinstance(groups, int):
-        ctx.pin_info(ctx.dims(x), "conv with a computed weight")
-        ctx.pin_info(ctx.dims(w), "conv with a computed weight")
+        why = ("conv with a weight computed in forward, of unknown per-channel structure "
+               "(a module rule can declare it, as passes/rules/timm.py does for StdConv2d)"
+               if fqn is None else "conv with a computed weight")
+        ctx.pin_info(ctx.dims(x), why)
+        ctx.pin_info(ctx.dims(w), why)
         ctx.set({})
         return
     _pin_spatial(ctx, dims, axis)

@@ -64,5 +64,5 @@ def softmax(ctx: RuleContext) -> None:
     rank = len(ctx.shape(x))
     dim = ctx.module.dim if ctx.node.op == "call_module" else ctx.arg(1, "dim")
     if dim is not None and dim % rank in dims:
-        ctx.inexact(dims[dim % rank], "softmax over a channel dim")
+        ctx.inexact(dims[dim % rank], "softmax over a channel dim", kind="softmax")
     ctx.set(dims)

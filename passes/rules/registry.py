@@ -417,9 +417,11 @@ class RuleContext:
         for units in iter_units(info):
             self.pin(units, reason)
 
-    def inexact(self, units: np.ndarray, reason: str) -> None:
-        """Flag the group of these ids ``exact=False`` (pruning changes statistics)."""
-        self.store.mark_inexact(units, f"{self.node.name}: {reason}")
+    def inexact(self, units: np.ndarray, reason: str, kind: str = "statistics") -> None:
+        """Flag the group of these ids ``exact=False``: this op mixes them. ``kind`` is
+        "statistics" (a norm's mean/variance: pruning is legal, values shift) or "softmax"
+        (a distribution over the units: default plans keep such groups whole)."""
+        self.store.mark_inexact(units, f"{self.node.name}: {reason}", kind)
 
     def link(self, source: np.ndarray | None, target: np.ndarray, reason: str) -> None:
         """Couple ``target`` units to ``source``; pin ``target`` when source is untracked."""
@@ -436,6 +438,12 @@ class RuleContext:
         fqn = self.state.aliases.get(fqn, fqn)
         key = (fqn, dim)
         units = self.state.tensors.get(key)
+        if units is None and fqn not in self.state.aliases:  # not a parameter or buffer
+            from passes.rules.parametrized import NOT_DERIVED, derived_units
+
+            derived = derived_units(self, fqn, dim, role)
+            if derived is not NOT_DERIVED:
+                return derived
         if units is None:
             tensor = _get_tensor(self.state.gm, fqn)
             if tensor is None or tensor.dim() <= dim:

@@ -12,6 +12,7 @@ import sys
 
 import torch.nn as nn
 
+from passes.rules.conv import _module_input, couple_conv, fix_conv
 from passes.rules.elementwise import binary, unary
 from passes.rules.norm import fix_batch_norm, per_channel_norm_module
 from passes.rules.registry import (ANALYSIS_RULES, RuleContext, find_module_entry,
@@ -32,6 +33,28 @@ def batch_norm_act(ctx: RuleContext) -> None:
         ctx.set({})
         return
     per_channel_norm_module(ctx)
+
+
+def standardized_conv(ctx: RuleContext) -> None:
+    """StdConv2d / ScaledStdConv2d: the weight is standardised per output filter (mean and
+    variance over in x kh x kw) before the conv, so removing whole filters commutes with
+    it (out[o] from weight row o, ``gain[o]`` follows o); removing input columns changes
+    every filter's statistics (inexact, kind "statistics")."""
+    axis, channels = _module_input(ctx)
+    w_out = ctx.module_tensor("weight", 0, "out")
+    bias = ctx.module_tensor("bias", 0, "dep")
+    gain = ctx.module_tensor("gain", 0, "dep")
+    if gain is not None:
+        ctx.union(w_out, gain)
+    if channels is not None:
+        ctx.inexact(channels, f"{type(ctx.module).__name__} standardises each filter over "
+                    "its input channels")
+    out = couple_conv(ctx, channels, w_out, lambda: ctx.module_tensor("weight", 1, "in"),
+                      bias, ctx.module.groups)
+    ctx.set({axis: out})
+
+
+LEAF_MODULES: list[type] = []  # timm modules fx keeps whole because they have a rule here
 
 
 def _move_channels(ctx: RuleContext, axis: int) -> None:
@@ -92,6 +115,13 @@ def register() -> None:
     rule(bn_act)(batch_norm_act)
     module_fixup(*bn_act)(fix_batch_norm)
     _register_window_helpers()
+    import timm.layers.std_conv as std_conv
+
+    std = (std_conv.StdConv2d, std_conv.StdConv2dSame, std_conv.ScaledStdConv2d,
+           std_conv.ScaledStdConv2dSame)
+    rule(std)(standardized_conv)
+    module_fixup(*std)(fix_conv)  # out_channels feeds the standardisation's reshape
+    LEAF_MODULES.extend(std)
     rule(attention.maybe_add_mask)(maybe_add_mask)
     rule(attention.resolve_self_attn_mask)(resolve_self_attn_mask)
 

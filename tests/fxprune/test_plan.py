@@ -194,9 +194,10 @@ def test_ignore_keeps_groups_touching_the_prefix_whole(analysis):
     assert set(plan.keep) == {"conv2.weight[0]"}
     plan = fxprune.Plan.from_ratio(analysis, 0.5, ignore=["head.weight"])
     assert set(plan.keep) == {"conv1.weight[0]"}
-    # a prefix matches whole names only: "conv" is neither "conv1" nor "conv2"
-    plan = fxprune.Plan.from_ratio(analysis, 0.5, ignore=["conv"])
-    assert set(plan.keep) == {"conv1.weight[0]", "conv2.weight[0]"}
+    # a prefix matches whole names only: "conv" is neither "conv1" nor "conv2", so it
+    # matches nothing, which is an error (issue 8: a typo must not protect nothing)
+    with pytest.raises(fxprune.PlanError, match="matches no module"):
+        fxprune.Plan.from_ratio(analysis, 0.5, ignore=["conv"])
 
 
 def test_exact_only_skips_inexact_groups():
@@ -244,7 +245,7 @@ def test_l1_and_l2_scores_are_hand_computed():
 
 
 def test_l2_is_the_standard_norm_and_unknown_names_raise():
-    from fxprune.errors import PlanError
+    from fxprune.errors import ImportanceError
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4, bias=False), nn.ReLU(), nn.Linear(4, 2, bias=False))
@@ -253,7 +254,7 @@ def test_l2_is_the_standard_norm_and_unknown_names_raise():
     w0, w2 = model[0].weight.detach(), model[2].weight.detach()
     want = torch.sqrt((w0 ** 2).sum(1) + (w2 ** 2).sum(0)).numpy()  # ||unit's weights||_2
     np.testing.assert_allclose(magnitude_scores(a, g, p=2), want, rtol=1e-5)
-    with pytest.raises(PlanError, match="unknown criterion 'L2'"):
+    with pytest.raises(ImportanceError, match="unknown criterion 'L2'"):
         fxprune.Plan.from_ratio(a, 0.5, criterion="L2")
 
 

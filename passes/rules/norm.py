@@ -163,9 +163,9 @@ def fix_group_norm(m: nn.Module) -> None:
 def fix_layer_norm_functional(fctx) -> None:
     """``normalized_shape`` literal follows the input's (sliced) trailing dims."""
     node = fctx.node
-    shape = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
+    shape = fctx.arg(1, "normalized_shape")
     k = len(shape) if isinstance(shape, (list, tuple)) else 1
-    new = list(fctx.new_shape(node.args[0])[-k:])
+    new = list(fctx.new_shape(fctx.arg(0, "input"))[-k:])
     if len(node.args) > 1:
         node.args = (node.args[0], new) + tuple(node.args[2:])
     else:

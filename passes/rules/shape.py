@@ -398,13 +398,13 @@ def fix_unflatten(fctx) -> None:
     old, new = fctx.old_shape(node), fctx.new_shape(node)
     if old == new:
         return
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
-    sizes = list(node.args[2] if len(node.args) > 2 else node.kwargs["sizes"])
-    dim %= len(fctx.old_shape(node.args[0]))
+    x = fctx.arg(0, "input")
+    dim = fctx.arg(1, "dim") % len(fctx.old_shape(x))
+    sizes = list(fctx.arg(2, "sizes"))
     for k in range(len(sizes)):
         if old[dim + k] != new[dim + k] and sizes[k] != -1:
             sizes[k] = new[dim + k]
-    node.args = (node.args[0], dim, sizes)
+    node.args = (x, dim, sizes)
     node.kwargs = {}
 
 
@@ -412,10 +412,9 @@ def fix_unflatten(fctx) -> None:
 def fix_split(fctx) -> None:
     """Pieces along a pruned dim become an explicit ``split`` with the kept counts."""
     node = fctx.node
-    x = node.args[0]
+    x = fctx.arg(0, "input")
     old_in, new_in = fctx.old_shape(x), fctx.new_shape(x)
-    axis = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-    axis %= len(old_in)
+    axis = fctx.arg(2, "dim", 0) % len(old_in)
     if old_in[axis] == new_in[axis]:
         return
     sizes = [p[axis] for p in fctx.new_shape(node)]

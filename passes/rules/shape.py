@@ -40,24 +40,28 @@ def reshape(ctx: RuleContext) -> None:
 def permute(ctx: RuleContext) -> None:
     """out dim i is in dim perm[i]; units move with their dim."""
     x = ctx.arg(0, "input")
-    ctx.set(D.permute(ctx.dims(x), permutation(ctx.node, len(ctx.shape(x)))))
+    ctx.set(D.permute(ctx.dims(x), permutation(ctx, len(ctx.shape(x)))))
 
 
-def permutation(node: torch.fx.Node, rank: int) -> list[int]:
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    args = list(node.args[1:]) or list(node.kwargs.values())
+def permutation(ctx: RuleContext, rank: int) -> list[int]:
+    """The permutation of permute / transpose / movedim / t, read from the normalised call
+    (``x.permute(0, 2, 1)`` passes its dims as varargs)."""
+    key = op_key(ctx.node)
     perm = list(range(rank))
-    if "permute" in str(name):
-        dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+    if key == "permute":
+        dims = ctx.arg(1, "dims")
+        if not isinstance(dims, (list, tuple)):
+            dims = ctx.node.args[1:]
         return [d % rank for d in dims]
-    if "move" in str(name):
-        src, dst = args[0], args[1]
+    if key in ("movedim", "moveaxis"):
+        src, dst = ctx.arg(1, "source"), ctx.arg(2, "destination")
         src = [src] if isinstance(src, int) else list(src)
         dst = [dst] if isinstance(dst, int) else list(dst)
         return _movedim(rank, src, dst)
-    if len(args) >= 2:
-        a, b = args[0] % rank, args[1] % rank
-    else:  # t / mT / numpy_T: swap the last two (or reverse)
+    a, b = ctx.arg(1, "dim0"), ctx.arg(2, "dim1")
+    if isinstance(a, int) and isinstance(b, int):
+        a, b = a % rank, b % rank
+    else:  # t / mT / numpy_T: swap the last two
         a, b = rank - 2, rank - 1
     perm[a], perm[b] = perm[b], perm[a]
     return perm

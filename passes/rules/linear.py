@@ -157,8 +157,9 @@ def embedding_module(ctx: RuleContext) -> None:
 @rule("embedding")
 def embedding_functional(ctx: RuleContext) -> None:
     """F.embedding(indices, weight) with a get_attr weight."""
-    idx, w = ctx.arg(0, "input"), ctx.arg(1, "weight")
-    if ctx.fqn_of(w) is None and ctx.fqn_of(idx) is not None:  # aten.embedding(weight, idx)
+    w = ctx.arg(1, "weight")
+    idx = ctx.named("indices", ctx.arg(0, "input"))  # aten.embedding(weight, indices)
+    if ctx.fqn_of(w) is None and ctx.fqn_of(idx) is not None:  # unnormalised aten form
         idx, w = w, idx
     ctx.pin_info(ctx.dims(idx), "embedding indices")
     wd = ctx.dims(w) or {}

@@ -216,6 +216,15 @@ class RuleContext:
             self._call = normalized_call(self.node, self.state.gm)
         return self._call.get(index, name, default)
 
+    def named(self, name: str, default: Any = None) -> Any:
+        """Argument ``name`` only if the op's schema has it (forms whose parameters sit in
+        different orders, ``F.embedding(input, weight)`` / ``aten.embedding(weight,
+        indices)``, are told apart by name)."""
+        if self._call is None:
+            self._call = normalized_call(self.node, self.state.gm)
+        return self._call.values.get(name, default) if self._call.names else \
+            self.node.kwargs.get(name, default)
+
     def dims(self, value: Any) -> Info:
         """Dims of an argument (a Node); constants have none."""
         if isinstance(value, torch.fx.Node):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+import numpy as np
+
 from passes.rules.dims import broadcast_merge
 from passes.rules.registry import RuleContext, module_fixup, rule
 
@@ -83,3 +85,19 @@ def _is_shape(s: object) -> bool:
 def _tensor_args(ctx: RuleContext) -> list:
     values = list(ctx.node.args) + list(ctx.node.kwargs.values())
     return [a for a in values if _is_shape(ctx.shape(a))]
+
+
+@rule("glu", nn.GLU)
+def glu(ctx: RuleContext) -> None:
+    """glu(x, dim) = a * sigmoid(b) for the halves (a, b) of ``dim``: out[c] reads in[c] and
+    in[c + C/2], so the two halves are coupled (what chunk + mul does)."""
+    x = ctx.arg(0, "input")
+    rank = len(ctx.shape(x))
+    dim = (ctx.module.dim if ctx.node.op == "call_module" else ctx.arg(1, "dim", -1)) % rank
+    dims = dict(ctx.dims(x) or {})
+    units = dims.pop(dim, None)
+    if units is not None:
+        half = len(units) // 2
+        ctx.union(units[:half], units[half:])
+        dims[dim] = np.ascontiguousarray(units[:half])
+    ctx.set(dims)

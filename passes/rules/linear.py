@@ -117,9 +117,10 @@ def einsum(ctx: RuleContext) -> None:
     operands = list(ctx.node.args[1:])
     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
         operands = list(operands[0])
-    lhs, _, rhs = equation.replace(" ", "").partition("->")
-    terms = lhs.split(",")
     shapes = [ctx.shape(o) for o in operands]
+    equation = expand_ellipsis(equation.replace(" ", ""), [len(s) for s in shapes])
+    lhs, _, rhs = equation.partition("->")
+    terms = lhs.split(",")
     if "..." in equation or not rhs or len(terms) != len(operands):
         for o in operands:
             ctx.pin_info(ctx.dims(o), "einsum form not supported")
@@ -146,6 +147,25 @@ def einsum(ctx: RuleContext) -> None:
         if letter in rhs:
             out[rhs.index(letter)] = full[0]
     ctx.set(out)
+
+
+def expand_ellipsis(equation: str, ranks: list[int]) -> str:
+    """``"...ij,...jk->...ik"`` with explicit letters for the broadcast dims (numpy
+    rules: ellipsis dims align from the right). Unchanged when there is no ``...`` or no
+    explicit output (implicit mode is left to the caller, which pins it)."""
+    lhs, arrow, rhs = equation.partition("->")
+    terms = lhs.split(",")
+    if "..." not in equation or not arrow or len(terms) != len(ranks):
+        return equation
+    used = set(equation) - set(".,->")
+    free = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz" if c not in used]
+    widths = [rank - (len(t) - 3) if "..." in t else 0 for t, rank in zip(terms, ranks)]
+    width = max(widths, default=0)
+    if width > len(free) or min(widths, default=0) < 0:
+        return equation
+    letters = "".join(free[:width])
+    terms = [t.replace("...", letters[width - w:]) for t, w in zip(terms, widths)]
+    return ",".join(terms) + "->" + rhs.replace("...", letters)
 
 
 @rule(nn.Embedding)

@@ -20,14 +20,14 @@ UNARY_ELEMENTWISE = (
     "cuda", "requires_grad", "alias", "lift_fresh_copy", "_to_copy", "zeros_like",
     "ones_like", "empty_like", "rand_like", "randn_like", "full_like", "nan_to_num",
     "bitwise_not", "logical_not", "isnan", "isinf", "isfinite", "stochastic_depth",
-    "identity", "fill", "zero",
+    "identity", "fill", "zero", "rrelu",
 )
 UNARY_MODULES = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
     nn.Hardsigmoid, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus,
     nn.Softsign, nn.Hardtanh, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
     nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Identity, nn.LogSigmoid, nn.Tanhshrink,
-    nn.Threshold, nn.Hardshrink, nn.Softshrink,
+    nn.Threshold, nn.Hardshrink, nn.Softshrink, nn.RReLU,
 )
 BINARY_ELEMENTWISE = (
     "add", "sub", "rsub", "mul", "div", "floor_divide", "floordiv", "remainder", "fmod",

@@ -370,6 +370,60 @@ def fix_repeat_interleave(fctx) -> None:
         fctx.set_arg(3, "output_size", new[dim % len(new)])
 
 
+@rule("pixel_shuffle", nn.PixelShuffle)
+def pixel_shuffle(ctx: RuleContext) -> None:
+    """out[c, h*r + i, w*r + j] = in[c*r*r + i*r + j, h, w]: output channel c is a block of
+    r*r input channels (unioned), and removing it removes the block."""
+    x = ctx.arg(0, "input")
+    r = ctx.module.upscale_factor if ctx.node.op == "call_module" else ctx.arg(1, "upscale_factor")
+    dims, axis = dict(ctx.dims(x) or {}), len(ctx.shape(x)) - 3
+    _pin_other_than(ctx, dims, axis, "pixel shuffle moves it into space")
+    if axis in dims:
+        dims[axis] = ctx.store.union_along(dims[axis].reshape(-1, r * r), 0, ctx.why)
+    ctx.set(dims)
+
+
+@rule("pixel_unshuffle", nn.PixelUnshuffle)
+def pixel_unshuffle(ctx: RuleContext) -> None:
+    """out[c*r*r + i*r + j, h, w] = in[c, h*r + i, w*r + j]: each input channel becomes a
+    block of r*r output channels that live and die with it."""
+    x = ctx.arg(0, "input")
+    r = (ctx.module.downscale_factor if ctx.node.op == "call_module"
+         else ctx.arg(1, "downscale_factor"))
+    dims, axis = dict(ctx.dims(x) or {}), len(ctx.shape(x)) - 3
+    _pin_other_than(ctx, dims, axis, "pixel unshuffle moves it into channels")
+    if axis in dims:
+        dims[axis] = np.repeat(dims[axis], r * r)
+    ctx.set(dims)
+
+
+def _pin_other_than(ctx: RuleContext, dims: dict, axis: int, reason: str) -> None:
+    for a in [a for a in dims if a > axis]:
+        ctx.pin(dims.pop(a), reason)
+
+
+@rule("flip")
+def flip(ctx: RuleContext) -> None:
+    """Reverses ``dims``: units reverse with their indices (a permutation)."""
+    x, axes = ctx.arg(0, "input"), ctx.arg(1, "dims")
+    rank = len(ctx.shape(x))
+    dims = dict(ctx.dims(x) or {})
+    for axis in ([axes] if isinstance(axes, int) else list(axes or ())):
+        if axis % rank in dims:
+            dims[axis % rank] = np.ascontiguousarray(dims[axis % rank][::-1])
+    ctx.set(dims)
+
+
+@rule("cumsum", "cumprod", "logcumsumexp")
+def cumulative(ctx: RuleContext) -> None:
+    """A scan along ``dim``: other dims carry their units; a scanned channel dim is pinned
+    (out[c] reads in[0..c])."""
+    x = ctx.arg(0, "input")
+    dims = dict(ctx.dims(x) or {})
+    ctx.pin(dims.pop(ctx.arg(1, "dim") % len(ctx.shape(x)), None), "scan along a channel dim")
+    ctx.set(dims)
+
+
 @rule("cat")
 def cat(ctx: RuleContext) -> None:
     """Concatenation: units concatenate along the dim, other dims must agree."""

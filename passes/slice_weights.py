@@ -24,8 +24,9 @@ import torch.fx
 from fxprune.errors import RewriteError, describe_node
 from fxprune.groups import GroupAnalysis
 from fxprune.pipeline import checked_pass, ensure_new_module
-from passes.rules.registry import (MODULE_FIXUPS, check_attention_scale, find_module_entry,
-                                   lookup, rewrite_options)
+from passes.rules.registry import (MODULE_FIXUPS, NUMPY_ALIASES, check_attention_scale,
+                                   find_module_entry, lookup, normalized_call,
+                                   rewrite_options)
 from passes.shape_prop import propagate_shapes, tensor_shapes
 
 __all__ = ["slice_weights", "expected_shapes", "FixupContext"]
@@ -69,6 +70,22 @@ class FixupContext:
         self.analysis, self.kept_labels, self.new_shapes, self.node = analysis, kept, new_shapes, node
         self._old = old_nodes  # the analysed graph's nodes by name, built once per rewrite
         self.module = module  # the called module of a call_module node (in the new graph)
+
+    def arg(self, index: int, name: str | None = None, default: Any = None) -> Any:
+        """Argument ``index`` / ``name`` of the node's call, normalised to the op's schema
+        like ``RuleContext.arg`` (keyword-only and aliased spellings included)."""
+        return normalized_call(self.node).get(index, name, default)
+
+    def set_arg(self, index: int, name: str, value: Any) -> None:
+        """Write argument ``index`` / ``name`` back in the spelling the call used
+        (positional if it was passed by position, else as keyword ``name``)."""
+        node = self.node
+        if index < len(node.args):
+            node.args = node.args[:index] + (value,) + node.args[index + 1:]
+        else:
+            spelled = [k for k in node.kwargs if k == name or NUMPY_ALIASES.get(k) == name]
+            node.kwargs = {**{k: v for k, v in node.kwargs.items() if k not in spelled},
+                           name: value}
 
     def old_shape(self, value: Any) -> Any:
         return tensor_shapes(self._old[value.name]) if isinstance(value, torch.fx.Node) else None

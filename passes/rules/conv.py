@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch.nn as nn
 
-from passes.rules.registry import MacContext, RuleContext, Terms, macs, module_fixup, op_key, present, rule
+from passes.rules.registry import (MacContext, RuleContext, Terms, fixup, macs, module_fixup,
+                                    op_key, present, rule)
 
 CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_TRANSPOSE_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -72,11 +73,12 @@ def conv_functional(ctx: RuleContext) -> None:
     """F.convNd / aten.convolution with a get_attr weight; other weights are barriers."""
     x, w = ctx.arg(0, "input"), ctx.arg(1, "weight")
     fqn = ctx.fqn_of(w)
-    transposed = bool(ctx.arg(6, "transposed", False)) if _is_aten_convolution(ctx) else False
+    transposed = (bool(ctx.arg(6, "transposed", False)) if _is_aten_convolution(ctx)
+                  else op_key(ctx.node) == "conv_transpose")
     groups = ctx.arg(8 if _is_aten_convolution(ctx) else 6, "groups", 1)
     axis = _channel_axis(ctx, x, len(ctx.shape(w)) - 2)
     dims = ctx.dims(x) or {}
-    if fqn is None or transposed or not isinstance(groups, int):
+    if fqn is None or not isinstance(groups, int):
         why = ("conv with a weight computed in forward, of unknown per-channel structure "
                "(a module rule can declare it, as passes/rules/timm.py does for StdConv2d)"
                if fqn is None else "conv with a computed weight")
@@ -90,9 +92,23 @@ def conv_functional(ctx: RuleContext) -> None:
     bias = ctx.tensor_units(ctx.fqn_of(b), 0, "dep") if ctx.fqn_of(b) else None
     if b is not None and bias is None:
         ctx.pin_info(ctx.dims(b), "conv bias is computed")
-    out = couple_conv(ctx, dims.get(axis), ctx.tensor_units(fqn, 0, "out"),
-                      lambda: ctx.tensor_units(fqn, 1, "in"), bias, groups)
+    if transposed:
+        out = couple_conv_transpose(ctx, dims.get(axis), ctx.tensor_units(fqn, 0, "in"),
+                                    lambda: ctx.tensor_units(fqn, 1, "out"), groups,
+                                    ctx.shape(w)[1] * groups)
+        if bias is not None:
+            ctx.union(out, bias)
+    else:
+        out = couple_conv(ctx, dims.get(axis), ctx.tensor_units(fqn, 0, "out"),
+                          lambda: ctx.tensor_units(fqn, 1, "in"), bias, groups)
     ctx.set({axis: out})
+
+
+@rule("conv_transpose")
+def conv_transpose_functional(ctx: RuleContext) -> None:
+    """F.conv_transposeNd / aten.conv_transpose*d(input, weight, bias, stride, padding,
+    output_padding, groups, dilation): as the module, on a get_attr weight."""
+    conv_functional(ctx)
 
 
 def _pin_kernel_dims(ctx: RuleContext, w) -> None:
@@ -107,19 +123,47 @@ def _is_aten_convolution(ctx: RuleContext) -> bool:
 
 @rule(CONV_TRANSPOSE_MODULES, stop=True)
 def conv_transpose_module(ctx: RuleContext) -> None:
-    """nn.ConvTransposeNd: weight is (in, out/groups, ...); grouped ones are barriers."""
+    """nn.ConvTransposeNd: weight is (in, out/groups, ...); out[g*opg + j] reads weight
+    column j of group g's rows."""
     axis, channels = _module_input(ctx)
-    w_in = ctx.module_tensor("weight", 0, "in")
-    w_out = ctx.module_tensor("weight", 1, "out")
+    m = ctx.module
+    out = couple_conv_transpose(ctx, channels, ctx.module_tensor("weight", 0, "in"),
+                                lambda: ctx.module_tensor("weight", 1, "out"),
+                                m.groups, m.out_channels)
     bias = ctx.module_tensor("bias", 0, "dep")
-    if ctx.module.groups == 1:
-        ctx.link(channels, w_in, "transposed conv input channels are untracked")
-    else:
-        ctx.pin(channels, "grouped transposed conv")
-        ctx.pin(np.concatenate([w_in, w_out]), "grouped transposed conv")
     if bias is not None:
-        ctx.union(w_out, bias)
-    ctx.set({axis: w_out})
+        ctx.union(out, bias)
+    ctx.set({axis: out})
+
+
+def couple_conv_transpose(ctx: RuleContext, x_units, w_in, w_out_fn, groups: int,
+                          out_channels: int):
+    """Couple a transposed conv's input channels and weight; return its out-units.
+
+    groups=1: input channels are weight rows, out-channels weight columns. Depthwise
+    (one input channel per group): group g's out-channels live and die with input
+    channel g (``groups`` follows the kept count; weight columns stay whole). Grouped:
+    channels at the same position of every group share a weight row/column, so they
+    are coupled across groups (the group count stays)."""
+    opg = out_channels // groups
+    if groups == 1:
+        ctx.link(x_units, w_in, "transposed conv input channels are untracked")
+        return w_out_fn()
+    out = ctx.fresh(out_channels)
+    if x_units is None:
+        ctx.pin(w_in, "grouped transposed conv on untracked input channels")
+        ctx.pin(out, "grouped transposed conv on untracked input channels")
+        return out
+    ctx.union(x_units, w_in)
+    rows = x_units.reshape(groups, -1)
+    if rows.shape[1] == 1:  # depthwise
+        ctx.union(out.reshape(groups, opg), rows)
+        return out
+    ctx.union(rows[:1], rows)
+    outs = out.reshape(groups, opg)
+    ctx.union(outs[:1], outs)
+    ctx.union(w_out_fn()[None, :], outs)
+    return out
 
 
 @module_fixup(*CONV_MODULES)
@@ -134,7 +178,9 @@ def fix_conv(m: nn.Module) -> None:
 
 @module_fixup(*CONV_TRANSPOSE_MODULES)
 def fix_conv_transpose(m: nn.Module) -> None:
-    """Channel counts of a (groups=1) transposed conv from its sliced weight."""
+    """Channel counts (and depthwise ``groups``) of a transposed conv from its weight."""
+    if m.groups > 1 and m.in_channels == m.groups:  # depthwise: whole groups removed
+        m.groups = m.weight.shape[0]
     m.in_channels = m.weight.shape[0]
     m.out_channels = m.weight.shape[1] * m.groups
 
@@ -158,3 +204,21 @@ def conv_functional_macs(ctx: MacContext) -> Terms:
     depthwise = wshape is not None and wshape[1] == 1 and ctx.shape(x)[-(len(wshape) - 1)] > 1
     cin = None if depthwise else ctx.axis(x, -(len(wshape) - 1))
     return [(1.0, ctx.out_axes() + present(cin))]
+
+
+@fixup("conv", "convolution", "conv_transpose")
+def fix_conv_groups(fctx) -> None:
+    """``groups`` of F.conv*d / F.conv_transpose*d / aten.conv*d / aten.convolution
+    follows the kept input channels: a depthwise conv (one input channel per group)
+    loses whole groups, so ``groups`` becomes the kept channel count; a grouped conv
+    prunes the same positions in every group and keeps its count."""
+    aten = op_key(fctx.node) == "convolution"
+    index = 8 if aten else 6
+    x, w, groups = fctx.arg(0, "input"), fctx.arg(1, "weight"), fctx.arg(index, "groups", 1)
+    old_x, new_x, old_w = fctx.old_shape(x), fctx.new_shape(x), fctx.old_shape(w)
+    if not isinstance(groups, int) or groups == 1 or new_x is None or old_w is None:
+        return
+    axis = len(old_x) - (len(old_w) - 2) - 1
+    new_groups = new_x[axis] if old_x[axis] == groups else groups  # depthwise
+    if new_groups != groups:
+        fctx.set_arg(index, "groups", new_groups)

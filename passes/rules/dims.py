@@ -113,12 +113,49 @@ def reshape(ctx: RuleContext, dims: Dims | None, in_shape: Shape, out_shape: Sha
             out[gj[keep]] = np.ascontiguousarray(arr.reshape(arr.shape[keep], -1)[:, 0]) \
                 if arr.shape[keep] else arr.reshape(0)
             continue
+        hint = consumer_channel_axis(ctx, len(out_shape))
         if len(varying) == 1:
             keep = varying[0]
+        elif hint in gj and gj.index(hint) in varying:  # (B, C*H*W) -> (B, C, H, W) -> conv
+            keep = gj.index(hint)
         else:
             keep = varying[-1] if ctx.state.split_policy == "inner" else varying[-2]
         out[gj[keep]] = ctx.store.union_along(arr, keep, ctx.why)
     return out
+
+
+def consumer_channel_axis(ctx: RuleContext, rank: int) -> int | None:
+    """The channel axis that a channel-first consumer (conv, transposed conv, batch or
+    instance norm) reads from this node's output, following a chain of single-use
+    pass-through ops; None when there is no such sole consumer. A feature vector viewed
+    as (C, H, W) before a conv (DCGAN / VAE decoders) splits into blocks of H*W rows
+    per channel, which the reshape rule keeps instead of the innermost dim."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.modules.conv import _ConvNd
+    from torch.nn.modules.instancenorm import _InstanceNorm
+
+    from passes.rules.registry import lookup_rule, op_key
+
+    node = ctx.node
+    for _ in range(16):
+        if len(node.users) != 1:
+            return None
+        (user,) = node.users
+        if user.op == "call_module":
+            module = ctx.state.gm.get_submodule(user.target)
+            if isinstance(module, _ConvNd):
+                return rank - (module.weight.dim() - 2) - 1
+            if isinstance(module, (_BatchNorm, _InstanceNorm)):
+                return 1
+        elif op_key(user) in ("conv", "conv_transpose") and len(user.args) > 1:
+            weight = ctx.shape(user.args[1])
+            return rank - (len(weight) - 2) - 1 if isinstance(weight, tuple) else None
+        rule = lookup_rule(user, ctx.state.gm)
+        if getattr(rule, "__name__", None) != "unary" or not user.args or \
+                user.args[0] is not node:
+            return None
+        node = user
+    return None
 
 
 def _constant_along(arr: np.ndarray, axis: int) -> bool:
@@ -154,10 +191,17 @@ def concat(ctx: RuleContext, parts: Sequence[tuple[Shape, Dims | None]], axis: i
     out = broadcast_merge(ctx, [(tuple(s[:axis]) + (1,) + tuple(s[axis + 1:]), d)
                                 for s, d in others],
                           tuple(out_shape[:axis]) + (1,) + tuple(out_shape[axis + 1:]))
+    if any(u is not None for u in along) and not all(u is not None for u in along):
+        # CoordConv's cat([x, coords]): the untracked piece gets units of its own, pinned,
+        # so it keeps its columns in the consumer while the tracked pieces are pruned
+        along = [u if u is not None else _kept_whole(ctx, s[axis]) for u, (s, _) in
+                 zip(along, parts)]
     if all(u is not None for u in along):
         out[axis] = np.concatenate(along)
-    else:
-        for u in along:
-            if u is not None:
-                ctx.pin(u, "cat of tracked and untracked channels")
     return out
+
+
+def _kept_whole(ctx: RuleContext, n: int) -> np.ndarray:
+    units = ctx.fresh(n)
+    ctx.pin(units, "untracked piece of a cat (kept whole)")
+    return units

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+import numpy as np
+
 from passes.rules.dims import broadcast_merge
 from passes.rules.registry import RuleContext, module_fixup, rule
 
@@ -18,14 +20,14 @@ UNARY_ELEMENTWISE = (
     "cuda", "requires_grad", "alias", "lift_fresh_copy", "_to_copy", "zeros_like",
     "ones_like", "empty_like", "rand_like", "randn_like", "full_like", "nan_to_num",
     "bitwise_not", "logical_not", "isnan", "isinf", "isfinite", "stochastic_depth",
-    "identity", "fill", "zero",
+    "identity", "fill", "zero", "rrelu",
 )
 UNARY_MODULES = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
     nn.Hardsigmoid, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus,
     nn.Softsign, nn.Hardtanh, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
     nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Identity, nn.LogSigmoid, nn.Tanhshrink,
-    nn.Threshold, nn.Hardshrink, nn.Softshrink,
+    nn.Threshold, nn.Hardshrink, nn.Softshrink, nn.RReLU,
 )
 BINARY_ELEMENTWISE = (
     "add", "sub", "rsub", "mul", "div", "floor_divide", "floordiv", "remainder", "fmod",
@@ -83,3 +85,19 @@ def _is_shape(s: object) -> bool:
 def _tensor_args(ctx: RuleContext) -> list:
     values = list(ctx.node.args) + list(ctx.node.kwargs.values())
     return [a for a in values if _is_shape(ctx.shape(a))]
+
+
+@rule("glu", nn.GLU)
+def glu(ctx: RuleContext) -> None:
+    """glu(x, dim) = a * sigmoid(b) for the halves (a, b) of ``dim``: out[c] reads in[c] and
+    in[c + C/2], so the two halves are coupled (what chunk + mul does)."""
+    x = ctx.arg(0, "input")
+    rank = len(ctx.shape(x))
+    dim = (ctx.module.dim if ctx.node.op == "call_module" else ctx.arg(1, "dim", -1)) % rank
+    dims = dict(ctx.dims(x) or {})
+    units = dims.pop(dim, None)
+    if units is not None:
+        half = len(units) // 2
+        ctx.union(units[:half], units[half:])
+        dims[dim] = np.ascontiguousarray(units[:half])
+    ctx.set(dims)

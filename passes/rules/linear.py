@@ -118,9 +118,10 @@ def einsum(ctx: RuleContext) -> None:
     operands = list(ctx.node.args[1:])
     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
         operands = list(operands[0])
-    lhs, _, rhs = equation.replace(" ", "").partition("->")
-    terms = lhs.split(",")
     shapes = [ctx.shape(o) for o in operands]
+    equation = expand_ellipsis(equation.replace(" ", ""), [len(s) for s in shapes])
+    lhs, _, rhs = equation.partition("->")
+    terms = lhs.split(",")
     if "..." in equation or not rhs or len(terms) != len(operands):
         for o in operands:
             ctx.pin_info(ctx.dims(o), "einsum form not supported")
@@ -149,6 +150,25 @@ def einsum(ctx: RuleContext) -> None:
     ctx.set(out)
 
 
+def expand_ellipsis(equation: str, ranks: list[int]) -> str:
+    """``"...ij,...jk->...ik"`` with explicit letters for the broadcast dims (numpy
+    rules: ellipsis dims align from the right). Unchanged when there is no ``...`` or no
+    explicit output (implicit mode is left to the caller, which pins it)."""
+    lhs, arrow, rhs = equation.partition("->")
+    terms = lhs.split(",")
+    if "..." not in equation or not arrow or len(terms) != len(ranks):
+        return equation
+    used = set(equation) - set(".,->")
+    free = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz" if c not in used]
+    widths = [rank - (len(t) - 3) if "..." in t else 0 for t, rank in zip(terms, ranks)]
+    width = max(widths, default=0)
+    if width > len(free) or min(widths, default=0) < 0:
+        return equation
+    letters = "".join(free[:width])
+    terms = [t.replace("...", letters[width - w:]) for t, w in zip(terms, widths)]
+    return ",".join(terms) + "->" + rhs.replace("...", letters)
+
+
 @rule(nn.Embedding, stop=True)
 def embedding_module(ctx: RuleContext) -> None:
     """out[..., d] is weight column d; the vocabulary dim is never pruned."""
@@ -158,8 +178,9 @@ def embedding_module(ctx: RuleContext) -> None:
 @rule("embedding", stop=True)
 def embedding_functional(ctx: RuleContext) -> None:
     """F.embedding(indices, weight) with a get_attr weight."""
-    idx, w = ctx.arg(0, "input"), ctx.arg(1, "weight")
-    if ctx.fqn_of(w) is None and ctx.fqn_of(idx) is not None:  # aten.embedding(weight, idx)
+    w = ctx.arg(1, "weight")
+    idx = ctx.named("indices", ctx.arg(0, "input"))  # aten.embedding(weight, indices)
+    if ctx.fqn_of(w) is None and ctx.fqn_of(idx) is not None:  # unnormalised aten form
         idx, w = w, idx
     ctx.pin_info(ctx.dims(idx), "embedding indices")
     wd = ctx.dims(w) or {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from passes.rules.registry import RuleContext, fixup, module_fixup, rule
+from passes.rules.registry import RuleContext, fixup, module_fixup, op_key, rule
 
 BATCH_NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 INSTANCE_NORM_MODULES = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
@@ -82,7 +82,8 @@ def layer_norm_functional(ctx: RuleContext) -> None:
     """F.layer_norm(x, normalized_shape, weight, bias) with get_attr (or no) weights."""
     shape = ctx.arg(1, "normalized_shape")
     k = len(shape) if isinstance(shape, (list, tuple)) else 1
-    tensors = [a for a in (ctx.arg(2, "weight"), ctx.arg(3, "bias")) if a is not None]
+    bias = None if op_key(ctx.node) == "rms_norm" else ctx.arg(3, "bias")  # (.., weight, eps)
+    tensors = [a for a in (ctx.arg(2, "weight"), bias) if a is not None]
 
     def params(dim: int, probe: bool = False):
         if probe:
@@ -163,9 +164,9 @@ def fix_group_norm(m: nn.Module) -> None:
 def fix_layer_norm_functional(fctx) -> None:
     """``normalized_shape`` literal follows the input's (sliced) trailing dims."""
     node = fctx.node
-    shape = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
+    shape = fctx.arg(1, "normalized_shape")
     k = len(shape) if isinstance(shape, (list, tuple)) else 1
-    new = list(fctx.new_shape(node.args[0])[-k:])
+    new = list(fctx.new_shape(fctx.arg(0, "input"))[-k:])
     if len(node.args) > 1:
         node.args = (node.args[0], new) + tuple(node.args[2:])
     else:

@@ -10,7 +10,8 @@ POOLS = tuple(f"{p}_pool{k}d" for p in ("max", "avg", "lp") for k in (1, 2, 3)) 
     "max_pool2d_with_indices", "max_pool3d_with_indices", "interpolate", "upsample",
     "upsample_nearest2d", "upsample_bilinear2d", "upsample_bicubic2d", "upsample_nearest1d",
     "upsample_linear1d", "upsample_nearest3d", "upsample_trilinear3d", "_adaptive_avg_pool2d",
-    "_adaptive_avg_pool3d", "adaptive_max_pool2d_with_indices")
+    "_adaptive_avg_pool3d", "adaptive_max_pool2d_with_indices", "max_pool1d_with_indices",
+    "upsample_nearest", "upsample_bilinear")
 POOL_MODULES = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
@@ -19,7 +20,8 @@ POOL_MODULES = (
 )
 PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
                nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d,
-               nn.ReplicationPad2d)
+               nn.ReplicationPad2d, nn.ReflectionPad3d, nn.ReplicationPad3d) + tuple(
+    getattr(nn, f"CircularPad{k}d") for k in (1, 2, 3) if hasattr(nn, f"CircularPad{k}d"))
 
 
 def _rank_of_name(name: str) -> int | None:
@@ -63,7 +65,8 @@ def pool(ctx: RuleContext) -> None:
     keep_channels(ctx, _spatial_dims(ctx))
 
 
-@rule("pad", "constant_pad_nd", "reflection_pad2d", "replication_pad2d")
+@rule("pad", "constant_pad_nd", "_pad_circular", *(f"{kind}_pad{k}d" for kind in (
+    "reflection", "replication") for k in (1, 2, 3)))
 def pad(ctx: RuleContext) -> None:
     """Padding the last len(pad)//2 dims (a padded channel dim is pinned)."""
     widths = ctx.arg(1, "pad")

@@ -358,15 +358,25 @@ class RuleContext:
         self.node = node
         self.store = state.store
         self.why = node.name
+        self._call: NormalizedCall | None = None
 
     # -- inputs -----------------------------------------------------------------------
     def arg(self, index: int, name: str | None = None, default: Any = None) -> Any:
-        """Positional arg ``index`` or keyword ``name``."""
-        if index < len(self.node.args):
-            return self.node.args[index]
-        if name is not None and name in self.node.kwargs:
-            return self.node.kwargs[name]
-        return default
+        """Argument ``index`` of the op's schema (or named ``name``), read from the call
+        normalised once (``normalized_call``): positional, keyword and aliased spellings
+        (``axis=``, ``keepdims=``, ``input=``...) all give the same value."""
+        if self._call is None:
+            self._call = normalized_call(self.node, self.state.gm)
+        return self._call.get(index, name, default)
+
+    def named(self, name: str, default: Any = None) -> Any:
+        """Argument ``name`` only if the op's schema has it (forms whose parameters sit in
+        different orders, ``F.embedding(input, weight)`` / ``aten.embedding(weight,
+        indices)``, are told apart by name)."""
+        if self._call is None:
+            self._call = normalized_call(self.node, self.state.gm)
+        return self._call.values.get(name, default) if self._call.names else \
+            self.node.kwargs.get(name, default)
 
     def dims(self, value: Any) -> Info:
         """Dims of an argument (a Node); constants have none."""
@@ -487,3 +497,122 @@ def iter_units(info: Info) -> Iterable[np.ndarray]:
     elif isinstance(info, (tuple, list)):
         for item in info:
             yield from iter_units(item)
+
+
+# ----------------------------------------------------------------------------------
+# Argument normalisation: one place where every spelling of a call is resolved
+# ----------------------------------------------------------------------------------
+# torch's Python arg parser accepts numpy-style names for these parameters
+# (torch/csrc/utils/python_arg_parser.cpp, ``numpy_compatibility_arg_names``).
+NUMPY_ALIASES = {"axis": "dim", "keepdims": "keepdim", "x": "input", "a": "input",
+                 "x1": "input", "x2": "other"}
+
+
+@dataclass(frozen=True)
+class NormalizedCall:
+    """A call's arguments by schema name, in schema order (defaults filled where torch's
+    ``normalize_function`` resolved the overload). ``names`` is empty when no signature
+    binds (user functions, varargs methods such as ``view(2, 3)``): lookups then read the
+    raw ``args``/``kwargs``, positional first."""
+
+    names: tuple[str, ...]
+    values: Mapping[str, Any]
+    args: tuple
+    kwargs: Mapping[str, Any]
+
+    def get(self, index: int, name: str | None = None, default: Any = None) -> Any:
+        if self.names:
+            if name is not None and name in self.values:
+                return self.values[name]
+            if index < len(self.names):
+                return self.values[self.names[index]]
+            return default
+        if index < len(self.args):
+            return self.args[index]
+        if name is not None and name in self.kwargs:
+            return self.kwargs[name]
+        return default
+
+    def position(self, name: str) -> int | None:
+        """Schema position of parameter ``name`` (None when unknown)."""
+        return self.names.index(name) if name in self.names else None
+
+
+def _torch_callable(node: torch.fx.Node) -> Any:
+    """The torch function whose signature a call follows (``x.softmax(1)`` follows
+    ``torch.softmax(x, 1)``); None for modules, user functions and operator.*."""
+    if node.op == "call_method":
+        return getattr(torch, node.target, None)
+    if node.op != "call_function" or not isinstance(op_key(node), str):
+        return None
+    if getattr(node.target, "__module__", None) in ("_operator", "operator", "builtins"):
+        return None
+    return node.target
+
+
+def _signatures(fn: Any) -> list:
+    import inspect
+
+    from torch.fx.operator_schemas import get_signature_for_torch_op
+
+    try:
+        sigs = get_signature_for_torch_op(fn)
+    except Exception:  # noqa: BLE001 - not an operator torch.jit knows
+        sigs = None
+    if sigs:
+        return list(sigs)
+    try:
+        return [inspect.signature(fn)]
+    except (TypeError, ValueError):
+        return []
+
+
+def _rename_aliases(kwargs: Mapping[str, Any], sigs: list) -> dict[str, Any]:
+    """``axis=`` -> ``dim=`` etc., unless the op really has a parameter of that name."""
+    params = {p for s in sigs for p in s.parameters}
+    return {(NUMPY_ALIASES[k] if k in NUMPY_ALIASES and k not in params
+             and NUMPY_ALIASES[k] in params else k): v for k, v in kwargs.items()}
+
+
+def normalized_call(node: torch.fx.Node, root: torch.nn.Module | None = None) -> NormalizedCall:
+    """Bind a call's args/kwargs to its op's schema once, before any rule or fixup reads
+    them. Uses ``torch.fx.operator_schemas.normalize_function`` (and
+    ``Node.normalized_arguments`` for modules) where they resolve the overload; otherwise
+    the first torch signature that binds (overloads of one op share parameter names).
+    Methods bind to the torch function of the same name. Unbindable calls keep their raw
+    arguments."""
+    from torch.fx.operator_schemas import normalize_function
+
+    raw = NormalizedCall((), {}, tuple(node.args), dict(node.kwargs))
+    if node.op == "call_module":
+        if root is None:
+            return raw
+        try:
+            pair = node.normalized_arguments(root, normalize_to_only_use_kwargs=True)
+        except Exception:  # noqa: BLE001 - forward(*args) and friends
+            pair = None
+        return raw if pair is None else NormalizedCall(
+            tuple(pair.kwargs), dict(pair.kwargs), raw.args, raw.kwargs)
+    fn = _torch_callable(node)
+    if fn is None:
+        return raw
+    sigs = _signatures(fn)
+    kwargs = _rename_aliases(node.kwargs, sigs)
+    try:
+        pair = normalize_function(fn, tuple(node.args), kwargs,
+                                  normalize_to_only_use_kwargs=True)
+    except Exception:  # noqa: BLE001 - ambiguous overloads: bind below
+        pair = None
+    if pair is not None and not pair.args:
+        return NormalizedCall(tuple(pair.kwargs), dict(pair.kwargs), raw.args, raw.kwargs)
+    for sig in sigs:
+        try:
+            bound = sig.bind(*node.args, **kwargs)
+        except TypeError:
+            continue
+        bound.apply_defaults()
+        values = dict(bound.arguments)
+        if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
+            continue  # *args: positions are not names
+        return NormalizedCall(tuple(values), values, raw.args, raw.kwargs)
+    return raw

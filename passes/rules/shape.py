@@ -40,24 +40,28 @@ def reshape(ctx: RuleContext) -> None:
 def permute(ctx: RuleContext) -> None:
     """out dim i is in dim perm[i]; units move with their dim."""
     x = ctx.arg(0, "input")
-    ctx.set(D.permute(ctx.dims(x), permutation(ctx.node, len(ctx.shape(x)))))
+    ctx.set(D.permute(ctx.dims(x), permutation(ctx, len(ctx.shape(x)))))
 
 
-def permutation(node: torch.fx.Node, rank: int) -> list[int]:
-    name = op_key(node)
-    args = list(node.args[1:]) or list(node.kwargs.values())
+def permutation(ctx: RuleContext, rank: int) -> list[int]:
+    """The permutation of permute / transpose / movedim / t, read from the normalised call
+    (``x.permute(0, 2, 1)`` passes its dims as varargs)."""
+    key = op_key(ctx.node)
     perm = list(range(rank))
-    if name == "permute":
-        dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+    if key == "permute":
+        dims = ctx.arg(1, "dims")
+        if not isinstance(dims, (list, tuple)):
+            dims = ctx.node.args[1:]
         return [d % rank for d in dims]
-    if name in ("movedim", "moveaxis"):
-        src, dst = args[0], args[1]
+    if key in ("movedim", "moveaxis"):
+        src, dst = ctx.arg(1, "source"), ctx.arg(2, "destination")
         src = [src] if isinstance(src, int) else list(src)
         dst = [dst] if isinstance(dst, int) else list(dst)
         return _movedim(rank, src, dst)
-    if len(args) >= 2:
-        a, b = args[0] % rank, args[1] % rank
-    else:  # t / mT / numpy_T: swap the last two (or reverse)
+    a, b = ctx.arg(1, "dim0"), ctx.arg(2, "dim1")
+    if isinstance(a, int) and isinstance(b, int):
+        a, b = a % rank, b % rank
+    else:  # t / mT / numpy_T: swap the last two
         a, b = rank - 2, rank - 1
     perm[a], perm[b] = perm[b], perm[a]
     return perm
@@ -87,7 +91,7 @@ def expand(ctx: RuleContext) -> None:
     ctx.set(dims)
 
 
-@rule("repeat")
+@rule("repeat", "tile")
 def repeat(ctx: RuleContext) -> None:
     """Tiling repeats the units of a tracked dim."""
     x = ctx.arg(0, "input")
@@ -220,7 +224,11 @@ def index_dims(ctx: RuleContext, dims, shape, index) -> dict:
         elif isinstance(item, slice):  # symbolic bounds (x[:, :H]): fine on an untracked dim
             ctx.pin(remaining.pop(src, None), "slice of a channel dim with computed bounds")
             src, dst = src + 1, dst + 1
-        else:  # tensor / symbolic index: fail closed on every tracked dim
+        elif isinstance(item, torch.fx.Node) and not _is_tensor_node(item):
+            # a computed integer (y[:, y.size(1) - 1]): drops its dim like a literal one
+            ctx.pin(remaining.pop(src, None), "computed integer index into a channel dim")
+            src += 1
+        else:  # tensor index: fail closed on every tracked dim
             ctx.pin_info(ctx.dims(item) if isinstance(item, torch.fx.Node) else None,
                          "used as an index")
             ctx.pin_info(remaining, "advanced indexing")
@@ -230,6 +238,190 @@ def index_dims(ctx: RuleContext, dims, shape, index) -> dict:
         if axis in remaining:
             out[dst + axis - src] = remaining.pop(axis)
     return out
+
+
+def _is_tensor_node(n: torch.fx.Node) -> bool:
+    meta = n.meta.get("tensor_meta")
+    return meta is not None and hasattr(meta, "shape")
+
+
+@rule("narrow")
+def narrow(ctx: RuleContext) -> None:
+    """narrow(x, dim, start, length) == x[..., start:start + length] on ``dim``."""
+    x, dim = ctx.arg(0, "input"), ctx.arg(1, "dim")
+    start, length = ctx.arg(2, "start"), ctx.arg(3, "length")
+    shape, dims = ctx.shape(x), dict(ctx.dims(x) or {})
+    axis = dim % len(shape)
+    if not (isinstance(start, int) and isinstance(length, int)):
+        ctx.pin(dims.pop(axis, None), "narrow of a channel dim with computed bounds")
+        ctx.set(dims)
+        return
+    start += shape[axis] if start < 0 else 0
+    ctx.set(D.select(ctx, dims, axis, slice(start, start + length), shape[axis])[0])
+
+
+@fixup("narrow")
+def fix_narrow(fctx) -> None:
+    """start / length on a pruned dim count the kept indices before / inside the run."""
+    x = fctx.arg(0, "input")
+    shape = fctx.old_shape(x)
+    axis = fctx.arg(1, "dim") % len(shape)
+    kept = fctx.kept(x, axis)
+    start, length = fctx.arg(2, "start"), fctx.arg(3, "length")
+    if kept is None or len(kept) == shape[axis]:
+        return
+    start += shape[axis] if start < 0 else 0
+    new_start = int(np.count_nonzero(kept < start))
+    fctx.set_arg(2, "start", new_start)
+    fctx.set_arg(3, "length", int(np.count_nonzero(kept < start + length)) - new_start)
+
+
+@rule("channel_shuffle", "native_channel_shuffle", nn.ChannelShuffle)
+def channel_shuffle(ctx: RuleContext) -> None:
+    """ShuffleNet's shuffle: out[j*g + i] = in[i*(C/g) + j]. Channels at position j of
+    every group are coupled (kept positions are equal per group), so the shuffle with
+    the same ``groups`` stays valid after slicing."""
+    x = ctx.arg(0, "input")
+    groups = ctx.module.groups if ctx.node.op == "call_module" else ctx.arg(1, "groups")
+    dims = dict(ctx.dims(x) or {})
+    units = dims.get(1)
+    if units is not None:
+        per_group = ctx.store.union_along(units.reshape(groups, -1), 1, ctx.why)
+        dims[1] = np.repeat(per_group, groups)
+    ctx.set(dims)
+
+
+@rule("index_select")
+def index_select(ctx: RuleContext) -> None:
+    """index_select(x, dim, idx) with a constant (get_attr) index: out[k] = in[idx[k]], a
+    selection or permutation of units; ``fix_index_select`` re-indexes the kept ones.
+    A computed index is a barrier on ``dim``."""
+    x, dim, index = ctx.arg(0, "input"), ctx.arg(1, "dim"), ctx.arg(2, "index")
+    dims = dict(ctx.dims(x) or {})
+    axis = dim % max(len(ctx.shape(x)), 1)
+    units = dims.pop(axis, None)
+    table = _constant_index(ctx.state.gm, index)
+    if units is not None and table is not None:
+        dims[axis] = units[table]
+    elif units is not None:
+        ctx.pin(units, "index_select with a computed index")
+    ctx.set(dims)
+
+
+def _constant_index(gm, index) -> np.ndarray | None:
+    if not isinstance(index, torch.fx.Node) or index.op != "get_attr":
+        return None
+    from passes.rules.registry import _get_tensor
+
+    t = _get_tensor(gm, index.target)
+    if t is None or t.dim() != 1 or t.dtype not in (torch.int64, torch.int32) or t.is_meta:
+        return None
+    return t.detach().cpu().numpy().astype(np.int64)
+
+
+@fixup("index_select")
+def fix_index_select(fctx) -> None:
+    """The index keeps the entries of kept outputs, renumbered to the kept inputs (a new
+    buffer; the user's index table is untouched)."""
+    node = fctx.node
+    x, index = fctx.arg(0, "input"), fctx.arg(2, "index")
+    axis = fctx.arg(1, "dim") % len(fctx.old_shape(x))
+    kept_in, kept_out = fctx.kept(x, axis), fctx.kept(node, axis)
+    if kept_in is None or kept_out is None or not isinstance(index, torch.fx.Node):
+        return
+    gm = node.graph.owning_module
+    table = _constant_index(gm, index)
+    if table is None:
+        return
+    position = np.full(fctx.old_shape(x)[axis], -1)
+    position[kept_in] = np.arange(len(kept_in))
+    new = position[table[kept_out]]
+    if (new < 0).any():
+        raise fctx.error("index_select reads a removed channel for a kept one")
+    name = f"_fxprune_{index.target.replace('.', '_')}_{node.name}"
+    gm.register_buffer(name, torch.as_tensor(new, dtype=torch.int64,
+                                             device=gm.get_buffer(index.target).device))
+    with node.graph.inserting_before(node):
+        fresh = node.graph.get_attr(name)
+    fctx.set_arg(2, "index", fresh)
+
+
+@rule("repeat_interleave")
+def repeat_interleave(ctx: RuleContext) -> None:
+    """repeat_interleave(x, r, dim) with an int r: each unit repeats r times in place."""
+    x, repeats, dim = ctx.arg(0, "input"), ctx.arg(1, "repeats"), ctx.arg(2, "dim")
+    dims = dict(ctx.dims(x) or {})
+    if not isinstance(repeats, int) or dim is None or not isinstance(ctx.shape(x), tuple):
+        ctx.pin_info(dims, "repeat_interleave with tensor repeats or no dim")
+        ctx.set({})
+        return
+    axis = dim % len(ctx.shape(x))
+    if axis in dims:
+        dims[axis] = np.repeat(dims[axis], repeats)
+    ctx.set(dims)
+
+
+@fixup("repeat_interleave")
+def fix_repeat_interleave(fctx) -> None:
+    """An ``output_size`` hint follows the kept count of the repeated dim."""
+    size, dim = fctx.arg(3, "output_size"), fctx.arg(2, "dim")
+    new = fctx.new_shape(fctx.node)
+    if isinstance(size, int) and isinstance(dim, int) and new is not None:
+        fctx.set_arg(3, "output_size", new[dim % len(new)])
+
+
+@rule("pixel_shuffle", nn.PixelShuffle)
+def pixel_shuffle(ctx: RuleContext) -> None:
+    """out[c, h*r + i, w*r + j] = in[c*r*r + i*r + j, h, w]: output channel c is a block of
+    r*r input channels (unioned), and removing it removes the block."""
+    x = ctx.arg(0, "input")
+    r = ctx.module.upscale_factor if ctx.node.op == "call_module" else ctx.arg(1, "upscale_factor")
+    dims, axis = dict(ctx.dims(x) or {}), len(ctx.shape(x)) - 3
+    _pin_other_than(ctx, dims, axis, "pixel shuffle moves it into space")
+    if axis in dims:
+        dims[axis] = ctx.store.union_along(dims[axis].reshape(-1, r * r), 0, ctx.why)
+    ctx.set(dims)
+
+
+@rule("pixel_unshuffle", nn.PixelUnshuffle)
+def pixel_unshuffle(ctx: RuleContext) -> None:
+    """out[c*r*r + i*r + j, h, w] = in[c, h*r + i, w*r + j]: each input channel becomes a
+    block of r*r output channels that live and die with it."""
+    x = ctx.arg(0, "input")
+    r = (ctx.module.downscale_factor if ctx.node.op == "call_module"
+         else ctx.arg(1, "downscale_factor"))
+    dims, axis = dict(ctx.dims(x) or {}), len(ctx.shape(x)) - 3
+    _pin_other_than(ctx, dims, axis, "pixel unshuffle moves it into channels")
+    if axis in dims:
+        dims[axis] = np.repeat(dims[axis], r * r)
+    ctx.set(dims)
+
+
+def _pin_other_than(ctx: RuleContext, dims: dict, axis: int, reason: str) -> None:
+    for a in [a for a in dims if a > axis]:
+        ctx.pin(dims.pop(a), reason)
+
+
+@rule("flip")
+def flip(ctx: RuleContext) -> None:
+    """Reverses ``dims``: units reverse with their indices (a permutation)."""
+    x, axes = ctx.arg(0, "input"), ctx.arg(1, "dims")
+    rank = len(ctx.shape(x))
+    dims = dict(ctx.dims(x) or {})
+    for axis in ([axes] if isinstance(axes, int) else list(axes or ())):
+        if axis % rank in dims:
+            dims[axis % rank] = np.ascontiguousarray(dims[axis % rank][::-1])
+    ctx.set(dims)
+
+
+@rule("cumsum", "cumprod", "logcumsumexp")
+def cumulative(ctx: RuleContext) -> None:
+    """A scan along ``dim``: other dims carry their units; a scanned channel dim is pinned
+    (out[c] reads in[0..c])."""
+    x = ctx.arg(0, "input")
+    dims = dict(ctx.dims(x) or {})
+    ctx.pin(dims.pop(ctx.arg(1, "dim") % len(ctx.shape(x)), None), "scan along a channel dim")
+    ctx.set(dims)
 
 
 @rule("cat")
@@ -397,13 +589,13 @@ def fix_unflatten(fctx) -> None:
     old, new = fctx.old_shape(node), fctx.new_shape(node)
     if old == new:
         return
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
-    sizes = list(node.args[2] if len(node.args) > 2 else node.kwargs["sizes"])
-    dim %= len(fctx.old_shape(node.args[0]))
+    x = fctx.arg(0, "input")
+    dim = fctx.arg(1, "dim") % len(fctx.old_shape(x))
+    sizes = list(fctx.arg(2, "sizes"))
     for k in range(len(sizes)):
         if old[dim + k] != new[dim + k] and sizes[k] != -1:
             sizes[k] = new[dim + k]
-    node.args = (node.args[0], dim, sizes)
+    node.args = (x, dim, sizes)
     node.kwargs = {}
 
 
@@ -411,10 +603,9 @@ def fix_unflatten(fctx) -> None:
 def fix_split(fctx) -> None:
     """Pieces along a pruned dim become an explicit ``split`` with the kept counts."""
     node = fctx.node
-    x = node.args[0]
+    x = fctx.arg(0, "input")
     old_in, new_in = fctx.old_shape(x), fctx.new_shape(x)
-    axis = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-    axis %= len(old_in)
+    axis = fctx.arg(2, "dim", 0) % len(old_in)
     if old_in[axis] == new_in[axis]:
         return
     sizes = [p[axis] for p in fctx.new_shape(node)]

@@ -26,3 +26,10 @@ __all__ = [
 __all__ += ["plan", "Importance", "importance_scores", "CRITERIA", "BudgetError",
             "ImportanceError", "NonFiniteScoreError"]
 __all__ += ["Block", "find_blocks", "block_similarity", "remove_blocks", "verify_blocks"]
+from fxprune.tokens import TokenCost, linear_schedule, merge_tokens, prune_tokens, token_macs
+from fxprune.errors import (AttentionNotFoundError, StaticShapeError, TokenReductionError,
+                            TokenScheduleError)
+
+__all__ += ["merge_tokens", "prune_tokens", "token_macs", "TokenCost", "linear_schedule",
+            "TokenReductionError", "TokenScheduleError", "AttentionNotFoundError",
+            "StaticShapeError"]

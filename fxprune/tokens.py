@@ -81,7 +81,7 @@ def merge_tokens(model: torch.nn.Module, example_inputs: Any, *, r: int | Sequen
     gm = _graph(model, inputs, frontend)
     out = reduce_tokens(gm, mode="merge", amounts=r, protected=_protected(model, protected),
                         padding=_padding(gm, padding_mask), proportional=proportional,
-                        metric=metric)
+                        metric=metric, example_inputs=inputs)
     propagate_shapes(out, inputs)
     return out
 
@@ -102,7 +102,8 @@ def prune_tokens(model: torch.nn.Module, example_inputs: Any, *,
     gm = _graph(model, inputs, frontend)
     out = reduce_tokens(gm, mode="prune", amounts=keep_rate,
                         protected=_protected(model, protected),
-                        padding=_padding(gm, padding_mask), proportional=proportional)
+                        padding=_padding(gm, padding_mask), proportional=proportional,
+                        example_inputs=inputs)
     propagate_shapes(out, inputs)
     return out
 
@@ -203,8 +204,8 @@ def _scaled(gm, node, macs: float, n: int, n0: int, b: int) -> float:
     if node.op == "call_module" and isinstance(gm.get_submodule(node.target),
                                                 torch.nn.MultiheadAttention):
         e = gm.get_submodule(node.target).embed_dim
-        quad = 2.0 * b * n0 * n0 * e
-        return (macs - quad) * f + quad * f * f
+        lin = 4.0 * b * n0 * e * e  # in_proj (3E) and out_proj (E) rows per token
+        return lin * f + (macs - lin) * f * f  # what FlopCounterMode saw of q @ k, p @ v
     dims = _token_dims(node, n0)
     if dims == 2 and op_key(node) not in _QUADRATIC and node.op != "call_module":
         dims = 1

@@ -386,7 +386,7 @@ def _has_attr(gm: torch.fx.GraphModule, target: str) -> bool:
 
 def reduce_tokens(gm: torch.fx.GraphModule, *, mode: str, amounts: Any, protected: int = 1,
                   padding: str | None = None, proportional: bool = True,
-                  metric: str = "keys",
+                  metric: str = "keys", example_inputs: Sequence[Any] | None = None,
                   sites: Sequence[TokenLayerSite] | None = None) -> torch.fx.GraphModule:
     """Reduce tokens in each layer of ``gm``: a new GraphModule; ``gm`` is not mutated.
 
@@ -395,6 +395,9 @@ def reduce_tokens(gm: torch.fx.GraphModule, *, mode: str, amounts: Any, protecte
     never merge (class, distillation, register tokens). ``padding``: name of a ``B x N``
     placeholder (1 real, 0 padded; HF ``attention_mask``) whose padded tokens get size 0.
     ``metric``: "keys" (ToMe) or "input" (the attention block's input).
+    ``example_inputs``: needed when attention has a mask: each is checked to be all-open
+    or the key-padding mask of ``padding`` (a causal or custom mask raises), since after
+    the first reduction it is replaced by ``log(size)``.
     Raises ``TokenScheduleError`` (r above the available tokens, keep_rate outside
     (0, 1]), ``StaticShapeError`` (dynamic or pinned token count),
     ``AttentionNotFoundError``.
@@ -412,6 +415,7 @@ def reduce_tokens(gm: torch.fx.GraphModule, *, mode: str, amounts: Any, protecte
     if padding is not None and (padding not in by_name or by_name[padding].op != "placeholder"):
         raise TokenReductionError(f"padding mask '{padding}' is not an input of the graph "
                                   f"(inputs: {[n.name for n in graph.nodes if n.op == 'placeholder']})")
+    _check_masks(gm, sites, padding, example_inputs)
     tokens, size, layers, reductions = n0, None, [], []
     for site, amount in zip(sites, values):
         point = by_name[site.point]
@@ -421,7 +425,7 @@ def reduce_tokens(gm: torch.fx.GraphModule, *, mode: str, amounts: Any, protecte
                                    f"tokens, the first layer {n0}; layers with different "
                                    "token counts (hierarchical models) are not supported.")
         if size is not None:
-            _bias_attention(out, site, by_name, size, padding is not None, proportional)
+            _bias_attention(out, site, by_name, size, True, proportional)
         keep = _count(mode, amount, tokens, protected, site)
         if keep == tokens:
             layers.append(TokenLayer(site.layer, site.point, "none", amount, tokens, tokens))
@@ -442,6 +446,85 @@ def reduce_tokens(gm: torch.fx.GraphModule, *, mode: str, amounts: Any, protecte
     out.recompile()
     out.meta["fxprune_tokens"] = TokenSchedule(n0, batch, protected, tuple(layers), sites)
     return out
+
+
+def _mask_node(attn: torch.fx.Node):
+    if op_key(attn) != "scaled_dot_product_attention":
+        return None
+    mask = attn.args[3] if len(attn.args) > 3 else attn.kwargs.get("attn_mask")
+    return mask if isinstance(mask, torch.fx.Node) else None
+
+
+def _check_masks(gm, sites, padding: str | None, example_inputs) -> None:
+    """Each SDPA mask must be all-open or the key-padding mask of ``padding``: after a
+    reduction it is replaced by ``log(size)`` (padded tokens have size 0)."""
+    by_name = {n.name: n for n in gm.graph.nodes}
+    masks = {s.layer: m for s in sites if s.kind == "sdpa"
+             and (m := _mask_node(by_name[s.attention])) is not None}
+    if not masks:
+        return
+    if example_inputs is None:
+        raise TokenReductionError(f"layer '{next(iter(masks))}' has an attention mask; "
+                                  "checking it needs example_inputs.")
+    values = _record(gm, tuple(example_inputs), {m.name for m in masks.values()}
+                     | ({padding} if padding else set()))
+    for layer, node in masks.items():
+        mask = values.get(node.name)
+        if mask is None:
+            continue
+        sources = {n.name for n in _ancestors(node) if n.op == "placeholder"}
+        if not sources:
+            allowed = _open(mask)  # a constant mask (HF builds all-open ones)
+        elif padding is not None and sources == {padding}:
+            open_ = _open_mask(mask)
+            real = (values[padding] != 0)[:, None, None, :].expand_as(open_)
+            allowed = bool((open_ == real).all())
+        else:
+            allowed = False
+        if not allowed:
+            raise TokenReductionError(
+                f"layer '{layer}': its attention mask ({describe_node(node)}) is neither "
+                f"all-open nor the key-padding mask of input {padding!r} (a causal or "
+                "custom mask, or padding from another input). Merged tokens cannot keep "
+                "it. Remedy: pass padding_mask='<the B x N 0/1 input>', or reduce tokens "
+                "only in encoders with padding masks.")
+
+
+def _open_mask(mask: torch.Tensor) -> torch.Tensor:
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
+def _open(mask: torch.Tensor) -> bool:
+    return bool(_open_mask(mask).all()) if mask.dtype == torch.bool else bool((mask == 0).all())
+
+
+def _ancestors(node: torch.fx.Node) -> set:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+class _Recorder(torch.fx.Interpreter):
+    def __init__(self, gm: torch.fx.GraphModule, wanted: set[str]) -> None:
+        super().__init__(gm)
+        self.wanted, self.values = wanted, {}
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.wanted and isinstance(out, torch.Tensor):
+            self.values[n.name] = out.detach()
+        return out
+
+
+def _record(gm: torch.fx.GraphModule, inputs: tuple, wanted: set[str]) -> dict:
+    rec = _Recorder(gm, wanted)
+    with torch.no_grad():
+        rec.run(*inputs)
+    return rec.values
 
 
 def _count(mode: str, amount: Any, tokens: int, protected: int, site: TokenLayerSite) -> int:

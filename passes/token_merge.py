@@ -322,6 +322,9 @@ def find_token_layers(gm: torch.fx.GraphModule) -> tuple[TokenLayerSite, ...]:
     a LayerNorm in post-norm layers). Raises ``AttentionNotFoundError`` when there is none.
     """
     by_name = {n.name: n for n in gm.graph.nodes}
+    if not any("tensor_meta" in n.meta for n in gm.graph.nodes):
+        raise StaticShapeError("find_token_layers needs shapes: run "
+                               "passes.shape_prop.propagate_shapes(gm, example_inputs) first.")
     blocks = find_blocks(gm, level="branch")
     sites = []
     for attn_block, mlp_block in zip(blocks, blocks[1:]):
@@ -350,6 +353,13 @@ def find_token_layers(gm: torch.fx.GraphModule) -> tuple[TokenLayerSite, ...]:
 # The rewrite
 # ----------------------------------------------------------------------------------
 def _tokens_of(node: torch.fx.Node) -> tuple[int, int]:
+    val = node.meta.get("val")  # torch.export's own shapes: symbolic where dynamic
+    if isinstance(val, torch.Tensor) and val.dim() == 3 and not isinstance(val.shape[1], int):
+        raise StaticShapeError(
+            f"{describe_node(node)}: the graph was exported with a dynamic token count "
+            f"({val.shape[1]}); r per layer, literal sizes and the schedule are fixed for "
+            "one count. Remedy: export with static shapes (pad or concatenate inputs to a "
+            "fixed length).")
     meta = node.meta.get("tensor_meta")
     shape = getattr(meta, "shape", None)
     if shape is None or len(shape) != 3:
@@ -415,6 +425,7 @@ def reduce_tokens(gm: torch.fx.GraphModule, *, mode: str, amounts: Any, protecte
     if padding is not None and (padding not in by_name or by_name[padding].op != "placeholder"):
         raise TokenReductionError(f"padding mask '{padding}' is not an input of the graph "
                                   f"(inputs: {[n.name for n in graph.nodes if n.op == 'placeholder']})")
+    _check_causal(gm, sites)
     _check_masks(gm, sites, padding, example_inputs)
     tokens, size, layers, reductions = n0, None, [], []
     for site, amount in zip(sites, values):
@@ -446,6 +457,17 @@ def reduce_tokens(gm: torch.fx.GraphModule, *, mode: str, amounts: Any, protecte
     out.recompile()
     out.meta["fxprune_tokens"] = TokenSchedule(n0, batch, protected, tuple(layers), sites)
     return out
+
+
+def _check_causal(gm, sites) -> None:
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for site in sites:
+        attn = by_name[site.attention]
+        if site.kind == "sdpa" and (attn.kwargs.get("is_causal") is True
+                                    or (len(attn.args) > 5 and attn.args[5] is True)):
+            raise TokenReductionError(f"layer '{site.layer}': causal attention "
+                                      f"({describe_node(attn)}); merged tokens have no "
+                                      "order. Remedy: reduce tokens in encoders only.")
 
 
 def _mask_node(attn: torch.fx.Node):
@@ -617,11 +639,6 @@ def _bias_attention(gm, site, by_name, size, replace, proportional) -> None:
     graph, attn = gm.graph, by_name[site.attention]
     with graph.inserting_before(attn):
         if site.kind == "sdpa":
-            if attn.kwargs.get("is_causal") is True or (len(attn.args) > 5
-                                                        and attn.args[5] is True):
-                raise TokenReductionError(f"{describe_node(attn)}: causal attention; merged "
-                                          "tokens have no order. Remedy: reduce tokens in "
-                                          "encoders only.")
             if len(attn.args) > 3:
                 mask = attn.args[3]
                 attn.update_arg(3, graph.call_function(attention_bias, (mask, size, replace,

@@ -30,8 +30,25 @@ __all__ = ["merge_tokens", "prune_tokens", "token_macs", "TokenCost", "linear_sc
 def _graph(model: torch.nn.Module, inputs: tuple, frontend: str) -> torch.fx.GraphModule:
     gm = model if isinstance(model, torch.fx.GraphModule) else trace(model, inputs,
                                                                        frontend=frontend)
-    propagate_shapes(gm, inputs)
+    if not _has_shapes(gm, inputs):
+        propagate_shapes(gm, inputs)
     return gm
+
+
+def _has_shapes(gm: torch.fx.GraphModule, inputs: tuple) -> bool:
+    """Every node carries ``tensor_meta`` propagated from inputs of these shapes (a graph
+    this module made, or one shapes were propagated on): propagation can be skipped."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+    if len(tensors) != len(inputs) or len(placeholders) != len(inputs):
+        return False
+    for node, x in zip(placeholders, tensors):
+        meta = node.meta.get("tensor_meta")
+        if getattr(meta, "shape", None) != x.shape or meta.dtype != x.dtype:
+            return False
+    return all("tensor_meta" in n.meta for n in gm.graph.nodes
+               if n.op in ("call_function", "call_method", "call_module")
+               and n.users)
 
 
 def _protected(model: torch.nn.Module, protected: int | None) -> int:

@@ -77,12 +77,12 @@ def ref_prune(x, cls_attn, size, keep, p):
 
 
 @torch.no_grad()
-def ref_vit(m, x, op, amounts):
+def ref_vit(m, x, op, amounts, metric="keys"):
     x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
     size = torch.ones(x.shape[:2])
     p = m.num_prefix_tokens
     for blk, amount in zip(m.blocks, amounts):
-        att = blk.attn
+        att, x_in = blk.attn, x
         h = blk.norm1(x)
         bsz, n, c = h.shape
         q, k, v = att.qkv(h).reshape(bsz, n, 3, att.num_heads, -1).permute(2, 0, 3, 1, 4)
@@ -92,7 +92,8 @@ def ref_vit(m, x, op, amounts):
         o = (probs @ v).transpose(1, 2).reshape(bsz, n, c)
         x = x + blk.ls1(att.proj(o))
         if op == "merge" and amount:
-            out = [ref_merge(x[i], k[i].mean(0), size[i], amount, p) for i in range(bsz)]
+            score = k.mean(1) if metric == "keys" else x_in
+            out = [ref_merge(x[i], score[i], size[i], amount, p) for i in range(bsz)]
         elif op == "prune" and amount < 1:
             keep = math.ceil(amount * (n - p) - 1e-9)
             out = [ref_prune(x[i], probs[i, :, 0].mean(0), size[i], keep, p)
@@ -131,6 +132,41 @@ def test_prune_equals_reference(keep):
     small = fxprune.prune_tokens(m, (x,), keep_rate=keep)
     amounts = keep if isinstance(keep, list) else [keep] * 3
     torch.testing.assert_close(small(x), ref_vit(m, x, "prune", amounts), rtol=1e-4, atol=1e-5)
+
+
+def test_hand_written_attention_falls_back_to_block_input():
+    """timm without fused attention: q @ k^T, softmax, @ v. Keys are not taken apart:
+    ToMe matches on the attention block's input, log(size) goes into the softmax."""
+    m, x = tiny_vit(), images()
+    for blk in m.blocks:
+        blk.attn.fused_attn = False
+    gm = fxprune.trace(m, (x,))
+    propagate_shapes(gm, (x,))
+    assert [s.kind for s in find_token_layers(gm)] == ["softmax"] * 3
+    want = ref_vit(m, x, "merge", [6] * 3, metric="input")
+    torch.testing.assert_close(fxprune.merge_tokens(m, (x,), r=6)(x), want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fxprune.prune_tokens(m, (x,), keep_rate=0.6)(x),
+                               ref_vit(m, x, "prune", [0.6] * 3), rtol=1e-4, atol=1e-5)
+    fused = tiny_vit()  # the same weights with SDPA, metric="input": the same result
+    torch.testing.assert_close(fxprune.merge_tokens(fused, (x,), r=6, metric="input")(x), want,
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_hf_vit_through_export():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=64, num_labels=3)
+    torch.manual_seed(0)
+    x = images()
+    gm = fxprune.trace(transformers.ViTForImageClassification(cfg).eval(), (x,),
+                       frontend="export")
+    want = gm(x).logits
+    assert torch.equal(fxprune.merge_tokens(gm, (x,), r=0)(x).logits, want)
+    small = fxprune.merge_tokens(gm, (x,), r=3)
+    assert small(x).logits.shape == want.shape
+    assert [lay.tokens_out for lay in small.meta["fxprune_tokens"].layers] == [14, 11]
+    assert fxprune.token_macs(gm, (x,), small).macs_after == _flop_counter_macs(small, (x,))
 
 
 def test_mean_pooling_is_size_weighted():

@@ -74,10 +74,11 @@ def vit_rows(name: str, model, rs: list[int], batches: list[int], repeats: int,
             counted = flop_counter_macs(small, (x,))
             assert abs(counted - cost.macs_after) <= 1e-6 * counted, (counted, cost)
             final = small.meta["fxprune_tokens"].final_tokens
-            ms, ratio = latency_ratio(small, base, (x,), repeats)
+            ms, ratio = latency_ratio(small, base, (x,), repeats) if repeats else (None, None)
             rows.append((name, batch, label, final, f"{cost.macs_before / batch / 1e9:.2f}",
                          f"{cost.macs_after / batch / 1e9:.2f}", f"{cost.ratio:.3f}",
-                         f"{ms:.1f}", f"{ratio:.3f}"))
+                         "-" if ms is None else f"{ms:.1f}",
+                         "-" if ratio is None else f"{ratio:.3f}"))
             print(*rows[-1], flush=True)
     return rows
 
@@ -113,6 +114,7 @@ def text_rows(model, data: dict, rs: list[int], keeps: list[float], batch: int,
               repeats: int, prune_ratio: float, combined: list[int]) -> list[tuple]:
     rows = []
     for kind, (ids, mask) in data.items():
+        repeats_here = repeats if kind != "padded" or len(data) == 1 else 0
         example = (ids[:batch], mask[:batch])
         base = fxprune.trace(model, example, frontend="export")
         reference = embed(base, ids, mask, batch)
@@ -134,10 +136,12 @@ def text_rows(model, data: dict, rs: list[int], keeps: list[float], batch: int,
             if cost is not None:
                 assert abs(cost.macs_after - macs) <= 1e-6 * macs, (cost, macs)
             cos = F.cosine_similarity(embed(small, ids, mask, batch), reference, dim=-1)
-            _, ratio = latency_ratio(small, base, example, repeats)
+            _, ratio = latency_ratio(small, base, example, repeats_here) if repeats_here \
+                else (None, None)
             final = small.meta["fxprune_tokens"].final_tokens
             rows.append((kind, f"{real:.0f}", label, final, f"{cos.mean():.4f}",
-                         f"{cos.min():.4f}", f"{macs / base_macs:.3f}", f"{ratio:.3f}"))
+                         f"{cos.min():.4f}", f"{macs / base_macs:.3f}",
+                         "-" if ratio is None else f"{ratio:.3f}"))
             print(*rows[-1], flush=True)
     return rows
 
@@ -156,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny random models (a test)")
     parser.add_argument("--part", choices=["vit", "text", "all"], default="all")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="latency runs (0: MACs only)")
+    parser.add_argument("--models", default="vit_small_patch16_224,deit_tiny_patch16_224")
+    parser.add_argument("--batches", default="1,32")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -176,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
             rs, batches, repeats = [0, 8], [2], 1
         else:
             models = [(n, timm.create_model(n, pretrained=False).eval(), 224)
-                      for n in ("vit_small_patch16_224", "deit_tiny_patch16_224")]
-            rs, batches, repeats = [0, 8, 13], [1, 32], args.repeats
+                      for n in args.models.split(",")]
+            rs, batches = [0, 8, 13], [int(b) for b in args.batches.split(",")]
+            repeats = args.repeats
         rows = []
         for name, model, image in models:
             rows += vit_rows(name, model, rs, batches, repeats, image)

@@ -10,6 +10,7 @@ for the rewrite and docs/tokens.md for what was measured.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -157,13 +158,16 @@ def token_macs(model: torch.nn.Module, example_inputs: Any, reduced: torch.fx.Gr
     """MACs of ``reduced`` predicted from ``model``'s dense per-node MACs and the token
     count each node sees (``reduced.meta["fxprune_tokens"]``).
 
-    Per node (FlopCounterMode on the source graph, fake tensors): a linear/conv node
+    Per node (FlopCounterMode on the source graph, fake tensors; attention from its
+    shapes, which FlopCounterMode misses on CPU kernels): a linear/conv node
     scales with ``n / N``; an attention product (SDPA, q @ k^T, attn @ v: a tensor
     with two token dims) with ``(n / N)^2``; ``nn.MultiheadAttention`` splits into
     its projections (``n``) and its attention (``n^2``). The rewrite's own work is added:
     ToMe's matching ``B * |A| * |B| * d`` per layer, keys recomputed from ``in_proj`` for
     ``nn.MultiheadAttention`` (``B * n * E^2``), EViT's class attention ``B * H * n * d``.
     Tokens are assumed on dim 1, with ``N`` not equal to other sizes of those tensors.
+    ``FlopCounterMode`` agrees on the rewritten graph when attention runs its counted
+    path (``sdpa_kernel(SDPBackend.MATH)``, grad enabled: see tests/tokens).
     """
     from passes.cost import node_flops
 
@@ -176,13 +180,12 @@ def token_macs(model: torch.nn.Module, example_inputs: Any, reduced: torch.fx.Gr
     before = after = extra = 0.0
     per_layer: dict[str, float] = {}
     for node in gm.graph.nodes:
-        macs = flops.get(node.name, 0) / 2
+        macs = _dense_macs(gm, node, flops.get(node.name, 0) / 2)
         if not macs:
             continue
         n = counts.get(node.name, n0)
         before += macs
-        scaled = _scaled(gm, node, macs, n, n0, b)
-        after += scaled
+        after += _scaled(gm, node, macs, n, n0, b)
     for layer, site in zip(schedule.layers, schedule.sites):
         if layer.op == "none":
             continue
@@ -204,6 +207,30 @@ def _node_tokens(gm: torch.fx.GraphModule, schedule: TokenSchedule) -> dict[str,
     return counts
 
 
+def _shape(node) -> tuple | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
+    return tuple(meta.shape) if hasattr(meta, "shape") else None
+
+
+def _dense_macs(gm, node: torch.fx.Node, counted: float) -> float:
+    """MACs of one node at the source token count. Attention is counted from its shapes:
+    FlopCounterMode (torch 2.14) counts 0 for CPU SDPA kernels and for
+    ``nn.MultiheadAttention``'s inference fast path, yet the attention products are
+    what shrinks quadratically with the token count."""
+    if node.op == "call_function" and op_key(node) == "scaled_dot_product_attention":
+        q, k, v = (_shape(a) for a in node.args[:3])
+        if q and k and v:
+            batch = math.prod(q[:-2])
+            return float(batch * q[-2] * k[-2] * (q[-1] + v[-1]))
+    if node.op == "call_module" and isinstance(gm.get_submodule(node.target),
+                                                torch.nn.MultiheadAttention):
+        mod, x = gm.get_submodule(node.target), _shape(node.args[0])
+        if x and mod._qkv_same_embed_dim:
+            b, n, e = x
+            return float(4 * b * n * e * e + 2 * b * n * n * e)
+    return counted
+
+
 def _token_dims(node: torch.fx.Node, n0: int) -> int:
     values = [node] + list(node.all_input_nodes)
     best = 0
@@ -222,8 +249,10 @@ def _scaled(gm, node, macs: float, n: int, n0: int, b: int) -> float:
                                                 torch.nn.MultiheadAttention):
         e = gm.get_submodule(node.target).embed_dim
         lin = 4.0 * b * n0 * e * e  # in_proj (3E) and out_proj (E) rows per token
-        return lin * f + (macs - lin) * f * f  # what FlopCounterMode saw of q @ k, p @ v
+        return lin * f + (macs - lin) * f * f  # q @ k^T and p @ v
     dims = _token_dims(node, n0)
+    if node.op == "call_function" and op_key(node) == "scaled_dot_product_attention":
+        dims = 2  # self-attention: queries and keys both reduced
     if dims == 2 and op_key(node) not in _QUADRATIC and node.op != "call_module":
         dims = 1
     return macs * f ** dims

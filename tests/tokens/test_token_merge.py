@@ -265,7 +265,12 @@ def test_torchvision_mha_keys_from_in_proj():
 
 # ----------------------------------------------------------------------------------
 def _flop_counter_macs(gm, inputs) -> float:
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    """FlopCounterMode's count with attention on its counted path: the math SDPA backend
+    (CPU kernels count 0) and grad enabled (nn.MultiheadAttention's fast path counts 0)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), \
+            torch.enable_grad():
         gm(*inputs)
     return counter.get_total_flops() / 2
 

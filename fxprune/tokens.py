@@ -143,7 +143,7 @@ class TokenCost:
     macs_before: float
     macs_after: float
     reduction_macs: float  # matching / class attention the rewrite adds
-    per_layer: tuple[tuple[str, int, float], ...]  # (layer, tokens its MLP sees, MACs)
+    per_layer: tuple[tuple[str, int, int], ...]  # (layer, tokens in, tokens its MLP sees)
 
     @property
     def ratio(self) -> float:
@@ -178,7 +178,6 @@ def token_macs(model: torch.nn.Module, example_inputs: Any, reduced: torch.fx.Gr
     n0, b = schedule.tokens, schedule.batch
     counts = _node_tokens(gm, schedule)
     before = after = extra = 0.0
-    per_layer: dict[str, float] = {}
     for node in gm.graph.nodes:
         macs = _dense_macs(gm, node, flops.get(node.name, 0) / 2)
         if not macs:
@@ -190,10 +189,8 @@ def token_macs(model: torch.nn.Module, example_inputs: Any, reduced: torch.fx.Gr
         if layer.op == "none":
             continue
         extra += _reduction_macs(gm, site, layer, schedule)
-    for layer in schedule.layers:
-        per_layer[layer.layer] = layer.tokens_out
     return TokenCost(before, after + extra, extra,
-                     tuple((lay.layer, lay.tokens_out, 0.0) for lay in schedule.layers))
+                     tuple((lay.layer, lay.tokens_in, lay.tokens_out) for lay in schedule.layers))
 
 
 def _node_tokens(gm: torch.fx.GraphModule, schedule: TokenSchedule) -> dict[str, int]:

@@ -20,12 +20,13 @@ attends to most, fuse the rest into one).
 
 Before/after (a pre-norm layer, merge with r tokens)::
 
-    add_1 = x + drop_path1(proj(sdpa(q, k, v)))        add_1 = x + drop_path1(proj(sdpa(q, k, v)))
-    norm2 = layer_norm(add_1)                          metric = key_metric(k)
-    add_2 = add_1 + mlp(norm2)                         merged = bipartite_merge(add_1, metric, None, r, 1)
-                                                       tokens = merged[0]; size = merged[1]
-                                                       norm2 = layer_norm(tokens)
-                                                       add_2 = tokens + mlp(norm2)
+    add_1 = x + drop_path1(proj(sdpa(q, k, v)))   # before: the MLP reads add_1
+    add_2 = add_1 + mlp(layer_norm(add_1))
+
+    add_1 = x + drop_path1(proj(sdpa(q, k, v)))   # after
+    merged = bipartite_merge(add_1, key_metric(k), size, r, protected)
+    tokens, size = merged[0], merged[1]
+    add_2 = tokens + mlp(layer_norm(tokens))     # later sdpa: attn_mask = log(size)
 """
 from __future__ import annotations
 
@@ -337,7 +338,8 @@ def find_token_layers(gm: torch.fx.GraphModule) -> tuple[TokenLayerSite, ...]:
             raise TokenReductionError(
                 f"{describe_node(node)}: nn.MultiheadAttention with batch_first=False "
                 "(tokens on dim 0). Remedy: use batch_first=True layers.")
-        sites.append(TokenLayerSite(attn_block.name, kind, node.name, attn_block.input, mlp_block.input))
+        sites.append(TokenLayerSite(attn_block.name, kind, node.name, attn_block.input,
+                                    mlp_block.input))
     if not sites:
         raise AttentionNotFoundError(
             f"no transformer layer found in {type(gm).__name__}: no residual block contains "
@@ -423,8 +425,10 @@ def reduce_tokens(gm: torch.fx.GraphModule, *, mode: str, amounts: Any, protecte
     by_name = {n.name: n for n in graph.nodes}
     batch, n0 = _tokens_of(by_name[sites[0].point])
     if padding is not None and (padding not in by_name or by_name[padding].op != "placeholder"):
+        inputs = [n.name for n in graph.nodes if n.op == "placeholder"]
         raise TokenReductionError(f"padding mask '{padding}' is not an input of the graph "
-                                  f"(inputs: {[n.name for n in graph.nodes if n.op == 'placeholder']})")
+                                  f"(inputs: {inputs}). Remedy: padding_mask=<one of "
+                                  "them>, or None for inputs without padding.")
     _check_causal(gm, sites)
     _check_masks(gm, sites, padding, example_inputs)
     tokens, size, layers, reductions = n0, None, [], []
@@ -579,9 +583,10 @@ def _count(mode: str, amount: Any, tokens: int, protected: int, site: TokenLayer
 
 def _insert_reduction(gm, site, by_name, mode, size, tokens, keep, protected, metric):
     graph = gm.graph
-    point, attn = by_name[site.point], by_name[site.attention]
-    users = list(point.users)
-    # inserting_after prepends: build in a scratch position before the first user
+    point = by_name[site.point]
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    users = sorted(point.users, key=order.__getitem__)
+    # before the earliest user, so the new nodes keep their creation order
     with graph.inserting_before(users[0] if users else None):
         if mode == "merge":
             score = _metric_node(gm, site, by_name, metric)

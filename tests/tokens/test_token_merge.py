@@ -367,3 +367,15 @@ def test_causal_attention_is_refused():
     model = nn.Sequential(Layer(causal=True), Layer(causal=True))
     with pytest.raises(TokenReductionError, match="layer '0': causal.*Remedy"):
         fxprune.merge_tokens(model, (torch.randn(2, 9, 16),), r=2)
+
+
+def test_linear_schedule_drives_merge():
+    assert fxprune.linear_schedule(12, 0, 4) == [12, 8, 4, 0]
+    assert fxprune.linear_schedule(5, 5, 1) == [5]
+    with pytest.raises(TokenScheduleError):
+        fxprune.linear_schedule(4, 0, 0)
+    m, x = tiny_vit(), images()
+    small = fxprune.merge_tokens(m, (x,), r=fxprune.linear_schedule(12, 4, 3))
+    assert [lay.tokens_out for lay in small.meta["fxprune_tokens"].layers] == [53, 45, 41]
+    torch.testing.assert_close(small(x), ref_vit(m, x, "merge", [12, 8, 4]), rtol=1e-4,
+                               atol=1e-5)

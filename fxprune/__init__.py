@@ -23,7 +23,8 @@ __version__ = "0.1.0"
 # bound after the submodule ``fxprune.plan`` has been imported, so it wins the attribute.
 from fxprune.errors import (BudgetError, FxpruneError, ImportanceError,  # noqa: E402
                             NonFiniteScoreError, PatternError, PlanError, RewriteError,
-                            SharedWeightError, SparsityError,
+                            SharedWeightError, SparsityError, AttentionNotFoundError,
+                            StaticShapeError, TokenReductionError, TokenScheduleError,
                             ShapePropagationError, TraceError, UnsupportedOpError,
                             VerificationError)
 from fxprune.groups import ChannelGroup, GroupAnalysis, Member  # noqa: E402
@@ -40,6 +41,8 @@ _EXPORTS = {
     **dict.fromkeys(["GradualPruner", "SparsityPlan", "apply_sparsity", "attach_masks",
                      "cubic_sparsity", "finalize", "sparsify", "to_semi_structured",
                      "verify_sparsity"], "fxprune.sparsity"),
+    **dict.fromkeys(["TokenCost", "merge_tokens", "prune_tokens", "token_macs",
+                     "token_schedule"], "fxprune.tokens"),
 }
 
 __all__ = [
@@ -54,6 +57,9 @@ __all__ += ["Block", "find_blocks", "block_similarity", "remove_blocks", "verify
 __all__ += ["sparsify", "SparsityPlan", "verify_sparsity", "apply_sparsity", "attach_masks",
             "finalize", "cubic_sparsity", "GradualPruner", "to_semi_structured",
             "SparsityError", "PatternError", "SharedWeightError"]
+__all__ += ["merge_tokens", "prune_tokens", "token_macs", "TokenCost", "token_schedule",
+            "TokenReductionError", "TokenScheduleError", "AttentionNotFoundError",
+            "StaticShapeError"]
 
 
 def __getattr__(name: str) -> Any:

@@ -133,15 +133,18 @@ def _piece_count(node: torch.fx.Node) -> int | None:
 
 def trace(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None, *,
           leaf_modules: Sequence[type | str] = (), concrete_args: dict | None = None,
-          frontend: str = "auto",
-          autowrap_functions: Sequence[Callable] = ()) -> torch.fx.GraphModule:
+          frontend: str = "auto", autowrap_functions: Sequence[Callable] = (),
+          dynamic: bool = True) -> torch.fx.GraphModule:
     """Capture ``model`` as a GraphModule.
 
     ``frontend``: "fx" (``torch.fx`` symbolic tracing with :class:`FxpruneTracer`),
     "export" (``torch.export``, ATen-level, needs ``example_inputs``), or "auto" (fx, then
     export when fx fails). ``leaf_modules`` / ``autowrap_functions`` are kept whole by
     the fx tracer; a timm model also gets timm's own (``timm.layers.get_notrace_modules``,
-    ``get_notrace_functions``), which it needs to trace. The model itself is not modified.
+    ``get_notrace_functions``), which it needs to trace. ``dynamic`` (export only): keep
+    the batch and sequence dims dynamic where the model allows (default); ``False``
+    specialises every size to the example inputs (passes that need a static token count).
+    The model itself is not modified.
     """
     if frontend not in ("auto", "fx", "export"):
         raise ValueError("frontend must be 'auto', 'fx' or 'export'")
@@ -157,7 +160,7 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None, *
     if example_inputs is None:
         raise TraceError("; ".join(errors) + ". frontend='export' needs example_inputs" + _REMEDY)
     try:
-        exported = _export(model, tuple(example_inputs))
+        exported = _export(model, tuple(example_inputs), dynamic=dynamic)
         gm = exported.module()
         _inline_grad_mode_regions(gm)
         gm.meta["fxprune_frontend"] = "export"
@@ -225,12 +228,14 @@ def _check_runs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> None
         gm(*args)
 
 
-def _export(model: torch.nn.Module, inputs: tuple) -> Any:
+def _export(model: torch.nn.Module, inputs: tuple, *, dynamic: bool = True) -> Any:
     """``torch.export.export`` with the batch dim (dim 0) of every tensor input and the
     sequence dim (dim 1) of token-shaped inputs (rank 2 or 3) marked ``Dim.AUTO``: they
     stay dynamic where the model allows it, and are specialised silently where it does
     not (a size-1 example dim is always specialised). Falls back to static shapes when
     export rejects the dynamic ones."""
+    if not dynamic:
+        return torch.export.export(model, inputs, strict=False)
     auto = torch.export.Dim.AUTO
 
     def spec(x: Any) -> Any:

@@ -102,3 +102,22 @@ class PatternError(SparsityError):
 
 class SharedWeightError(SparsityError):
     """A weight to sparsify is shared under several names, which one mask cannot follow."""
+
+
+class TokenReductionError(RewriteError):
+    """Token merging or pruning cannot be applied as asked (names the layer and the remedy)."""
+
+
+class TokenScheduleError(TokenReductionError, ValueError):
+    """A token schedule is invalid: ``r`` above the tokens a layer has, ``keep_rate``
+    outside (0, 1], a schedule whose length is not the number of layers."""
+
+
+class AttentionNotFoundError(TokenReductionError):
+    """No attention (SDPA, ``nn.MultiheadAttention`` or a softmax over keys) was found in
+    a residual block, so there is no layer to reduce tokens in."""
+
+
+class StaticShapeError(TokenReductionError):
+    """The token count is dynamic where the pass needs it static, or a literal size in the
+    graph pins it (a reshape that cannot be rewritten, token-mixing weights)."""

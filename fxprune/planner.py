@@ -52,6 +52,13 @@ def linear_schedule(step: int, steps: int) -> float:
     return step / steps
 
 
+@_schedule("cubic")
+def cubic_schedule(step: int, steps: int) -> float:
+    """Zhu & Gupta 2017 ("To prune, or not to prune"): ``1 - (1 - step/steps)^3``, large
+    cuts first, gentle at the end."""
+    return 1.0 - (1.0 - step / steps) ** 3
+
+
 @_schedule("geometric")
 def geometric_schedule(step: int, steps: int) -> float:
     """Larger cuts first: 1 - 2^-step, rescaled to end at 1."""

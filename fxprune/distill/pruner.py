@@ -63,6 +63,8 @@ from fxprune.distill.student import GatedStudent, set_graph_training
 from fxprune.errors import (BudgetError, CheckpointMismatchError, DistillError, GateTamperError,
                             ImportanceError)
 from fxprune.importance import CRITERIA, Importance, ScoreContext
+from fxprune.planner import SCHEDULES as PLANNER_SCHEDULES
+from fxprune.planner import cubic_schedule, linear_schedule
 from passes.gates import GATES, insert_gates
 
 __all__ = ["Pruner", "DistillResult", "SCHEDULES", "save_checkpoint", "load_checkpoint",
@@ -73,18 +75,7 @@ REMOVED = -np.finfo(np.float64).max  # ranks first; the planner rejects -inf
 SELECTIONS = ("scored", "slimming")
 
 
-def linear_schedule(k: int, total: int) -> float:
-    """Equal shares of the budget per removal: ``k / total``."""
-    return k / total
-
-
-def cubic_schedule(k: int, total: int) -> float:
-    """Zhu & Gupta 2017: ``1 - (1 - k/total)^3`` (large cuts first, gentle at the end)."""
-    return 1.0 - (1.0 - k / total) ** 3
-
-
-SCHEDULES: dict[str, Callable[[int, int], float]] = {"linear": linear_schedule,
-                                                      "cubic": cubic_schedule}
+SCHEDULES = {name: PLANNER_SCHEDULES[name] for name in ("linear", "cubic")}
 # criterion -> statistics gathered during training (gate gradients are always kept)
 NEEDS = {"taylor": ("weight_taylor",), "hessian": ("gate_hessian",), "cpd": ("gate_hessian",),
          "obd": ("weight_hessian",)}

@@ -24,6 +24,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from fxprune.errors import SparsityError
+from fxprune.planner import cubic_schedule
 from fxprune.sparsity.masks import check_fraction
 from fxprune.sparsity.plan import PackedMask, SparsityPlan
 
@@ -128,7 +129,7 @@ def cubic_sparsity(step: int, final: float, *, begin: int, end: int,
         return initial
     if step >= end:
         return final
-    return final + (initial - final) * (1.0 - (step - begin) / (end - begin)) ** 3
+    return initial + (final - initial) * cubic_schedule(step - begin, end - begin)
 
 
 class GradualPruner:

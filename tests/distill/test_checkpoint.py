@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from fxprune.distill import Pruner, load_checkpoint, save_checkpoint
 from fxprune.distill.losses import mixed_kd_loss
 
-from tests.distill._models import ResNetlet, batches
+from tests.distill._distill_models import ResNetlet, batches
 
 DATA = batches(6, seed=3)
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from fxprune.distill import Pruner
 
-from tests.distill._models import ResNetlet, batches
+from tests.distill._distill_models import ResNetlet, batches
 
 STEPS, INTERVAL = 6, 2
 

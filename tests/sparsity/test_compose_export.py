@@ -10,7 +10,7 @@ import fxprune
 from fxprune.errors import SparsityError
 from fxprune.sparsity import semi_structured_support, storage_bytes, to_semi_structured
 
-from _models import cnn_inputs, small_cnn
+from _sparse_models import cnn_inputs, small_cnn
 
 
 def test_compile_then_sparsify_both_proofs_hold():

@@ -15,7 +15,7 @@ from fxprune.importance import CRITERIA, Importance
 from fxprune.sparsity import SparsityPlan, select_weights, sparsity_table, weight_criteria
 from fxprune.sparsity.masks import check_nm, unstructured_masks
 
-from _models import cnn_data, cnn_inputs, small_cnn
+from _sparse_models import cnn_data, cnn_inputs, small_cnn
 from conftest import assert_untouched, snapshot
 
 CE = F.cross_entropy

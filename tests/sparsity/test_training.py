@@ -9,7 +9,7 @@ from torch.nn.utils import parametrize
 import fxprune
 from fxprune.sparsity import current_plan
 
-from _models import cnn_data, cnn_inputs, small_cnn
+from _sparse_models import cnn_data, cnn_inputs, small_cnn
 from conftest import assert_untouched, snapshot
 
 

@@ -7,7 +7,7 @@ from fxprune.distill import Pruner, fit
 from fxprune.errors import (BudgetError, CheckpointMismatchError, DistillError, FxpruneError,
                             GateTamperError)
 
-from tests.distill._models import ResNetlet, batches
+from tests.distill._distill_models import ResNetlet, batches
 
 X = batches(1)[0][0]
 

@@ -8,7 +8,7 @@ import torch.nn as nn
 import fxprune
 from fxprune.errors import (ImportanceError, PatternError, SharedWeightError, SparsityError)
 
-from _models import cnn_data, cnn_inputs, small_cnn
+from _sparse_models import cnn_data, cnn_inputs, small_cnn
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan")])

@@ -25,6 +25,7 @@ from passes.find_blocks import find_blocks as _find_blocks
 from passes.mask import mask_blocks
 from passes.remove_blocks import remove_blocks as _remove_blocks
 from passes.shape_prop import propagate_shapes
+from passes.record import record_values
 
 __all__ = ["Block", "find_blocks", "block_similarity", "remove_blocks", "verify_blocks"]
 
@@ -58,7 +59,7 @@ def block_similarity(model: GroupAnalysis | torch.fx.GraphModule, blocks: Sequen
     """
     gm = copy.deepcopy(_graph(model)).eval()
     wanted = {b.input for b in blocks} | {b.output for b in blocks}
-    values = _record(gm, _as_tuple(inputs), wanted)
+    values = record_values(gm, _as_tuple(inputs), wanted)
     scores = []
     for b in blocks:
         x, y = values[b.input].double(), values[b.output].double()
@@ -113,25 +114,6 @@ def verify_blocks(model: GroupAnalysis | torch.fx.GraphModule, pruned: torch.nn.
 # ----------------------------------------------------------------------------------
 def _as_tuple(x: Any) -> tuple:
     return (x,) if isinstance(x, torch.Tensor) else tuple(x)
-
-
-class _Recorder(torch.fx.Interpreter):
-    def __init__(self, gm: torch.fx.GraphModule, wanted: set[str]) -> None:
-        super().__init__(gm)
-        self.wanted, self.values = wanted, {}
-
-    def run_node(self, n: torch.fx.Node) -> Any:
-        out = super().run_node(n)
-        if n.name in self.wanted:
-            self.values[n.name] = out.detach()
-        return out
-
-
-def _record(gm: torch.fx.GraphModule, inputs: tuple, wanted: set[str]) -> dict:
-    rec = _Recorder(gm, wanted)
-    with torch.no_grad():
-        rec.run(*inputs)
-    return rec.values
 
 
 def _run64(gm: torch.nn.Module, inputs: tuple) -> list[torch.Tensor]:

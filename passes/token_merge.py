@@ -45,6 +45,7 @@ from fxprune.errors import (AttentionNotFoundError, StaticShapeError, TokenReduc
                             TokenScheduleError, describe_node)
 from passes.find_blocks import Block, find_blocks
 from passes.rules.registry import op_key
+from passes.record import record_values
 
 __all__ = ["TokenLayer", "TokenLayerSite", "TokenSchedule", "find_token_layers",
            "reduce_tokens", "bipartite_merge", "evit_prune", "key_metric", "mha_key_metric",
@@ -492,7 +493,7 @@ def _check_masks(gm, sites, padding: str | None, example_inputs) -> None:
     if example_inputs is None:
         raise TokenReductionError(f"layer '{next(iter(masks))}' has an attention mask; "
                                   "checking it needs example_inputs.")
-    values = _record(gm, tuple(example_inputs), {m.name for m in masks.values()}
+    values = record_values(gm, tuple(example_inputs), {m.name for m in masks.values()}
                      | ({padding} if padding else set()))
     for layer, node in masks.items():
         mask = values.get(node.name)
@@ -538,25 +539,6 @@ def _ancestors(node: torch.fx.Node, *, values_only: bool = False) -> set:
             if not (values_only and op_key(n) in _SIZE_QUERIES):
                 stack.extend(n.all_input_nodes)
     return seen
-
-
-class _Recorder(torch.fx.Interpreter):
-    def __init__(self, gm: torch.fx.GraphModule, wanted: set[str]) -> None:
-        super().__init__(gm)
-        self.wanted, self.values = wanted, {}
-
-    def run_node(self, n: torch.fx.Node) -> Any:
-        out = super().run_node(n)
-        if n.name in self.wanted and isinstance(out, torch.Tensor):
-            self.values[n.name] = out.detach()
-        return out
-
-
-def _record(gm: torch.fx.GraphModule, inputs: tuple, wanted: set[str]) -> dict:
-    rec = _Recorder(gm, wanted)
-    with torch.no_grad():
-        rec.run(*inputs)
-    return rec.values
 
 
 def _count(mode: str, amount: Any, tokens: int, protected: int, site: TokenLayerSite) -> int:

@@ -315,8 +315,10 @@ def l1(ctx: ScoreContext, group: ChannelGroup) -> np.ndarray:
 
 @criterion("l2", per_member=True)
 def l2(ctx: ScoreContext, group: ChannelGroup) -> np.ndarray:
-    """sqrt(sum w^2) over each member's slice of the unit, reduced over members."""
-    return ctx.combine(group, ctx.member_vectors(group, _square, finish=np.sqrt))
+    """The L2 norm of the unit's parameters: sqrt of the members' sums of w^2, combined
+    (the standard norm with the default ``reduction="sum"``; equal to
+    ``fxprune.magnitude_scores(p=2)``, which ``Plan.from_ratio(criterion="l2")`` uses)."""
+    return np.sqrt(ctx.combine(group, ctx.member_vectors(group, _square)))
 
 
 _NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)

@@ -357,8 +357,8 @@ def _check_no_empty_slice(analysis: GroupAnalysis, keep: Mapping[str, Iterable[i
 
 
 def magnitude_scores(analysis: GroupAnalysis, group: ChannelGroup, *, p: int = 1) -> np.ndarray:
-    """The L``p`` norm of each unit's parameters, every member slice of the group
-    together: ``sum |w|`` (p=1), ``sqrt(sum w^2)`` (p=2, the standard L2 norm, as
+    """The L``p`` norm of each unit's parameters (buffers such as running statistics are
+    not weights and do not count), every member slice of the group together: ``sum |w|`` (p=1), ``sqrt(sum w^2)`` (p=2, the standard L2 norm, as
     ``fxprune.importance.l2`` for one member). Shape ``(group.size,)``; meta tensors: zeros.
     Raises ``PlanError`` for another ``p``."""
     if p not in (1, 2):
@@ -367,7 +367,7 @@ def magnitude_scores(analysis: GroupAnalysis, group: ChannelGroup, *, p: int = 1
     gm = analysis.gm
     for m in group.members:
         t = _tensor(gm, m.fqn)
-        if t is None or t.is_meta or not t.is_floating_point():
+        if not isinstance(t, torch.nn.Parameter) or t.is_meta or not t.is_floating_point():
             continue
         per_index = t.detach().abs().pow(p).float().transpose(0, m.dim).reshape(t.shape[m.dim], -1)
         per_index = per_index.sum(1).cpu().numpy()

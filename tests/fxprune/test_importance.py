@@ -69,12 +69,17 @@ def test_layer_norm_divides_each_member_first(bn_chain):
     np.testing.assert_allclose(got, want)
 
 
-def test_l2_sums_slice_norms(bn_chain):
+def test_l2_is_the_norm_of_all_member_slices(bn_chain):
+    """One L2 everywhere: sqrt of the sum of squares over every slice of the unit."""
     _, a = bn_chain
     got = importance_scores(a, "l2")["conv1.weight[0]"]
-    want = [math.sqrt(5) + math.sqrt(2) + 0.5 + 0.1, math.sqrt(0.5) + 1 + 2 + 0,
-            math.sqrt(10) + 2 + 1 + 0.2]
+    want = [math.sqrt(5 + 2 + 0.25 + 0.01), math.sqrt(0.5 + 1 + 4 + 0),
+            math.sqrt(10 + 4 + 1 + 0.04)]
     np.testing.assert_allclose(got, want)
+    g = a.group("conv1.weight[0]")
+    for name, p in (("l1", 1), ("l2", 2)):
+        np.testing.assert_allclose(importance_scores(a, name)[g.name],
+                                   fxprune.magnitude_scores(a, g, p=p), rtol=1e-6)
 
 
 def test_bn_scale_is_abs_gamma(bn_chain):

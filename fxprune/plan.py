@@ -138,7 +138,7 @@ class Plan:
             order = np.argsort(-scores, kind="stable")
             out[g.name] = tuple(sorted(order[:n_keep].tolist()))
             scored[g.name] = scores
-        out = _keep_every_dim(analysis, out, scored)
+        out = _guarded(analysis, out, scored)
         return cls._make(analysis, out, meta={"ratio": ratio,
                                               "criterion": criterion_name(criterion)})
 
@@ -309,34 +309,61 @@ def _ranges(idx: Iterable[int]) -> str:
     return ",".join(parts) if len(parts) <= 12 else ",".join(parts[:12]) + ",..."
 
 
-def _keep_every_dim(analysis: GroupAnalysis, keep: Mapping[str, tuple[int, ...]],
-                    scores: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
-    """Put back the best-scored unit of every tensor dim that ``keep`` would empty.
+def _guarded(analysis: GroupAnalysis, keep: Mapping[str, tuple[int, ...]],
+             scores: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """``keep`` with the best-scored unit of every tensor dim it would empty put back."""
+    kept = np.ones(analysis.num_units, dtype=bool)
+    labels = {name: np.flatnonzero(analysis.group_of == analysis.group(name).id)
+              for name in keep}
+    for name, idx in keep.items():
+        kept[labels[name]] = False
+        kept[labels[name][list(idx)]] = True
+    kept = DimGuard(analysis, scores)(kept)
+    return {name: tuple(np.flatnonzero(kept[lab]).tolist()) for name, lab in labels.items()}
 
-    A unit may cover a whole layer: ShuffleNet's channel shuffles union the positions
-    of both halves block after block, so a late branch conv's rows all carry one unit
-    of the stage's group. A ratio plan keeps such a layer alive (at least one unit)
-    rather than failing ``_check_no_empty_slice``; the group keeps a few more units.
+
+class DimGuard:
+    """Puts back the best-scored unit of every tensor dim a removal set would empty.
+
+    A unit set can cover a whole layer while its group survives: a concatenated branch
+    (GoogLeNet, DenseNet) or a channel-shuffled half (ShuffleNet) holds only some of
+    the group's units. Such a layer keeps one unit (the plan may then miss ``round_to``
+    for that group by one), (``Plan.from_ratio`` and the planner
+    both use it). ``scores``: group name -> per-unit scores (missing groups: none kept
+    back from them).
     """
-    kept = {name: set(idx) for name, idx in keep.items()}
-    dims: dict[tuple[str, int], list[tuple[str, np.ndarray]]] = {}
-    for name in keep:
-        for m in analysis.group(name).members:
-            dims.setdefault((m.fqn, m.dim), []).append((name, m.units))
-    for parts in dims.values():
-        length = len(parts[0][1])
-        alive = np.zeros(length, dtype=bool)
-        inside = np.zeros(length, dtype=bool)
-        for name, units in parts:
-            inside |= units >= 0
-            alive |= np.isin(units, list(kept[name]))
-        if not length or (alive | ~inside).any():
-            continue
-        name, unit = max(((name, int(u)) for name, units in parts
-                          for u in np.unique(units[units >= 0])),
-                         key=lambda nu: scores[nu[0]][nu[1]])
-        kept[name].add(unit)
-    return {name: tuple(sorted(units)) for name, units in kept.items()}
+
+    def __init__(self, analysis: GroupAnalysis, scores: Mapping[str, np.ndarray]) -> None:
+        best = np.full(analysis.num_units, -np.inf)
+        for g in analysis.groups:
+            if g.name in scores:
+                best[analysis.group_of == g.id] = scores[g.name]
+        pieces = [np.unique(lab) for lab in analysis.tensor_labels.values()
+                  if len(lab) and (lab >= 0).all()]
+        self.pieces = [p for p in pieces if len(p) < self._group_size(analysis, p)]
+        self.best = best
+        lengths = np.array([len(p) for p in self.pieces], dtype=np.int64)
+        self.flat = np.concatenate(self.pieces) if self.pieces else np.zeros(0, np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(lengths[:-1])]) if self.pieces else \
+            np.zeros(0, np.int64)
+
+    @staticmethod
+    def _group_size(analysis: GroupAnalysis, labels: np.ndarray) -> int:
+        """Units of the groups ``labels`` touch: a dim holding all of them empties only
+        with its group, which the caps already forbid."""
+        return int(np.isin(analysis.group_of, np.unique(analysis.group_of[labels])).sum())
+
+    def __call__(self, kept: np.ndarray) -> np.ndarray:
+        if not len(self.flat):
+            return kept
+        alive = np.add.reduceat(kept[self.flat].astype(np.int64), self.starts) > 0
+        if alive.all():
+            return kept
+        kept = kept.copy()
+        for i in np.flatnonzero(~alive):
+            piece = self.pieces[i]
+            kept[piece[np.argmax(self.best[piece])]] = True
+        return kept
 
 
 def _check_no_empty_slice(analysis: GroupAnalysis, keep: Mapping[str, Iterable[int]]) -> None:

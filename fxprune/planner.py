@@ -30,7 +30,7 @@ import numpy as np
 from fxprune.errors import BudgetError, PlanError
 from fxprune.groups import ChannelGroup, GroupAnalysis
 from fxprune.importance import Importance
-from fxprune.plan import Plan, resolve_ignore
+from fxprune.plan import DimGuard, Plan, resolve_ignore
 
 __all__ = ["plan", "Budget", "SCHEDULES", "TOLERANCE"]
 
@@ -183,7 +183,7 @@ class _Search:
         else:
             self.ranked_owner = np.zeros(0, dtype=np.int64)
         self.free = free
-        self.guard = _DimGuard(analysis, scores)
+        self.guard = DimGuard(analysis, scores)
 
     @property
     def knob_max(self) -> float:
@@ -222,47 +222,6 @@ class _Search:
         kept = self.kept(counts)
         return {b.name: np.flatnonzero(kept[b.labels]).tolist()
                 for b in self.bounds if not kept[b.labels].all()}
-
-
-class _DimGuard:
-    """Puts back the best-scored unit of every tensor dim a removal set would empty.
-
-    A unit set can cover a whole layer while its group survives: a concatenated branch
-    (GoogLeNet, DenseNet) or a channel-shuffled half (ShuffleNet) holds only some of
-    the group's units. Such a layer keeps one unit (the plan may then miss ``round_to``
-    for that group by one), as ``Plan.from_ratio`` does.
-    """
-
-    def __init__(self, analysis: GroupAnalysis, scores: Mapping[str, np.ndarray]) -> None:
-        best = np.full(analysis.num_units, -np.inf)
-        for g in analysis.groups:
-            best[analysis.group_of == g.id] = scores[g.name]
-        pieces = [np.unique(lab) for lab in analysis.tensor_labels.values()
-                  if len(lab) and (lab >= 0).all()]
-        self.pieces = [p for p in pieces if len(p) < self._group_size(analysis, p)]
-        self.best = best
-        lengths = np.array([len(p) for p in self.pieces], dtype=np.int64)
-        self.flat = np.concatenate(self.pieces) if self.pieces else np.zeros(0, np.int64)
-        self.starts = np.concatenate([[0], np.cumsum(lengths[:-1])]) if self.pieces else \
-            np.zeros(0, np.int64)
-
-    @staticmethod
-    def _group_size(analysis: GroupAnalysis, labels: np.ndarray) -> int:
-        """Units of the groups ``labels`` touch: a dim holding all of them empties only
-        with its group, which the caps already forbid."""
-        return int(np.isin(analysis.group_of, np.unique(analysis.group_of[labels])).sum())
-
-    def __call__(self, kept: np.ndarray) -> np.ndarray:
-        if not len(self.flat):
-            return kept
-        alive = np.add.reduceat(kept[self.flat].astype(np.int64), self.starts) > 0
-        if alive.all():
-            return kept
-        kept = kept.copy()
-        for i in np.flatnonzero(~alive):
-            piece = self.pieces[i]
-            kept[piece[np.argmax(self.best[piece])]] = True
-        return kept
 
 
 # ----------------------------------------------------------------------------------

@@ -56,7 +56,8 @@ def load_sliced_state_dict(pruned: torch.nn.Module, plan: Plan,
 
     ``analysis``: the analysis ``pruned`` was compiled from (default: the plan's own).
     Each tensor takes the pruned module's dtype and ``device``; a tied tensor is
-    loaded once and stays tied.
+    loaded once and stays tied; ``device=meta`` literals of a graph captured on meta
+    become ``device``.
     Raises ``RewriteError`` when a dense tensor's shape differs from the analysed
     model's, when a sliced tensor's shape differs from the pruned
     module's (wrong files or a fixup that derives the tensor), or when a parameter or
@@ -102,13 +103,36 @@ def load_sliced_state_dict(pruned: torch.nn.Module, plan: Plan,
                     value = value.to(device=device, dtype=tensor.dtype)
                 _assign(out, names, tensor, value)
                 pending -= set(names)
+    if isinstance(out, torch.fx.GraphModule):
+        _retarget_devices(out, torch.device(device))
     if pending:
         missing = sorted(pending)
         raise RewriteError(
             f"{len(missing)} parameter(s)/buffer(s) of the pruned module are in none of the "
             f"{len(files)} file(s), e.g. {missing[:5]}: they would stay on meta. Pass every "
-            "shard, or set them on the returned module's original before compiling.")
+            "shard; non-persistent buffers (rotary inv_freq) are not in a state_dict: save "
+            "them (model.named_buffers()) to a file of their own and pass it too.")
     return out
+
+
+def _retarget_devices(gm: torch.fx.GraphModule, device: torch.device) -> None:
+    """A graph captured on ``meta`` bakes ``device=meta`` into its literals (export's
+    ``arange(..., device=meta)``, ``_assert_tensor_metadata``): they follow the weights."""
+    def move(a: Any) -> Any:
+        if isinstance(a, torch.device) and a.type == "meta":
+            return device
+        if isinstance(a, (tuple, list)):
+            return type(a)(move(x) for x in a)
+        return a
+
+    changed = False
+    for node in gm.graph.nodes:
+        args = tuple(move(a) for a in node.args)
+        kwargs = {k: move(v) for k, v in node.kwargs.items()}
+        if args != node.args or kwargs != node.kwargs:
+            node.args, node.kwargs, changed = args, kwargs, True
+    if changed:
+        gm.recompile()
 
 
 def _slots(module: torch.nn.Module) -> dict[int, tuple[torch.Tensor, tuple[str, ...]]]:

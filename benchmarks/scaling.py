@@ -151,6 +151,8 @@ def run_llama_shards(workdir: str, shard_mb: int = 1024) -> None:
     import transformers
     from safetensors.torch import save_file
 
+    from fxprune.api import flat_tensors
+
     transformers.logging.set_verbosity_error()
     cfg = transformers.LlamaConfig(max_position_embeddings=2048, use_cache=False, **LLAMA_1B)
     with torch.device("meta"):
@@ -194,8 +196,8 @@ def run_llama_shards(workdir: str, shard_mb: int = 1024) -> None:
     _emit(final=True, case="llama-1b-shards", params=params, params_after=kept,
           fp32_mb=fp32_mb, analyse_s=analyse_s, plan_compile_s=compile_s, load_s=load_s,
           peak_rss_meta_compile_mb=rss_meta, peak_rss_mb=_peak_rss_mb(),
-          pruned_fp32_mb=kept * 4 / 2**20, output_finite=bool(torch.isfinite(
-              out[0] if isinstance(out, (tuple, list)) else out).all()))
+          pruned_fp32_mb=kept * 4 / 2**20,
+          output_finite=all(bool(torch.isfinite(t).all()) for t in flat_tensors(out)))
 
 
 # Driver: every case in a subprocess, then the table

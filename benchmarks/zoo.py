@@ -10,6 +10,12 @@ the original model and of the pruned one at batch 1, 224x224 (median over ``--re
 the two models interleaved in the same loop so that machine load hits both alike); and
 the realised speedup divided by the MAC reduction (1.0: latency falls as fast as MACs).
 Models use random init (nothing is downloaded).
+
+``--vs-torch-pruning`` (needs ``pip install -e ".[bench]"``) instead times, per model and
+in the same loop, fxprune's analyse + plan + compile against Torch-Pruning's
+``DependencyGraph`` build + prune step (``MagnitudePruner``, L1, same ratio, final
+classifier left whole), medians over ``--repeats``, and says whether both give the
+same parameter shapes.
 """
 from __future__ import annotations
 
@@ -86,6 +92,45 @@ def bench(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return row
 
 
+def vs_torch_pruning(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Median seconds of fxprune analyse+plan+compile and of Torch-Pruning build+step,
+    interleaved; ``same shapes``: every parameter of both pruned models, by name."""
+    import copy
+
+    import torch_pruning as tp
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    x = torch.randn(1, 3, args.size, args.size)
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)
+            and m.out_features == 1000]
+    ours, theirs = [], []
+    for _ in range(max(args.repeats, 1)):
+        gc.collect()
+        start = time.perf_counter()
+        plan = fxprune.Plan.from_ratio(fxprune.analyze(model, (x,)), args.ratio,
+                                       criterion=args.criterion)
+        small = fxprune.compile(model, plan)
+        ours.append(time.perf_counter() - start)
+        peer = copy.deepcopy(model)
+        heads = [dict(peer.named_modules())[n] for n, m in model.named_modules() if m in head]
+        gc.collect()
+        start = time.perf_counter()
+        pruner = tp.pruner.MagnitudePruner(
+            peer, x, importance=tp.importance.MagnitudeImportance(p=1),
+            pruning_ratio=args.ratio, ignored_layers=heads)
+        pruner.step()
+        theirs.append(time.perf_counter() - start)
+    a = {k: tuple(v.shape) for k, v in small.named_parameters()}
+    b = {k: tuple(v.shape) for k, v in peer.named_parameters()}
+    t0, t1 = statistics.median(ours), statistics.median(theirs)
+    return {"model": name, "fxprune s": t0, "Torch-Pruning s": t1, "ratio": t0 / t1,
+            "params M": f"{count_params(small) / 1e6:.2f} / {count_params(peer) / 1e6:.2f}",
+            "same shapes": "yes" if a == b else
+            f"no ({sum(a.get(k) != v for k, v in b.items())} of {len(b)} differ)"}
+
+
 def _warm_up() -> None:
     """One tiny trace/analyse/compile so that the first model does not pay import costs."""
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
@@ -106,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--verify", action="store_true", help="also run slice == mask")
+    parser.add_argument("--vs-torch-pruning", action="store_true",
+                        help="time analyse+plan+compile against Torch-Pruning build+prune")
     args = parser.parse_args(argv)
 
     import torchvision
@@ -126,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, failed = [], []
     for name in names:
         try:
-            row = bench(name, args)
+            row = (vs_torch_pruning if args.vs_torch_pruning else bench)(name, args)
         except Exception as exc:  # one model's failure must not hide the others
             failed.append((name, f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"))
             print(f"  {name}: FAILED {failed[-1][1]}", file=sys.stderr, flush=True)
@@ -138,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
                    floatfmt=".2f"))
     for name, why in failed:
         print(f"FAILED {name}: {why}")
+    if args.vs_torch_pruning and rows:
+        print(f"median fxprune / Torch-Pruning time ratio: "
+              f"{statistics.median(r['ratio'] for r in rows):.2f} (target <= 1)")
     target_model, target = SPEEDUP_TARGET
     for r in rows:
         if r["model"] == target_model and "speedup/MAC red." in r:

@@ -43,6 +43,7 @@ _EXPORTS = {
                      "verify_sparsity"], "fxprune.sparsity"),
     **dict.fromkeys(["TokenCost", "merge_tokens", "prune_tokens", "token_macs",
                      "token_schedule"], "fxprune.tokens"),
+    **dict.fromkeys(["load_sliced_state_dict", "sliced_indices"], "fxprune.shards"),
 }
 
 __all__ = [
@@ -60,6 +61,7 @@ __all__ += ["sparsify", "SparsityPlan", "verify_sparsity", "apply_sparsity", "at
 __all__ += ["merge_tokens", "prune_tokens", "token_macs", "TokenCost", "token_schedule",
             "TokenReductionError", "TokenScheduleError", "AttentionNotFoundError",
             "StaticShapeError"]
+__all__ += ["load_sliced_state_dict", "sliced_indices"]
 
 
 def __getattr__(name: str) -> Any:

@@ -19,7 +19,7 @@ from fxprune.plan import Plan
 from passes.find_groups import find_groups
 from passes.mask import insert_masks
 from passes.rules.registry import check_attention_scale
-from passes.shape_prop import output_shape, propagate_shapes
+from passes.shape_prop import eval_mode, output_shape, propagate_shapes
 from passes.slice_weights import check_sliced, slice_weights
 
 __all__ = ["analyze", "compile", "verify", "VerifyReport", "GroupCheck"]
@@ -206,7 +206,49 @@ def verify(model: torch.nn.Module | GroupAnalysis, pruned: torch.nn.Module, plan
     return report
 
 
-class _Recorder(torch.fx.Interpreter):
+class _Float64(torch.fx.Interpreter):
+    """Runs a GraphModule in float64 with its weights converted at the op that reads them
+    and dropped after it: one op's float64 weights live at a time, never a float64 copy
+    of the model (ViT-L/16: 2.3 GB of them per run before). Same values as
+    ``_double_copy(gm)``: ``.double()`` converts exactly the floating parameters and
+    buffers, which is what ``call_module`` and ``get_attr`` swap here."""
+
+    def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
+        swapped = []
+        for module in self.fetch_attr(target).modules():
+            for table in (module._parameters, module._buffers):
+                for name, t in list(table.items()):
+                    if t is not None and t.is_floating_point() and t.dtype != torch.float64:
+                        swapped.append((table, name, t))
+                        table[name] = _as_float64(t)
+        try:
+            return super().call_module(target, args, kwargs)
+        finally:
+            for table, name, t in reversed(swapped):
+                table[name] = t
+
+    def get_attr(self, target: str, args: tuple, kwargs: dict) -> Any:
+        value = super().get_attr(target, args, kwargs)
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return _as_float64(value)
+        return value
+
+
+def _as_float64(t: torch.Tensor) -> torch.Tensor:
+    d = t.detach().to(torch.float64, copy=True)
+    return torch.nn.Parameter(d, t.requires_grad) if isinstance(t, torch.nn.Parameter) else d
+
+
+def _graph_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``gm``'s modules and graph that shares every floating parameter and
+    buffer: ``_Float64`` reads them only through float64 copies, so an in-place op baked
+    into the graph (running stats) writes a copy. Integer buffers (an exported BN's
+    ``num_batches_tracked += 1``) are copied."""
+    memo = {id(t): t for t in [*gm.parameters(), *gm.buffers()] if t.is_floating_point()}
+    return copy.deepcopy(gm, memo)
+
+
+class _Recorder(_Float64):
     def __init__(self, gm: torch.fx.GraphModule) -> None:
         super().__init__(gm)
         self.values: dict[str, torch.Tensor] = {}
@@ -243,13 +285,14 @@ def run_recording(gm: torch.nn.Module, inputs: tuple, *,
                   record: bool = True) -> tuple[Any, dict[str, torch.Tensor]]:
     """Run a float64 copy of ``gm`` in eval mode, recording every tensor activation
     (``record=False``: only the output)."""
-    gm = _double_copy(gm)
+    streamed = isinstance(gm, torch.fx.GraphModule)
+    gm = _graph_copy(gm) if streamed else _double_copy(gm)
     args = [x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
             for x in inputs]  # non-tensor inputs (concrete_args flags) pass through
-    with torch.no_grad():
-        if isinstance(gm, torch.fx.GraphModule):
+    with torch.no_grad(), eval_mode(gm):
+        if streamed:
             _promote_float_literals(gm)
-            rec = _Recorder(gm) if record else torch.fx.Interpreter(gm)
+            rec = _Recorder(gm) if record else _Float64(gm)
             result = rec.run(*args), getattr(rec, "values", {})
             del rec
         else:

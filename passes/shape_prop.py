@@ -112,7 +112,8 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) ->
             f"{len(placeholders)} ({names}): pass exactly the model's forward arguments "
             "(inputs beyond them would be ignored, not analysed).")
     inputs = [fake(x) for x in example_inputs]
-    with eval_mode(gm), torch.no_grad(), mode, _fake_state(gm, mode):
+    # fakes first: made under the active mode, each meta tensor would dispatch through it
+    with eval_mode(gm), torch.no_grad(), _fake_state(gm, mode), mode:
         _Recorder(gm).run(*inputs)
 
 
@@ -133,13 +134,25 @@ def _fake_state(gm: torch.nn.Module, mode: FakeTensorMode):
                     if t is None:
                         continue
                     if id(t) not in fakes:
-                        fakes[id(t)] = mode.from_tensor(t, static_shapes=True)
+                        fakes[id(t)] = _fake_like(t, mode)
                     swapped.append((table, name, t))
                     table[name] = fakes[id(t)]
         yield
     finally:
         for table, name, t in reversed(swapped):
             table[name] = t
+
+
+def _fake_like(t: torch.Tensor, mode: FakeTensorMode) -> torch.Tensor:
+    """A fake tensor with ``t``'s shape, strides, dtype and device, wrapped around a fresh
+    ``meta`` tensor (~30 us) instead of ``mode.from_tensor`` (~0.3-0.9 ms: it builds a
+    meta description of the real tensor and memoises it; 0.13 s of a MobileNetV3's
+    analyse + compile). Only the weights' metadata matters to shape propagation;
+    subclasses and non-strided layouts take the general path."""
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.layout != torch.strided:
+        return mode.from_tensor(t, static_shapes=True)
+    meta = torch.empty_strided(tuple(t.shape), t.stride(), dtype=t.dtype, device="meta")
+    return mode.fake_tensor_converter.from_meta_and_device(mode, meta, t.device)
 
 
 def output_shape(gm: torch.fx.GraphModule) -> Any:

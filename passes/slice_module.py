@@ -48,6 +48,9 @@ def slice_module(model: torch.nn.Module, analysis: GroupAnalysis, kept: np.ndarr
     parents = {p.rsplit(".", k)[0] for p in touched for k in range(1, p.count(".") + 1)}
     for path in sorted(touched | parents | {""}, key=lambda p: (-p.count("."), p)):
         _fix_attributes(small, path, analysis.module_notes.get(path))
+    changes = _size_changes(model, small)
+    for path in sorted(parents | {""} | touched):
+        _follow_sizes(small, path, changes)
     if check:
         check_module_output(small, pruned, analysis, rtol=rtol, atol=atol)
     return small
@@ -119,6 +122,44 @@ def _fix_attributes(small: torch.nn.Module, path: str, note: Any) -> None:
     if isinstance(replacement, torch.nn.Module) and replacement is not module:
         parent_path, _, name = path.rpartition(".")
         setattr(small.get_submodule(parent_path) if parent_path else small, name, replacement)
+
+
+# Field-standard names of a module-wide width (torchvision ViT ``hidden_dim``, timm
+# ``num_features``/``embed_dim``/``head_hidden_size``, transformers ``hidden_size``). Only
+# these follow: any int attribute could coincide with a width (ViT's image_size 32).
+WIDTH_ATTRIBUTES = frozenset({"hidden_dim", "hidden_size", "embed_dim", "num_features",
+                              "head_hidden_size", "d_model", "width", "dim"})
+
+
+def _size_changes(model: torch.nn.Module, small: torch.nn.Module) -> dict[str, list]:
+    """Per tensor FQN, the (old, new) sizes of each dim that changed."""
+    old = dict(model.named_parameters()) | dict(model.named_buffers())
+    out = {}
+    for fqn, t in [*small.named_parameters(), *small.named_buffers()]:
+        if fqn in old and old[fqn].shape != t.shape and old[fqn].dim() == t.dim():
+            out[fqn] = [(a, b) for a, b in zip(old[fqn].shape, t.shape) if a != b]
+    return out
+
+
+def _follow_sizes(small: torch.nn.Module, path: str, changes: dict[str, list]) -> None:
+    """A module without a fixup (the user's own, timm's, torchvision's ViT) may hold a
+    width as an int attribute named in ``WIDTH_ATTRIBUTES``: such an attribute equal to a
+    size that changed in the module's subtree takes the new size
+    most of those dims took (the residual stream's width dominates). This is a guess
+    that ``check_module_output`` proves or refutes for every attribute ``forward`` reads."""
+    module = small.get_submodule(path) if path else small
+    if find_module_entry(MODULE_FIXUPS, module) is not None:
+        return
+    prefix = f"{path}." if path else ""
+    votes: dict[int, dict[int, int]] = {}
+    for fqn, pairs in changes.items():
+        if fqn.startswith(prefix):
+            for old, new in pairs:
+                votes.setdefault(old, {}).setdefault(new, 0)
+                votes[old][new] += 1
+    for name, value in list(vars(module).items()):
+        if type(value) is int and value in votes and name in WIDTH_ATTRIBUTES:
+            setattr(module, name, max(votes[value].items(), key=lambda kv: kv[1])[0])
 
 
 def literal_rewrites(analysis: GroupAnalysis, pruned: torch.fx.GraphModule) -> list[str]:

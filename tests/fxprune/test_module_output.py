@@ -114,33 +114,39 @@ def test_literal_size_refused_with_source_line():
     assert _same_state(before, _state(model))
 
 
-class StaleAttribute(torch.nn.Module):
-    """A custom module whose forward reads its own width attribute."""
+class Windowed(torch.nn.Module):
+    """A custom module whose forward reads a width attribute with a field-standard name."""
 
     def __init__(self):
         super().__init__()
-        self.width = 16
+        self.hidden_dim = 16
         self.fc1 = torch.nn.Linear(8, 16)
         self.fc2 = torch.nn.Linear(16, 4)
-        self.bias = torch.nn.Parameter(torch.zeros(16))
 
     def forward(self, x):
-        h = self.fc1(x) + self.bias
-        return self.fc2(torch.relu(h[..., :self.width]))
+        h = torch.relu(self.fc1(x))
+        return self.fc2(h.reshape(-1, self.hidden_dim))
 
 
-def test_unprovable_module_is_a_typed_error():
-    model = StaleAttribute().eval()
+def test_width_attribute_follows_and_is_proven():
+    model = Windowed().eval()
     x = torch.randn(2, 8)
-    try:
-        analysis, plan = _prune(model, x, ratio=0.5)
+    analysis, plan = _prune(model, x, ratio=0.5)
+    gm = fxprune.compile(model, plan)
+    small = fxprune.compile(model, plan, output="module")
+    assert small.hidden_dim == small.fc1.out_features < 16
+    y = torch.randn(7, 8)
+    torch.testing.assert_close(small(y), gm(y))
+
+
+def test_stale_width_is_a_typed_error(monkeypatch):
+    import passes.slice_module as sm
+
+    monkeypatch.setattr(sm, "WIDTH_ATTRIBUTES", frozenset())  # hidden_dim stays 16
+    model = Windowed().eval()
+    analysis, plan = _prune(model, torch.randn(2, 8), ratio=0.5)
+    with pytest.raises(ModuleOutputError, match="output=\"graph\""):
         fxprune.compile(model, plan, output="module")
-    except ModuleOutputError as exc:
-        assert "output=\"graph\"" in str(exc)
-    except fxprune.FxpruneError:
-        pass  # refused earlier (the slice is a barrier): also closed
-    else:  # if it compiled, it must be provably equal: run the check again here
-        pytest.fail("a stale width attribute was accepted")
 
 
 def test_bad_output_name():

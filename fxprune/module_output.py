@@ -91,6 +91,10 @@ def update_hf_config(small: torch.nn.Module, original: torch.nn.Module) -> None:
     sliced weights; a config that cannot describe every layer disables ``save_pretrained``
     (``NonUniformPlanError``)."""
     layers = hf_sizes(small, original)
+    for m in small.modules():  # transformers' Conv1D (GPT-2) reads its width ``nf``
+        if type(getattr(m, "nf", None)) is int and getattr(m, "weight", None) is not None \
+                and m.weight.dim() == 2:
+            m.nf = m.weight.shape[1]
     for layer in layers:
         _set_attention_attributes(small.get_submodule(layer["path"]), layer)
     mlp = {_linear_out(m) for path, m in small.named_modules()

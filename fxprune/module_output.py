@@ -98,7 +98,8 @@ def update_hf_config(small: torch.nn.Module, original: torch.nn.Module) -> None:
     for layer in layers:
         _set_attention_attributes(small.get_submodule(layer["path"]), layer)
     mlp = {_linear_out(m) for path, m in small.named_modules()
-           if path.rpartition(".")[2] in _MLP_UP and hasattr(m, "weight")}
+           if (path.rpartition(".")[2] in _MLP_UP or path.endswith("intermediate.dense"))
+           and hasattr(m, "weight")}  # BERT-family MLPs are ``intermediate.dense``
     emb = small.get_input_embeddings() if hasattr(small, "get_input_embeddings") else None
     values = {"num_attention_heads": {l["heads"] for l in layers},
               "num_key_value_heads": {l["kv_heads"] for l in layers},

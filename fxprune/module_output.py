@@ -7,8 +7,7 @@ and, for Hugging Face models, ``update_config``: attention modules' size attribu
 ``config`` (``num_attention_heads``, ``num_key_value_heads``, ``head_dim``,
 ``intermediate_size``, ``hidden_size``) follow the sliced weights. A plan that keeps
 different sizes in different layers cannot be written into one config: such a model
-runs, but its ``save_pretrained`` raises ``NonUniformPlanError`` (make the plan uniform
-with ``fxprune.plan(..., uniform=True)``).
+runs, but its ``save_pretrained`` raises ``NonUniformPlanError``.
 """
 from __future__ import annotations
 
@@ -148,6 +147,7 @@ def _set_attention_attributes(m: torch.nn.Module, layer: dict[str, int]) -> None
 def _refuse_save(detail: str, *args: Any, **kwargs: Any) -> None:
     raise NonUniformPlanError(
         f"save_pretrained: this pruned model keeps different sizes in different layers "
-        f"({detail}), which one Hugging Face config cannot describe. Make the plan uniform: "
-        f"fxprune.plan(analysis, ..., uniform=True) (or Plan.make_uniform(analysis)), then "
-        f"compile(..., output=\"module\") again; or save with torch.save.")
+        f"({detail}), which one Hugging Face config cannot describe. Make the plan uniform "
+        f"(the same ratio in every layer's group, whole heads: analyze(..., "
+        f"split_policy=\"heads\"), Plan.from_ratio), then compile(..., output=\"module\") "
+        f"again; or save with torch.save.")

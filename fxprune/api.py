@@ -69,8 +69,15 @@ def _lint(gm: torch.fx.GraphModule) -> None:
 
 def compile(model: torch.nn.Module | GroupAnalysis, plan: Plan, *,
             example_inputs: Any = None, check: bool = True,
-            attention_scale: str = "original") -> torch.fx.GraphModule:
+            attention_scale: str = "original", output: str = "graph") -> torch.nn.Module:
     """A new, smaller GraphModule that applies ``plan``; ``model`` is left untouched.
+
+    ``output="module"``: instead, a deep copy of ``model`` keeping its own class (its
+    methods, submodule access, train mode, other shapes), holding the GraphModule's
+    sliced tensors, with torch module attributes and a Hugging Face ``config`` updated
+    (``passes.slice_module``, ``fxprune.hf``). It is checked against the GraphModule in
+    float64 on the example inputs and a doubled batch: ``ModuleOutputError`` (or
+    ``LiteralSizeError``, naming the source line of a literal size) when they differ.
 
     ``model`` may be the analysed model (the plan's own analysis is reused when it was
     made for this model), a ``GroupAnalysis``, or a model plus ``example_inputs`` to
@@ -85,6 +92,8 @@ def compile(model: torch.nn.Module | GroupAnalysis, plan: Plan, *,
     model by shapes.
     """
     check_attention_scale(attention_scale)  # a ValueError here, not inside the pipeline
+    if output not in ("graph", "module"):
+        raise ValueError(f"output must be 'graph' or 'module', got {output!r}")
     analysis = _analysis_for(model, plan, example_inputs)
     kept = plan.kept_labels(analysis)
 
@@ -98,6 +107,9 @@ def compile(model: torch.nn.Module | GroupAnalysis, plan: Plan, *,
     steps = [Step("slice_weights", sliced)]
     if check:
         steps.append(Step("check_sliced", checked))
+    if output == "module":
+        from fxprune.module_output import module_steps  # API layer, imported when asked
+        steps += module_steps(model, analysis, kept, plan, check=check)
     return run_steps("fxprune.compile", steps, None, error_type=RewriteError)
 
 

@@ -121,3 +121,21 @@ class AttentionNotFoundError(TokenReductionError):
 class StaticShapeError(TokenReductionError):
     """The token count is dynamic where the pass needs it static, or a literal size in the
     graph pins it (a reshape that cannot be rewritten, token-mixing weights)."""
+
+
+class ModuleOutputError(VerificationError):
+    """The pruned copy of the user's own module (``compile(..., output="module")``) does
+    not compute what the pruned GraphModule computes; names the first differing output
+    and, when known, the source line of a literal size its forward keeps."""
+
+
+class LiteralSizeError(ModuleOutputError):
+    """The user's forward holds a literal size (``x.view(b, 64, -1)``) that pruning changes
+    and that no module attribute controls, so the rewritten module cannot follow the plan;
+    names the source line and suggests ``output="graph"``."""
+
+
+class NonUniformPlanError(PlanError):
+    """A plan keeps different head counts, head_dims or MLP widths in different layers, so
+    a Hugging Face config (one number per model) cannot describe it for
+    ``save_pretrained``; says how to make the plan uniform."""

@@ -1,0 +1,77 @@
+"""Hugging Face models through compile(..., output="module"): the standard class, an
+updated config, save_pretrained / from_pretrained offline, generate on causal LMs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import fxprune  # noqa: E402
+from fxprune.errors import NonUniformPlanError  # noqa: E402
+
+B, N, V = 2, 8, 64
+SMALL = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+             num_attention_heads=4, max_position_embeddings=32)
+
+
+def _ids(b=B, n=N, seed=0):
+    return torch.randint(3, V, (b, n), generator=torch.Generator().manual_seed(seed))
+
+
+def llama():
+    cfg = transformers.LlamaConfig(**SMALL, num_key_value_heads=2, use_cache=False)
+    return transformers.LlamaForCausalLM(cfg).eval(), (_ids(),), transformers.AutoModelForCausalLM
+
+
+def qwen2():
+    cfg = transformers.Qwen2Config(**SMALL, num_key_value_heads=2, use_cache=False)
+    return transformers.Qwen2ForCausalLM(cfg).eval(), (_ids(),), transformers.AutoModelForCausalLM
+
+
+def gpt2():
+    cfg = transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                                  n_inner=48, use_cache=False, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg).eval(), (_ids(),), transformers.AutoModelForCausalLM
+
+
+def bert():
+    cfg = transformers.BertConfig(**SMALL, type_vocab_size=2)
+    return (transformers.BertForMaskedLM(cfg).eval(), (_ids(), torch.ones(B, N, dtype=torch.long)),
+            transformers.AutoModelForMaskedLM)
+
+
+def _uniform_plan(analysis, ratio=0.5):
+    """Every group pruned to the same fraction, by magnitude: with whole-head units and
+    identical layers this keeps the same counts in every layer."""
+    return fxprune.Plan.from_ratio(analysis, ratio)
+
+
+@pytest.mark.parametrize("make", [llama, qwen2, gpt2, bert], ids=lambda f: f.__name__)
+def test_module_output_and_roundtrip(make, tmp_path):
+    torch.manual_seed(0)
+    model, inputs, auto = make()
+    analysis = fxprune.analyze(model, inputs, frontend="export", split_policy="heads")
+    plan = _uniform_plan(analysis)
+    gm = fxprune.compile(model, plan)
+    small = fxprune.compile(model, plan, output="module")
+    assert type(small) is type(model)
+    # another batch size and sequence length
+    other = (_ids(3, 5, seed=1),) + tuple(torch.ones(3, 5, dtype=torch.long) for _ in inputs[1:])
+    with torch.no_grad():
+        out = small(*other).logits
+    assert out.shape == (3, 5, V)
+    try:
+        small.save_pretrained(tmp_path)
+    except NonUniformPlanError as exc:
+        pytest.xfail(f"plan not uniform: {exc}")
+    loaded = auto.from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(model)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*inputs).logits, small(*inputs).logits)
+        torch.testing.assert_close(small(*inputs).logits, gm(*inputs)[0] if isinstance(
+            gm(*inputs), (tuple, list)) else gm(*inputs)["logits"])
+    if auto is transformers.AutoModelForCausalLM:
+        gen = loaded.generate(_ids(1, 4), max_new_tokens=3, do_sample=False,
+                              pad_token_id=0)
+        assert gen.shape == (1, 7)

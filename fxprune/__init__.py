@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 
 # Core and planning names load eagerly: they import no pass. ``plan`` (the function) is
 # bound after the submodule ``fxprune.plan`` has been imported, so it wins the attribute.
-from fxprune.errors import (BudgetError, FxpruneError, ImportanceError,  # noqa: E402
+from fxprune.errors import (BudgetError, FxpruneError, ImportanceError, OnnxExportError, SaveError,  # noqa: E402
                             NonFiniteScoreError, PatternError, PlanError, RewriteError,
                             SharedWeightError, SparsityError, AttentionNotFoundError,
                             StaticShapeError, TokenReductionError, TokenScheduleError,
@@ -43,6 +43,7 @@ _EXPORTS = {
                      "verify_sparsity"], "fxprune.sparsity"),
     **dict.fromkeys(["TokenCost", "merge_tokens", "prune_tokens", "token_macs",
                      "token_schedule"], "fxprune.tokens"),
+    **dict.fromkeys(["save", "portable", "export_onnx"], "fxprune.deploy"),
 }
 
 __all__ = [
@@ -60,6 +61,7 @@ __all__ += ["sparsify", "SparsityPlan", "verify_sparsity", "apply_sparsity", "at
 __all__ += ["merge_tokens", "prune_tokens", "token_macs", "TokenCost", "token_schedule",
             "TokenReductionError", "TokenScheduleError", "AttentionNotFoundError",
             "StaticShapeError"]
+__all__ += ["save", "portable", "export_onnx", "SaveError", "OnnxExportError"]
 
 
 def __getattr__(name: str) -> Any:

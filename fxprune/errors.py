@@ -121,3 +121,11 @@ class AttentionNotFoundError(TokenReductionError):
 class StaticShapeError(TokenReductionError):
     """The token count is dynamic where the pass needs it static, or a literal size in the
     graph pins it (a reshape that cannot be rewritten, token-mixing weights)."""
+
+
+class SaveError(FxpruneError):
+    """A model could not be saved so that it loads with torch alone (nothing was written)."""
+
+
+class OnnxExportError(FxpruneError):
+    """``torch.onnx.export`` failed on a pruned module; the message names the node."""

@@ -18,6 +18,7 @@ import os
 import pickletools
 import re
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -236,27 +237,39 @@ def _onnx_ready(model: torch.nn.Module, n_inputs: int) -> torch.nn.Module:
     return copy.deepcopy(model).eval()
 
 
-def _names(inputs: tuple) -> tuple[list[str], dict[str, dict[int, str]]]:
+def _names(model: torch.nn.Module, inputs: tuple
+           ) -> tuple[list[str], list[str], dict[str, dict[int, str]]]:
+    """Input and output names, and the batch axes: dim 0 of every tensor input, and of
+    every output whose dim 0 is the batch size (names are required for dynamic axes)."""
+    with torch.no_grad():
+        outs = torch.utils._pytree.tree_leaves(model(*inputs))
     names = [f"input_{i}" for i in range(len(inputs))]
+    out_names = [f"output_{i}" for i in range(len(outs))]
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor) and x.dim()]
+    batch = tensors[0].shape[0] if tensors else None
     axes = {n: {0: "batch"} for n, x in zip(names, inputs)
             if isinstance(x, torch.Tensor) and x.dim()}
-    return names, axes
+    axes.update({n: {0: "batch"} for n, y in zip(out_names, outs)
+                 if isinstance(y, torch.Tensor) and y.dim() and y.shape[0] == batch})
+    return names, out_names, axes
 
 
 def _export_legacy(model: torch.nn.Module, inputs: tuple, path: str,
                    opset: int | None, dynamic_batch: bool) -> None:
-    names, axes = _names(inputs)
-    with torch.no_grad():
+    names, out_names, axes = _names(model, inputs)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # chosen on purpose (no onnxscript)
         torch.onnx.export(model, inputs, path, dynamo=False, input_names=names,
-                          opset_version=opset or 17,
+                          output_names=out_names, opset_version=opset or 17,
                           dynamic_axes=axes if dynamic_batch else None)
 
 
 def _export_dynamo(model: torch.nn.Module, inputs: tuple, path: str,
                    opset: int | None, dynamic_batch: bool) -> None:
-    names, axes = _names(inputs)
+    names, out_names, axes = _names(model, inputs)
     with torch.no_grad():
         program = torch.onnx.export(model, inputs, dynamo=True, input_names=names,
+                                    output_names=out_names,
                                     opset_version=opset, report=False, verify=False,
                                     dynamic_axes=axes if dynamic_batch else None)
         program.save(path, external_data=False)

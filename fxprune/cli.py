@@ -267,12 +267,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     try:
         analysis = stages.run("analyze", lambda: _analyze(args, loaded, inputs))
         plan = stages.run("plan", lambda: _make_plan(args, analysis))
+        source = analysis if args.plan else model  # a JSON plan carries no analysis
         small = stages.run("compile", lambda: fxprune.compile(
-            model, plan, attention_scale=args.attention_scale)).eval()
+            source, plan, attention_scale=args.attention_scale)).eval()
         report = None
         if not args.no_verify:
             report = stages.run("verify", lambda: fxprune.verify(
-                model, small, plan, inputs, raise_on_failure=False))
+                source, small, plan, inputs, raise_on_failure=False))
         macs = stages.run("count MACs", lambda: (count_macs(model, inputs),
                                                  count_macs(small, inputs)))
         ok = report is None or report.ok
@@ -376,6 +377,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wide", action="store_true", help="all table columns (wider than 80)")
     p.add_argument("--limit", type=int, default=40, help="groups shown without --all")
     p.add_argument("--seed", type=int, default=0, help="seed for random init and inputs")
+    # also accepted after the subcommand (SUPPRESS: the top-level value is kept otherwise)
+    p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="tracebacks on errors")
+    p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="no progress, short output")
 
 
 def _add_inspect(p: argparse.ArgumentParser) -> None:
@@ -449,7 +455,7 @@ def _check_early(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     spec = CRITERIA.get(args.criterion)
     if spec is None:
         import difflib
-        close = difflib.get_close_matches(args.criterion, list(CRITERIA), n=1)
+        close = difflib.get_close_matches(args.criterion, list(CRITERIA), n=1, cutoff=0.5)
         parser.error(f"unknown criterion {args.criterion!r}"
                      f"{f'; did you mean {close[0]}?' if close else ''} "
                      f"(one of {', '.join(CRITERIA)})")

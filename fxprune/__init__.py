@@ -15,25 +15,42 @@ so importing a core module (``fxprune.errors``) loads no pass.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 __version__ = "0.1.0"
 
-# Core and planning names load eagerly: they import no pass. ``plan`` (the function) is
-# bound after the submodule ``fxprune.plan`` has been imported, so it wins the attribute.
-from fxprune.errors import (BudgetError, FxpruneError, ImportanceError,  # noqa: E402
+# Every name loads on first use, so ``import fxprune`` (and ``fxprune --help``) does not
+# import torch. Errors import nothing heavy and load eagerly.
+from fxprune.errors import (BudgetError, FxpruneError, ImportanceError, OnnxExportError, SaveError,  # noqa: E402
                             NonFiniteScoreError, PatternError, PlanError, RewriteError,
                             SharedWeightError, SparsityError, AttentionNotFoundError,
                             StaticShapeError, TokenReductionError, TokenScheduleError,
                             ShapePropagationError, TraceError, UnsupportedOpError,
                             VerificationError)
-from fxprune.groups import ChannelGroup, GroupAnalysis, Member  # noqa: E402
-from fxprune.plan import Plan, magnitude_scores  # noqa: E402
-from fxprune.importance import CRITERIA, Importance, importance_scores  # noqa: E402
-from fxprune.planner import plan  # noqa: E402
 
-# API-layer names (they import the passes) load on first use: name -> module
+_PLAN_FUNCTION = "plan"  # ``fxprune.plan`` is the planner function, not the submodule
+
+
+class _Package(types.ModuleType):
+    """Keeps ``fxprune.plan`` the function after ``import fxprune.plan`` (the submodule
+    stays in ``sys.modules``)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == _PLAN_FUNCTION and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+# name -> the module that defines it
 _EXPORTS = {
+    **dict.fromkeys(["ChannelGroup", "GroupAnalysis", "Member"], "fxprune.groups"),
+    **dict.fromkeys(["Plan", "magnitude_scores"], "fxprune.plan"),
+    **dict.fromkeys(["CRITERIA", "Importance", "importance_scores"], "fxprune.importance"),
+    "plan": "fxprune.planner",
     **dict.fromkeys(["GroupCheck", "VerifyReport", "analyze", "compile", "verify"], "fxprune.api"),
     **dict.fromkeys(["FxpruneTracer", "trace"], "fxprune.capture"),
     **dict.fromkeys(["Block", "block_similarity", "find_blocks", "remove_blocks",
@@ -44,6 +61,7 @@ _EXPORTS = {
     **dict.fromkeys(["TokenCost", "merge_tokens", "prune_tokens", "token_macs",
                      "token_schedule"], "fxprune.tokens"),
     **dict.fromkeys(["load_sliced_state_dict", "sliced_indices"], "fxprune.shards"),
+    **dict.fromkeys(["save", "portable", "export_onnx"], "fxprune.deploy"),
 }
 
 __all__ = [
@@ -62,12 +80,15 @@ __all__ += ["merge_tokens", "prune_tokens", "token_macs", "TokenCost", "token_sc
             "TokenReductionError", "TokenScheduleError", "AttentionNotFoundError",
             "StaticShapeError"]
 __all__ += ["load_sliced_state_dict", "sliced_indices"]
+__all__ += ["save", "portable", "export_onnx", "SaveError", "OnnxExportError"]
 
 
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'fxprune' has no attribute {name!r}")
+    if module == "fxprune.plan":  # plans resolve criterion names through the planning
+        importlib.import_module("fxprune.importance")  # layer's registry: install it first
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # resolve once
     return value

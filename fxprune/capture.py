@@ -198,6 +198,10 @@ def _fx_trace(model: torch.nn.Module, example_inputs: Sequence[Any] | None,
         gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
         gm.training = model.training  # the root only: submodules are the user's own
         gm.meta["fxprune_frontend"] = "fx"
+        # torch pickles a GraphModule with its tracer class: the plain one keeps every
+        # result (and its deep copies) loadable without fxprune (re-tracing the generated
+        # code needs no custom leaves: every submodule is a leaf then).
+        gm._tracer_cls = gm.graph._tracer_cls = None
         if example_inputs is not None and any(
                 n.op in ("call_method", "call_function") and _piece_count(n) is not None
                 and n.target in ("chunk", torch.chunk) for n in graph.nodes):

@@ -1,99 +1,31 @@
 """Command line: ``fxprune inspect MODEL`` and ``fxprune prune MODEL --ratio R``.
 
     fxprune inspect torchvision:resnet50 --input-shape 1,3,224,224
-    fxprune prune torchvision:resnet50 --ratio 0.5 --out resnet50_pruned.pt2
+    fxprune prune timm:resnet18 --target-macs 0.5 --global --out small.pt2 --onnx small.onnx
+    fxprune prune hf:llama --ratio 0.25 --split-policy heads
 
-``MODEL`` is ``torchvision:NAME`` (``torchvision.models.get_model(NAME)``, random init:
-nothing is downloaded) or ``module.path:factory`` (a callable returning a model, or a
-``(model, example_inputs)`` pair). Errors fxprune raises on purpose print one line and
-exit with status 2.
+``MODEL`` specs are in ``fxprune.specs`` (torchvision:, timm:, hf:, module.path:factory).
+torch loads only once a command runs, so ``fxprune --help`` answers at once. Errors fxprune
+raises on purpose print one line with the remedy and exit with status 2 (``--verbose``
+adds the traceback); bad options are rejected before any work (also status 2).
+Subcommands are ``(name, add_arguments, run)`` entries of ``COMMANDS``.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from fxprune.errors import FxpruneError
+from fxprune.specs import DTYPES, LoadedModel, ModelSpecError, load_model, make_inputs
 
-__all__ = ["main", "load_model", "parse_shape", "count_macs", "ModelSpecError"]
+__all__ = ["main", "load_model", "parse_shape", "count_macs", "ModelSpecError", "COMMANDS"]
 
 EXIT_ERROR = 2
-DEFAULT_SHAPE = (1, 3, 224, 224)
-
-
-class ModelSpecError(FxpruneError):
-    """A ``MODEL`` argument could not be turned into a model (bad spec, import, factory)."""
-
-
-# ----------------------------------------------------------------------------------
-# Models and inputs
-# ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LoadedModel:
-    spec: str
-    model: torch.nn.Module
-    example_inputs: tuple | None  # from a factory returning (model, inputs)
-
-
-def load_model(spec: str) -> LoadedModel:
-    """``torchvision:NAME`` or ``module.path:factory`` -> a model in eval mode."""
-    source, sep, name = spec.partition(":")
-    if not sep or not source or not name:
-        raise ModelSpecError(f"model spec {spec!r} must be 'torchvision:NAME' or "
-                             "'module.path:factory'")
-    if source == "torchvision":
-        built: Any = _torchvision_model(name)
-    else:
-        built = _call_factory(source, name)
-    model, inputs = built, None
-    if isinstance(built, tuple) and len(built) == 2:
-        model, inputs = built[0], _as_inputs(built[1])
-    if not isinstance(model, torch.nn.Module):
-        raise ModelSpecError(f"{spec!r} returned {type(model).__name__}, not an nn.Module")
-    return LoadedModel(spec, model.eval(), inputs)
-
-
-def _torchvision_model(name: str) -> torch.nn.Module:
-    try:
-        import torchvision
-    except ImportError as exc:
-        raise ModelSpecError("torchvision is not installed: pip install torchvision") from exc
-    try:
-        return torchvision.models.get_model(name, weights=None)
-    except (ValueError, KeyError) as exc:
-        raise ModelSpecError(f"torchvision has no model {name!r} (see "
-                             "torchvision.models.list_models())") from exc
-
-
-def _call_factory(module_path: str, attr: str) -> Any:
-    try:
-        obj: Any = importlib.import_module(module_path)
-    except ImportError as exc:
-        raise ModelSpecError(f"cannot import {module_path!r}: {exc}") from exc
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ModelSpecError(f"{module_path!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if isinstance(obj, torch.nn.Module):
-        return obj
-    if not callable(obj):
-        raise ModelSpecError(f"{module_path}:{attr} is neither a callable nor an nn.Module")
-    try:
-        return obj()
-    except Exception as exc:  # the user's factory: report, don't trace back into it
-        raise ModelSpecError(f"{module_path}:{attr}() failed: "
-                             f"{type(exc).__name__}: {exc}") from exc
-
-
-def _as_inputs(value: Any) -> tuple:
-    return (value,) if isinstance(value, torch.Tensor) else tuple(value)
+TABLE_WIDTH = 80
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -107,14 +39,6 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _inputs(loaded: LoadedModel, shapes: Sequence[tuple[int, ...]] | None) -> tuple:
-    if shapes:
-        return tuple(torch.randn(s) for s in shapes)
-    if loaded.example_inputs is not None:
-        return loaded.example_inputs
-    return (torch.randn(DEFAULT_SHAPE),)
-
-
 # ----------------------------------------------------------------------------------
 # Measurements
 # ----------------------------------------------------------------------------------
@@ -124,6 +48,7 @@ def count_params(model: torch.nn.Module) -> int:
 
 def count_macs(model: torch.nn.Module, inputs: tuple) -> int:
     """Multiply-accumulates of one forward pass (``FlopCounterMode`` counts 2 per MAC)."""
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
@@ -166,6 +91,16 @@ class _LineProgress:
         sys.stderr.flush()
 
 
+class _Silent:
+    """``--quiet``: no progress output."""
+
+    def set_description_str(self, text: str) -> None: ...
+
+    def update(self, n: int = 1) -> None: ...
+
+    def close(self) -> None: ...
+
+
 def _progress(total: int, desc: str) -> Any:
     try:
         from tqdm import tqdm
@@ -178,8 +113,8 @@ def _progress(total: int, desc: str) -> Any:
 class _Stages:
     """Runs named stages under one progress bar, recording each stage's seconds."""
 
-    def __init__(self, names: Sequence[str], desc: str) -> None:
-        self.bar, self.desc = _progress(len(names), desc), desc
+    def __init__(self, names: Sequence[str], desc: str, *, quiet: bool = False) -> None:
+        self.bar, self.desc = (_Silent() if quiet else _progress(len(names), desc)), desc
         self.seconds: dict[str, float] = {}
 
     def run(self, name: str, fn: Callable[[], Any]) -> Any:
@@ -214,7 +149,9 @@ def _pins_summary(analysis: Any) -> str:
             "see fxprune inspect --pins")
 
 
-def _group_rows(analysis: Any, plan: Any, limit: int | None) -> str:
+def _group_rows(analysis: Any, plan: Any, limit: int | None, wide: bool = False) -> str:
+    """The group table; without ``wide`` it fits ``TABLE_WIDTH`` columns (the slices
+    column dropped, long group names shortened in the middle)."""
     from tabulate import tabulate
 
     rows = []
@@ -222,13 +159,16 @@ def _group_rows(analysis: Any, plan: Any, limit: int | None) -> str:
         kept = len(plan.keep[g.name]) if plan is not None and g.name in plan.keep else g.size
         shown = ", ".join(f"{m.fqn}[{m.dim}]:{m.role}" for m in g.members[:3])
         more = len(g.members) - 3
-        row = [g.id, g.name, g.size, g.granularity,
-               "yes" if g.exact else f"no ({g.inexact_kind or 'mixer'})",
-               len(g.members), shown + (f" +{more}" if more > 0 else ""), len(g.merged_by)]
+        name = g.name if wide or len(g.name) <= 30 else g.name[:12] + "..." + g.name[-15:]
+        exact = "yes" if g.exact else f"no ({g.inexact_kind or 'mixer'})"
+        row = [g.id, name, g.size, g.granularity, exact if wide else exact[:14],
+               len(g.members)] + ([shown + (f" +{more}" if more > 0 else "")] if wide else []) \
+            + [len(g.merged_by)]
         if plan is not None:
             row.insert(3, kept)
         rows.append(row)
-    head = ["id", "group", "units", "gran", "exact", "#slices", "slices", "#merges"]
+    head = ["id", "group", "units", "gran", "exact", "#slices"] + (["slices"] if wide else []) \
+        + ["#merges"]
     if plan is not None:
         head.insert(3, "kept")
     hidden = 0
@@ -237,16 +177,28 @@ def _group_rows(analysis: Any, plan: Any, limit: int | None) -> str:
     text = tabulate(rows, headers=head)
     if hidden:
         text += f"\n... {hidden} more groups (--all shows every group)"
+    if not wide:
+        text += "\n(--wide adds the slices column)"
     return text
 
 
-def cmd_inspect(args: argparse.Namespace) -> int:
+def _load(args: argparse.Namespace) -> tuple[LoadedModel, tuple]:
+    loaded = load_model(args.model)
+    return loaded, make_inputs(loaded, args.input_shape, args.dtype)
+
+
+def _analyze(args: argparse.Namespace, loaded: LoadedModel, inputs: tuple) -> Any:
     import fxprune
 
-    loaded = load_model(args.model)
-    inputs = _inputs(loaded, args.input_shape)
+    frontend = args.frontend if args.frontend != "auto" else loaded.frontend
+    return fxprune.analyze(loaded.model, inputs, frontend=frontend,
+                           split_policy=args.split_policy)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    loaded, inputs = _load(args)
     start = time.perf_counter()
-    analysis = fxprune.analyze(loaded.model, inputs)
+    analysis = _analyze(args, loaded, inputs)
     seconds = time.perf_counter() - start
     if args.why is not None or args.dot is not None:
         group = _find_group(analysis, args.why if args.why is not None else args.dot)
@@ -257,7 +209,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(analysis.pins_table())
         return 0
     print(f"{args.model}: {_analysis_summary(analysis)}; analysed in {seconds:.2f}s")
-    print(_group_rows(analysis, None, None if args.all else args.limit))
+    print(_group_rows(analysis, None, None if args.all else args.limit, args.wide))
     return 0
 
 
@@ -269,30 +221,68 @@ def _find_group(analysis: Any, key: str) -> Any:
                            "'fxprune inspect'") from exc
 
 
-def cmd_prune(args: argparse.Namespace) -> int:
+def _make_plan(args: argparse.Namespace, analysis: Any) -> Any:
+    """``--plan FILE`` (checked against this graph), else the planner with one budget."""
     import fxprune
 
-    loaded = load_model(args.model)
+    if args.plan:
+        with open(args.plan) as f:
+            plan = fxprune.Plan.from_json(f.read())
+        if plan.fingerprint != analysis.fingerprint:
+            raise FxpruneError(f"{args.plan} was made on another graph (fingerprint "
+                               f"{plan.fingerprint[:12]} != {analysis.fingerprint[:12]}): "
+                               "re-plan with the same model, inputs and --split-policy")
+        return plan
+    if args.ratio is not None and not args.global_ and not args.target_latency:
+        return fxprune.Plan.from_ratio(analysis, args.ratio, criterion=args.criterion,
+                                       round_to=args.round_to, ignore=args.ignore,
+                                       include_softmax=args.include_softmax)
+    return fxprune.plan(analysis, args.criterion, ratio=args.ratio,
+                        target_macs=args.target_macs, target_params=args.target_params,
+                        target_latency=args.target_latency,
+                        scope="global" if args.global_ else "local",
+                        round_to=args.round_to, ignore=args.ignore,
+                        include_softmax=args.include_softmax)
+
+
+def _budget(args: argparse.Namespace) -> str:
+    if args.plan:
+        return f"plan {args.plan}"
+    for name in ("ratio", "target_macs", "target_params", "target_latency"):
+        if getattr(args, name) is not None:
+            scope = ", global" if args.global_ else ""
+            return f"{name.replace('_', ' ')} {getattr(args, name)} ({args.criterion}{scope})"
+    return ""
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    import fxprune
+    from fxprune.deploy import export_onnx, save
+
+    loaded, inputs = _load(args)
     model = loaded.model
-    inputs = _inputs(loaded, args.input_shape)
     names = ["analyze", "plan", "compile"] + ([] if args.no_verify else ["verify"]) + \
-        ["count MACs"] + (["export"] if args.out else [])
-    stages = _Stages(names, f"fxprune prune {args.model}")
+        ["count MACs"] + (["save"] if args.out else []) + (["onnx"] if args.onnx else [])
+    stages = _Stages(names, f"fxprune prune {args.model}", quiet=args.quiet)
     try:
-        analysis = stages.run("analyze", lambda: fxprune.analyze(model, inputs))
-        plan = stages.run("plan", lambda: fxprune.Plan.from_ratio(
-            analysis, args.ratio, criterion=args.criterion, round_to=args.round_to,
-            include_softmax=args.include_softmax))
+        analysis = stages.run("analyze", lambda: _analyze(args, loaded, inputs))
+        plan = stages.run("plan", lambda: _make_plan(args, analysis))
+        source = analysis if args.plan else model  # a JSON plan carries no analysis
         small = stages.run("compile", lambda: fxprune.compile(
-            model, plan, attention_scale=args.attention_scale)).eval()
+            source, plan, attention_scale=args.attention_scale)).eval()
         report = None
         if not args.no_verify:
             report = stages.run("verify", lambda: fxprune.verify(
-                model, small, plan, inputs, raise_on_failure=False))
+                source, small, plan, inputs, raise_on_failure=False))
         macs = stages.run("count MACs", lambda: (count_macs(model, inputs),
                                                  count_macs(small, inputs)))
-        if args.out and (report is None or report.ok):
-            stages.run("export", lambda: _save_export(small, inputs, args.out))
+        ok = report is None or report.ok
+        if args.out and ok:
+            pickled = args.out.endswith((".pt", ".pth"))
+            stages.run("save", lambda: save(small, args.out,
+                                            example_inputs=None if pickled else inputs))
+        if args.onnx and ok:
+            stages.run("onnx", lambda: export_onnx(small, inputs, args.onnx))
     finally:
         stages.close()
     if args.plan_out:
@@ -301,17 +291,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     removed = plan.removed()
     units = sum(g.size for g in analysis.groups)
-    print(f"{args.model}: {_analysis_summary(analysis)}")
-    print(_group_rows(analysis, plan, None if args.all else args.limit))
-    print(_pins_summary(analysis))
-    print(f"\npruned {len(removed)}/{len(analysis.groups)} groups at ratio {args.ratio} "
-          f"({args.criterion}): units {units:,} -> {units - sum(removed.values()):,}")
+    if not args.quiet:
+        print(f"{args.model}: {_analysis_summary(analysis)}")
+        print(_group_rows(analysis, plan, None if args.all else args.limit, args.wide))
+        print(_pins_summary(analysis))
+        print()
+    print(f"pruned {len(removed)}/{len(analysis.groups)} groups at {_budget(args)}: "
+          f"units {units:,} -> {units - sum(removed.values()):,}")
     p0, p1 = count_params(model), count_params(small)
     print(f"params {p0:,} -> {p1:,} ({p1 / p0:.3f}x, {p0 / max(p1, 1):.2f}x smaller)")
     print(f"MACs   {_human(macs[0])} -> {_human(macs[1])} ({macs[1] / macs[0]:.3f}x, "
           f"{macs[0] / max(macs[1], 1):.2f}x fewer)")
-    timing = ", ".join(f"{k} {v:.2f}s" for k, v in stages.seconds.items())
-    print(f"time: {timing}")
+    if not args.quiet:
+        timing = ", ".join(f"{k} {v:.2f}s" for k, v in stages.seconds.items())
+        print(f"time: {timing}")
     if report is not None:
         exact = sum(1 for g in report.groups if g.removed and g.check == "exact")
         shape = sum(1 for g in report.groups if g.removed and g.check == "shape")
@@ -326,89 +319,169 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"plan written to {args.plan_out}")
     if report is not None and not report.ok:
         print("fxprune: verification failed (nothing saved): this is an fxprune bug, "
-              "please report it",
-              file=sys.stderr)
+              "please report it", file=sys.stderr)
         return 1
     if args.out:
-        print(f"saved {args.out} (torch.export; load with torch.export.load(path).module())")
+        how = ("torch.load(path, weights_only=False)" if args.out.endswith((".pt", ".pth"))
+               else "torch.export; load with torch.export.load(path).module()")
+        print(f"saved {args.out} ({how})")
+    if args.onnx:
+        print(f"saved {args.onnx} (ONNX; onnxruntime.InferenceSession(path))")
     return 0
 
 
-def _save_export(model: torch.nn.Module, inputs: tuple, path: str) -> None:
-    """``torch.export`` of the pruned module: loads without fxprune or the model's classes.
-
-    The batch dim is exported dynamic when the model allows it (traced at batch 2: torch
-    specialises a size of 1), else the program is static at the example shapes.
-    """
-    with torch.no_grad():
-        try:
-            doubled = tuple(torch.cat([x, x]) if x.dim() else x for x in inputs)
-            dims = tuple({0: torch.export.Dim.AUTO} if x.dim() else None for x in inputs)
-            program = torch.export.export(model, doubled, dynamic_shapes=dims)
-        except Exception:  # not batch-polymorphic: a static program still runs everywhere
-            program = torch.export.export(model, inputs)
-    torch.export.save(program, path)
-
-
 # ----------------------------------------------------------------------------------
-def _data_free_criteria() -> list[str]:
-    """Criterion names from the one registry that need no data (the CLI has none)."""
-    from fxprune.importance import CRITERIA
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"ratio must lie in [0, 1), got {text}")
+    return value
 
-    return [name for name, spec in CRITERIA.items() if not spec.needs_data]
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"target must be a fraction in (0, 1], got {text}")
+    return value
+
+
+def _writable(text: str) -> str:
+    folder = os.path.dirname(os.path.abspath(text))
+    if os.path.isdir(text) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: choose a file in an "
+                                         "existing, writable directory")
+    return text
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="torchvision:NAME, timm:NAME, hf:ARCH (small random init: "
+                   "bert, roberta, gpt2, llama, mistral, qwen2), hf:DIR (saved model) or "
+                   "module.path:factory")
+    p.add_argument("--input-shape", type=parse_shape, action="append", metavar="SHAPE",
+                   help="example input shape, e.g. 1,3,224,224 (repeat for several inputs; "
+                        "default 1,3,224,224, 1,16 tokens for hf:, or the factory's inputs)")
+    p.add_argument("--dtype", choices=DTYPES, help="input dtype (integer ones draw token ids "
+                   "below the vocabulary; default float32, int64 for hf:)")
+    p.add_argument("--frontend", choices=["auto", "fx", "export"], default="auto",
+                   help="capture: torch.fx tracing, torch.export, or auto (default)")
+    p.add_argument("--split-policy", choices=["head_dim", "heads", "inner", "outer"],
+                   default="head_dim", help="attention units: one index of every head "
+                   "(head_dim, default) or whole heads (heads)")
+    p.add_argument("--all", action="store_true", help="print every group")
+    p.add_argument("--wide", action="store_true", help="all table columns (wider than 80)")
+    p.add_argument("--limit", type=int, default=40, help="groups shown without --all")
+    p.add_argument("--seed", type=int, default=0, help="seed for random init and inputs")
+    # also accepted after the subcommand (SUPPRESS: the top-level value is kept otherwise)
+    p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="tracebacks on errors")
+    p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="no progress, short output")
+
+
+def _add_inspect(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--why", metavar="GROUP", help="explain one group (id or name)")
+    p.add_argument("--dot", metavar="GROUP", help="print one group as Graphviz DOT")
+    p.add_argument("--pins", action="store_true",
+                   help="list the parameter dims left whole: reason, node, source line")
+
+
+def _add_prune(p: argparse.ArgumentParser) -> None:
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--ratio", type=_ratio, help="fraction of units to remove, [0, 1)")
+    budget.add_argument("--target-macs", type=_fraction, metavar="F",
+                        help="keep this fraction of the MACs")
+    budget.add_argument("--target-params", type=_fraction, metavar="F",
+                        help="keep this fraction of the parameters")
+    budget.add_argument("--target-latency", type=_fraction, metavar="F",
+                        help="keep this fraction of the measured latency")
+    budget.add_argument("--plan", metavar="PLAN.json", help="apply a saved plan (--plan-out)")
+    p.add_argument("--global", dest="global_", action="store_true",
+                   help="rank units across groups (default: the same ratio in each group)")
+    p.add_argument("--criterion", default="l1", help="importance criterion from "
+                   "fxprune.CRITERIA (l1, l2, random, fpgm, lamp...); data-driven ones "
+                   "need the Python API")
+    p.add_argument("--ignore", action="append", default=[], metavar="PREFIX",
+                   help="module or parameter name prefix whose groups stay whole (repeat)")
+    p.add_argument("--include-softmax", action="store_true",
+                   help="also prune groups whose units a softmax normalises")
+    p.add_argument("--round-to", type=int, default=1, help="kept counts are multiples of it")
+    p.add_argument("--out", type=_writable, help="save the pruned model: .pt2 (torch.export,"
+                   " default) or .pt (pickle); both load without fxprune")
+    p.add_argument("--onnx", type=_writable, metavar="OUT.onnx", help="also export ONNX")
+    p.add_argument("--plan-out", type=_writable, help="write the plan as JSON here")
+    p.add_argument("--no-verify", action="store_true", help="skip slice == mask")
+    p.add_argument("--attention-scale", choices=["original", "recompute"],
+                   default="original", help="softmax scale when head_dim is pruned: "
+                   "1/sqrt(original head_dim) (default) or of the kept one")
+
+
+#: subcommands: name -> (help, add_arguments, run); ``fxprune bench`` adds one entry
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
+                          Callable[[argparse.Namespace], int]]] = {
+    "inspect": ("print the coupled-group table", _add_inspect, cmd_inspect),
+    "prune": ("analyse, plan, compile, verify and save", _add_prune, cmd_prune),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fxprune import __version__
+
     parser = argparse.ArgumentParser(
         prog="fxprune", description="Structured pruning of PyTorch models as torch.fx passes.")
+    parser.add_argument("--version", action="version", version=f"fxprune {__version__}")
+    parser.add_argument("--verbose", action="store_true", help="tracebacks on errors")
+    parser.add_argument("--quiet", action="store_true", help="no progress, short output")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("model", help="torchvision:NAME or module.path:factory")
-        p.add_argument("--input-shape", type=parse_shape, action="append", metavar="SHAPE",
-                       help="example input shape, e.g. 1,3,224,224 (repeat for several "
-                            "inputs; default 1,3,224,224 or the factory's own inputs)")
-        p.add_argument("--all", action="store_true", help="print every group")
-        p.add_argument("--limit", type=int, default=40,
-                       help="groups shown without --all (default 40)")
-        p.add_argument("--seed", type=int, default=0, help="seed for random init and inputs")
-
-    ins = sub.add_parser("inspect", help="print the coupled-group table")
-    common(ins)
-    ins.add_argument("--why", metavar="GROUP", help="explain one group (id or name)")
-    ins.add_argument("--dot", metavar="GROUP", help="print one group as Graphviz DOT")
-    ins.add_argument("--pins", action="store_true",
-                     help="list the parameter dims left whole: reason, node, source line")
-    ins.set_defaults(func=cmd_inspect)
-
-    pr = sub.add_parser("prune", help="analyse, plan, compile, verify and save")
-    common(pr)
-    pr.add_argument("--ratio", type=float, required=True,
-                    help="fraction of every group's units to remove, in [0, 1)")
-    pr.add_argument("--criterion", default="l1", choices=_data_free_criteria(),
-                    help="importance criterion (the registry's data-free ones)")
-    pr.add_argument("--include-softmax", action="store_true",
-                    help="also prune groups whose units a softmax normalises")
-    pr.add_argument("--round-to", type=int, default=1, help="kept counts are multiples of it")
-    pr.add_argument("--out", help="save the pruned model here (torch.export .pt2)")
-    pr.add_argument("--plan-out", help="write the plan as JSON here")
-    pr.add_argument("--no-verify", action="store_true", help="skip slice == mask")
-    pr.add_argument("--attention-scale", choices=["original", "recompute"],
-                    default="original", help="softmax scale when head_dim is pruned: "
-                    "1/sqrt(original head_dim) (default) or of the kept one")
-    pr.set_defaults(func=cmd_prune)
+    for name, (text, add, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=text)
+        _common(p)
+        add(p)
+        p.set_defaults(func=run)
     return parser
 
 
+def _check_early(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Option checks that need the registries (after parsing, before any model work)."""
+    if getattr(args, "func", None) is not cmd_prune:
+        return
+    from fxprune.importance import CRITERIA
+
+    spec = CRITERIA.get(args.criterion)
+    if spec is None:
+        import difflib
+        close = difflib.get_close_matches(args.criterion, list(CRITERIA), n=1, cutoff=0.5)
+        parser.error(f"unknown criterion {args.criterion!r}"
+                     f"{f'; did you mean {close[0]}?' if close else ''} "
+                     f"(one of {', '.join(CRITERIA)})")
+    if spec.needs_data:
+        parser.error(f"criterion {args.criterion!r} needs calibration data: use the Python "
+                     "API (fxprune.Importance(..., data=...)) or a data-free criterion")
+    if args.round_to < 1:
+        parser.error(f"--round-to must be >= 1, got {args.round_to}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # argparse: usage errors (2) and --help (0)
+        args = parser.parse_args(argv)
+        _check_early(parser, args)
+    except SystemExit as exc:  # argparse: usage errors (2), --help and --version (0)
         return int(exc.code or 0)
+    import torch
+
     torch.manual_seed(args.seed)
     try:
         return args.func(args)
     except FxpruneError as exc:
+        if args.verbose:
+            import traceback
+            traceback.print_exc()
         message = " ".join(str(exc).split())
         print(f"fxprune: error: {message}", file=sys.stderr)
         return EXIT_ERROR

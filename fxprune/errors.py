@@ -139,3 +139,11 @@ class NonUniformPlanError(PlanError):
     """A plan keeps different head counts, head_dims or MLP widths in different layers, so
     a Hugging Face config (one number per model) cannot describe it for
     ``save_pretrained``; says how to make the plan uniform."""
+
+
+class SaveError(FxpruneError):
+    """A model could not be saved so that it loads with torch alone (nothing was written)."""
+
+
+class OnnxExportError(FxpruneError):
+    """``torch.onnx.export`` failed on a pruned module; the message names the node."""

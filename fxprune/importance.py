@@ -43,13 +43,17 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import sys
+
 import numpy as np
 import torch
 import torch.nn as nn
 
 from fxprune.errors import ImportanceError, NonFiniteScoreError
 from fxprune.groups import ChannelGroup, GroupAnalysis, Member
-import fxprune.plan as plan_module
+import fxprune.plan  # noqa: F401  (the submodule: ``fxprune.plan`` is the planner function)
+
+plan_module = sys.modules["fxprune.plan"]
 
 __all__ = ["Importance", "CriterionSpec", "CRITERIA", "STATISTICS", "criterion",
            "weight_criterion",

@@ -424,7 +424,9 @@ def resolve_criterion(analysis: GroupAnalysis, criterion: Any) -> Any:
         return criterion_resolver(analysis, criterion)
     if callable(criterion) or criterion in _MAGNITUDE_P or criterion == "random":
         return criterion
-    raise PlanError(f"unknown criterion {criterion!r}: use 'l1', 'l2', 'random' or a callable")
+    raise PlanError(f"criterion {criterion!r}: the criterion registry is not loaded (use "
+                    "fxprune.Plan, or import fxprune.importance first); 'l1', 'l2', "
+                    "'random' and callables work without it")
 
 
 def criterion_name(criterion: Any) -> str:

@@ -115,7 +115,7 @@ def test_prune_torchvision_resnet18_small_input(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("resnet18", "must be 'torchvision:NAME' or 'module.path:factory'"),
+    ("resnet18", "names no model: use torchvision:NAME, timm:NAME, hf:ARCH"),
     ("torchvision:no_such_net", "torchvision has no model 'no_such_net'"),
     ("no_such_module_xyz:make", "cannot import 'no_such_module_xyz'"),
     ("_cli_models:missing", "'_cli_models' has no attribute 'missing'"),
@@ -150,8 +150,9 @@ def test_python_dash_m_runs_the_cli():
     done = subprocess.run([sys.executable, "-m", "fxprune", "inspect", "bad-spec"],
                           capture_output=True, text=True, env=_env(), timeout=300)
     assert done.returncode == 2
-    assert done.stderr.strip() == ("fxprune: error: model spec 'bad-spec' must be "
-                                   "'torchvision:NAME' or 'module.path:factory'")
+    assert done.stderr.strip() == ("fxprune: error: model spec 'bad-spec' names no model: "
+                                   "use torchvision:NAME, timm:NAME, hf:ARCH, hf:DIR or "
+                                   "module.path:factory")
 
 
 @pytest.mark.parametrize("mode, scale", [("original", 4 ** -0.5), ("recompute", 2 ** -0.5)])

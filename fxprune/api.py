@@ -18,6 +18,7 @@ from fxprune.groups import GroupAnalysis
 from fxprune.plan import Plan
 from passes.find_groups import find_groups
 from passes.mask import insert_masks
+from passes.fold_bn import fold_bn as fold_batchnorm
 from passes.rules.registry import check_attention_scale
 from passes.shape_prop import output_shape, propagate_shapes
 from passes.slice_weights import check_sliced, slice_weights
@@ -69,8 +70,11 @@ def _lint(gm: torch.fx.GraphModule) -> None:
 
 def compile(model: torch.nn.Module | GroupAnalysis, plan: Plan, *,
             example_inputs: Any = None, check: bool = True,
-            attention_scale: str = "original") -> torch.fx.GraphModule:
+            attention_scale: str = "original", fold_bn: bool = False) -> torch.fx.GraphModule:
     """A new, smaller GraphModule that applies ``plan``; ``model`` is left untouched.
+
+    ``fold_bn=True`` folds eval-mode BatchNorm into the conv/linear before it after
+    slicing (``passes.fold_bn``; ``passes.fold_bn.check_fold`` proves it in float64).
 
     ``model`` may be the analysed model (the plan's own analysis is reused when it was
     made for this model), a ``GroupAnalysis``, or a model plus ``example_inputs`` to
@@ -98,6 +102,8 @@ def compile(model: torch.nn.Module | GroupAnalysis, plan: Plan, *,
     steps = [Step("slice_weights", sliced)]
     if check:
         steps.append(Step("check_sliced", checked))
+    if fold_bn:
+        steps.append(Step("fold_bn", fold_batchnorm))
     return run_steps("fxprune.compile", steps, None, error_type=RewriteError)
 
 

@@ -89,3 +89,16 @@ def test_check_fold_catches_a_wrong_fold():
 def test_fold_bn_requires_a_graph_module():
     with pytest.raises(RewriteError, match="GraphModule"):
         fold_bn(Net().eval())
+
+
+def test_compile_fold_bn_option_prunes_then_folds():
+    import fxprune
+
+    model = _randomise_bn(Net())
+    x = torch.randn(2, 3, 8, 8)
+    analysis = fxprune.analyze(model, (x,))
+    plan = fxprune.Plan.from_ratio(analysis, 0.5, criterion="l1")
+    sliced = fxprune.compile(model, plan)
+    folded = fxprune.compile(model, plan, fold_bn=True)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    assert check_fold(sliced, folded, (x,)) < 1e-9

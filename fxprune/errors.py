@@ -121,3 +121,13 @@ class AttentionNotFoundError(TokenReductionError):
 class StaticShapeError(TokenReductionError):
     """The token count is dynamic where the pass needs it static, or a literal size in the
     graph pins it (a reshape that cannot be rewritten, token-mixing weights)."""
+
+
+class BackendUnavailableError(FxpruneError):
+    """A latency backend cannot run here (its package or a C compiler is missing); the
+    message names the extra to install."""
+
+
+class LatencyTargetError(BudgetError):
+    """A latency target is below what the floor model (every group at its minimum)
+    measures; the message gives both figures in milliseconds."""

@@ -397,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
                     default="original", help="softmax scale when head_dim is pruned: "
                     "1/sqrt(original head_dim) (default) or of the kept one")
     pr.set_defaults(func=cmd_prune)
+
+    from fxprune.cli_bench import add_bench_parser
+    add_bench_parser(sub, common)
     return parser
 
 

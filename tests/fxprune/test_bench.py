@@ -52,3 +52,13 @@ def test_missing_compiler_is_typed(monkeypatch):
 def test_unknown_backend():
     with pytest.raises(ValueError, match="choose from"):
         prepare_backend("tvm", _tiny(4), (torch.randn(1, 3, 8, 8),))
+
+
+def test_cli_bench_on_a_tiny_model(capsys):
+    pytest.importorskip("torchvision")
+    from fxprune.cli import main
+
+    rc = main(["bench", "torchvision:resnet18", "--ratio", "0.5", "--input-shape", "1,3,32,32",
+               "--batch", "1", "--repeats", "2", "--fold-bn"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "speedup/MACs" in out and "eager" in out

@@ -201,3 +201,49 @@ def rows_table(rows: Sequence[BenchRow]) -> str:
                       f"{r.mac_reduction:.2f}x", f"{r.ratio:.2f}") for r in rows],
                      headers=["backend", "batch", "original", "pruned", "speedup",
                               "MAC reduction", "speedup/MACs"])
+
+
+def plan_for_measured_latency(model: torch.nn.Module, inputs: tuple, target_ms: float, *,
+                              backend: str = "eager", tolerance: float = 0.05,
+                              max_iters: int = 5, repeats: int = 10, scope: str = "global",
+                              round_to: int = 1, criterion: str = "l1") -> tuple[Any, Any, float]:
+    """(plan, pruned model, measured ms): a plan whose *measured* latency on ``backend``
+    is within ``tolerance`` (relative) of ``target_ms`` (milliseconds, one forward of
+    ``inputs``).
+
+    Iterates plan (``fxprune.plan(target_latency=fraction)``, the latency table's
+    prediction) -> compile -> measure (interleaved with the dense model) -> rescale the
+    fraction by target / measured. Raises ``LatencyTargetError`` with both figures in ms
+    when the floor model (every group at one unit or its minimum) measures above
+    ``target_ms``; returns the closest plan found after ``max_iters`` otherwise (check the
+    measured figure)."""
+    import fxprune
+    from fxprune.errors import LatencyTargetError
+
+    if target_ms <= 0:
+        raise ValueError(f"target_ms must be > 0 ms, got {target_ms}")
+    analysis = fxprune.analyze(model, inputs)
+    floor_plan = fxprune.Plan.from_ratio(analysis, 0.999, criterion=criterion)
+    floor = fxprune.compile(model, floor_plan).eval()
+    got = measure_model_latency({"dense": model, "floor": floor}, inputs, backend=backend,
+                                repeats=repeats)
+    dense_ms, floor_ms = got["dense"].median_ms, got["floor"].median_ms
+    if floor_ms > target_ms:
+        raise LatencyTargetError(
+            f"target latency {target_ms:.3f} ms is below what the floor model measures "
+            f"({floor_ms:.3f} ms on '{backend}'; dense {dense_ms:.3f} ms); raise the target "
+            f"or use a faster backend")
+    fraction, best = min(target_ms / dense_ms, 1.0), None
+    for _ in range(max_iters):
+        plan = fxprune.plan(analysis, criterion, target_latency=fraction, scope=scope,
+                            round_to=round_to)
+        pruned = fxprune.compile(model, plan).eval()
+        ms = measure_model_latency({"dense": model, "pruned": pruned}, inputs, backend=backend,
+                                   repeats=repeats)["pruned"].median_ms
+        if best is None or abs(ms - target_ms) < abs(best[2] - target_ms):
+            best = (plan, pruned, ms)
+        if abs(ms - target_ms) <= tolerance * target_ms:
+            break
+        fraction = min(max(fraction * target_ms / ms, 1e-3), 1.0)
+    assert best is not None
+    return best

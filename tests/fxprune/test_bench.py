@@ -62,3 +62,11 @@ def test_cli_bench_on_a_tiny_model(capsys):
                "--batch", "1", "--repeats", "2", "--fold-bn"])
     out = capsys.readouterr().out
     assert rc == 0 and "speedup/MACs" in out and "eager" in out
+
+
+def test_latency_target_below_the_floor_gives_both_figures():
+    from fxprune.bench import plan_for_measured_latency
+    from fxprune.errors import LatencyTargetError
+
+    with pytest.raises(LatencyTargetError, match=r"1e-06|0\.000 ms.*floor model measures \([0-9.]+ ms"):
+        plan_for_measured_latency(_tiny(8), (torch.randn(1, 3, 16, 16),), 1e-6, repeats=2)

@@ -18,6 +18,7 @@ from fxprune.groups import GroupAnalysis
 from fxprune.plan import Plan
 from passes.find_groups import find_groups
 from passes.mask import insert_masks
+from passes.fold_bn import fold_bn as fold_batchnorm
 from passes.rules.registry import check_attention_scale
 from passes.shape_prop import eval_mode, output_shape, propagate_shapes
 from passes.slice_weights import check_sliced, slice_weights
@@ -69,7 +70,8 @@ def _lint(gm: torch.fx.GraphModule) -> None:
 
 def compile(model: torch.nn.Module | GroupAnalysis, plan: Plan, *,
             example_inputs: Any = None, check: bool = True,
-            attention_scale: str = "original", output: str = "graph") -> torch.nn.Module:
+            attention_scale: str = "original", output: str = "graph",
+            fold_bn: bool = False) -> torch.nn.Module:
     """A new, smaller GraphModule that applies ``plan``; ``model`` is left untouched.
 
     ``output="module"``: instead, a deep copy of ``model`` keeping its own class (its
@@ -78,6 +80,10 @@ def compile(model: torch.nn.Module | GroupAnalysis, plan: Plan, *,
     (``passes.slice_module``, ``fxprune.hf``). It is checked against the GraphModule in
     float64 on the example inputs and a doubled batch: ``ModuleOutputError`` (or
     ``LiteralSizeError``, naming the source line of a literal size) when they differ.
+
+    ``fold_bn=True`` folds eval-mode BatchNorm into the conv/linear before it after
+    slicing (``passes.fold_bn``; ``passes.fold_bn.check_fold`` proves it in float64);
+    graph output only.
 
     ``model`` may be the analysed model (the plan's own analysis is reused when it was
     made for this model), a ``GroupAnalysis``, or a model plus ``example_inputs`` to
@@ -94,6 +100,9 @@ def compile(model: torch.nn.Module | GroupAnalysis, plan: Plan, *,
     check_attention_scale(attention_scale)  # a ValueError here, not inside the pipeline
     if output not in ("graph", "module"):
         raise ValueError(f"output must be 'graph' or 'module', got {output!r}")
+    if fold_bn and output == "module":
+        raise ValueError("fold_bn=True rewrites the graph (BatchNorm folded away): use it "
+                         "with output='graph'")
     analysis = _analysis_for(model, plan, example_inputs)
     kept = plan.kept_labels(analysis)
 
@@ -107,6 +116,8 @@ def compile(model: torch.nn.Module | GroupAnalysis, plan: Plan, *,
     steps = [Step("slice_weights", sliced)]
     if check:
         steps.append(Step("check_sliced", checked))
+    if fold_bn:
+        steps.append(Step("fold_bn", fold_batchnorm))
     if output == "module":
         from fxprune.module_output import module_steps  # API layer, imported when asked
         steps += module_steps(model, analysis, kept, plan, check=check)

@@ -422,10 +422,22 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
 
 
 #: subcommands: name -> (help, add_arguments, run); ``fxprune bench`` adds one entry
+def _add_bench(p: argparse.ArgumentParser) -> None:
+    from fxprune.cli_bench import add_bench_arguments
+    add_bench_arguments(p)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from fxprune.cli_bench import cmd_bench
+    return cmd_bench(args)
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
                           Callable[[argparse.Namespace], int]]] = {
     "inspect": ("print the coupled-group table", _add_inspect, cmd_inspect),
     "prune": ("analyse, plan, compile, verify and save", _add_prune, cmd_prune),
+    "bench": ("latency before/after pruning (eager, compile, onnxruntime)",
+              _add_bench, _cmd_bench),
 }
 
 

@@ -147,3 +147,13 @@ class SaveError(FxpruneError):
 
 class OnnxExportError(FxpruneError):
     """``torch.onnx.export`` failed on a pruned module; the message names the node."""
+
+
+class BackendUnavailableError(FxpruneError):
+    """A latency backend cannot run here (its package or a C compiler is missing); the
+    message names the extra to install."""
+
+
+class LatencyTargetError(BudgetError):
+    """A latency target is below what the floor model (every group at its minimum)
+    measures; the message gives both figures in milliseconds."""

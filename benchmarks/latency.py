@@ -1,0 +1,54 @@
+"""Latency before/after pruning the way deployments run (issue 12, section 1).
+
+    python benchmarks/latency.py [--models resnet50,mobilenet_v3_large] [--ratio 0.5]
+        [--backends eager,onnxruntime,compile] [--batches 1,8] [--repeats 10] [--fold-bn]
+
+For each torchvision model (random init, eval, 224x224): L1 plan at ``--ratio``,
+``fxprune.compile``; original and pruned measured interleaved (``fxprune.bench``), median
+and IQR in ms, speedup and speedup / MAC reduction per backend and batch. With
+``--fold-bn`` both models get BatchNorm folded (the fair comparison for deployment).
+Absolute times are noisy on a shared machine; the ratios are measured interleaved.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torchvision
+
+import fxprune
+from fxprune.bench import bench_pruning, rows_table
+from fxprune.cli import count_macs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="resnet50")
+    ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--backends", default="eager,onnxruntime")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--fold-bn", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    for name in args.models.split(","):
+        model = torchvision.models.get_model(name).eval()
+        x = torch.randn(1, 3, args.size, args.size)
+        analysis = fxprune.analyze(model, (x,))
+        plan = fxprune.Plan.from_ratio(analysis, args.ratio, criterion="l1")
+        small = fxprune.compile(model, plan, fold_bn=args.fold_bn).eval()
+        ref = (fxprune.compile(model, fxprune.Plan.from_ratio(analysis, 0.0), fold_bn=True).eval()
+               if args.fold_bn else model)
+        red = count_macs(model, (x,)) / count_macs(small, (x,))
+        rows = bench_pruning(ref, small, lambda b: (torch.randn(b, 3, args.size, args.size),),
+                             mac_reduction=red, batches=[int(b) for b in args.batches.split(",")],
+                             backends=args.backends.split(","), repeats=args.repeats)
+        print(f"\n{name}, ratio {args.ratio}, {args.size}x{args.size}, "
+              f"{torch.get_num_threads()} threads, {args.repeats} interleaved repeats"
+              f"{', BN folded in both' if args.fold_bn else ''}")
+        print(rows_table(rows), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Model-level latency the way deployments run it: eager, ``torch.compile``, onnxruntime.
+
+``measure_model_latency({"original": m, "pruned": p}, (x,), backend="onnxruntime")``
+times whole forwards of several models *interleaved* (repeat ``r`` runs every model once,
+in an order rotated each repeat) so that load on a shared machine hits them alike, and
+reports the median and the inter-quartile range (IQR) in milliseconds.
+``bench_pruning`` prunes a model and tabulates latency before/after at batch 1 and a
+throughput batch, with speedup / MAC-reduction per backend.
+
+Backends: ``"eager"`` (the module itself, ``torch.inference_mode``), ``"compile"``
+(``torch.compile``, inductor: needs a C compiler), ``"onnxruntime"`` (``torch.onnx``
+export, CPU execution provider: needs the ``onnx`` extra). A backend that cannot run
+raises ``BackendUnavailableError`` naming what to install.
+"""
+from __future__ import annotations
+
+import importlib.util
+import io
+import shutil
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fxprune.errors import BackendUnavailableError, FxpruneError
+
+__all__ = ["BACKENDS", "LatencyStats", "measure_model_latency", "bench_pruning",
+           "BenchRow", "prepare_backend"]
+
+BACKENDS = ("eager", "compile", "onnxruntime")
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Times of one model's forward on one backend, in milliseconds."""
+
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+    repeats: int
+
+    @property
+    def iqr_ms(self) -> float:
+        return self.q3_ms - self.q1_ms
+
+    def __str__(self) -> str:
+        return f"{self.median_ms:.2f} ms (IQR {self.iqr_ms:.2f})"
+
+
+def _stats(times_ms: Sequence[float]) -> LatencyStats:
+    xs = sorted(times_ms)
+    if len(xs) >= 2:
+        q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    else:
+        q1 = q3 = xs[0]
+    return LatencyStats(statistics.median(xs), q1, q3, len(xs))
+
+
+def _require_module(name: str, extra: str, backend: str) -> None:
+    if importlib.util.find_spec(name) is None:
+        raise BackendUnavailableError(
+            f"backend '{backend}' needs the Python package '{name}', which is not installed; "
+            f"install it with: pip install 'fxprune[{extra}]'")
+
+
+def _eager(model: torch.nn.Module, inputs: tuple) -> Callable[[], Any]:
+    model = model.eval()
+
+    def run() -> Any:
+        with torch.inference_mode():
+            return model(*inputs)
+
+    return run
+
+
+def _compiled(model: torch.nn.Module, inputs: tuple) -> Callable[[], Any]:
+    if shutil.which("gcc") is None and shutil.which("cc") is None and shutil.which("clang") is None:
+        raise BackendUnavailableError(
+            "backend 'compile' (torch.compile, inductor) needs a C compiler on PATH "
+            "(gcc, cc or clang); install one (e.g. apt-get install gcc) or use 'eager'")
+    compiled = torch.compile(model.eval(), dynamic=False)
+    return _eager(compiled, inputs)
+
+
+def _onnxruntime(model: torch.nn.Module, inputs: tuple) -> Callable[[], Any]:
+    _require_module("onnxruntime", "onnx", "onnxruntime")
+    _require_module("onnx", "onnx", "onnxruntime")
+    import onnxruntime as ort
+
+    buf = io.BytesIO()
+    names = [f"input_{i}" for i in range(len(inputs))]
+    try:
+        with torch.no_grad():
+            torch.onnx.export(model.eval(), tuple(inputs), buf, input_names=names,
+                              dynamo=False, opset_version=17)
+    except Exception as exc:  # the exporter's errors are untyped
+        raise FxpruneError(f"backend 'onnxruntime': torch.onnx.export failed "
+                           f"({type(exc).__name__}: {exc}); use 'eager' or 'compile'") from exc
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+    feed = {n: x.detach().cpu().numpy() for n, x in zip(names, inputs)}
+
+    def run() -> Any:
+        return session.run(None, feed)
+
+    return run
+
+
+_PREPARE = {"eager": _eager, "compile": _compiled, "onnxruntime": _onnxruntime}
+
+
+def prepare_backend(backend: str, model: torch.nn.Module, inputs: tuple) -> Callable[[], Any]:
+    """A no-argument callable running ``model(*inputs)`` on ``backend``.
+
+    Raises ``BackendUnavailableError`` for a backend that is not installed (naming the
+    extra) and ``ValueError`` for an unknown backend name."""
+    if backend not in _PREPARE:
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    return _PREPARE[backend](model, tuple(inputs))
+
+
+def measure_model_latency(models: Mapping[str, torch.nn.Module], inputs: tuple, *,
+                          backend: str = "eager", repeats: int = 20, warmup: int = 3
+                          ) -> dict[str, LatencyStats]:
+    """Median and IQR (ms) of each model's forward on ``inputs``, measured interleaved.
+
+    Requires: models taking the same ``inputs`` (a tuple of CPU tensors), ``repeats >= 1``.
+    Each model is prepared for ``backend`` (compiled / exported once), run ``warmup``
+    times, then the models are run in turn ``repeats`` times, the order rotated each
+    repeat. Raises ``BackendUnavailableError`` (see ``prepare_backend``)."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    runs = {name: prepare_backend(backend, m, inputs) for name, m in models.items()}
+    for run in runs.values():
+        for _ in range(max(warmup, 1)):  # at least once: compile/JIT happens here
+            run()
+    names = list(runs)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            runs[name]()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {n: _stats(times[n]) for n in names}
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    """Original vs pruned latency on one backend at one batch size."""
+
+    backend: str
+    batch: int
+    original: LatencyStats
+    pruned: LatencyStats
+    mac_reduction: float
+
+    @property
+    def speedup(self) -> float:
+        return self.original.median_ms / self.pruned.median_ms
+
+    @property
+    def ratio(self) -> float:
+        """speedup / MAC reduction (1.0: latency follows the MACs)."""
+        return self.speedup / self.mac_reduction
+
+
+def bench_pruning(original: torch.nn.Module, pruned: torch.nn.Module, make_input: Callable[[int], tuple],
+                  *, mac_reduction: float, batches: Sequence[int] = (1, 8),
+                  backends: Sequence[str] = ("eager",), repeats: int = 10, warmup: int = 2
+                  ) -> list[BenchRow]:
+    """One ``BenchRow`` per (backend, batch): both models measured interleaved.
+
+    ``make_input(batch)`` gives the input tuple; ``mac_reduction`` = dense / pruned MACs.
+    Raises ``BackendUnavailableError`` before measuring anything if a backend is missing."""
+    for b in backends:
+        if b == "onnxruntime":
+            _require_module("onnxruntime", "onnx", b)
+            _require_module("onnx", "onnx", b)
+        elif b not in _PREPARE:
+            raise ValueError(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
+    rows = []
+    for backend in backends:
+        for batch in batches:
+            got = measure_model_latency({"original": original, "pruned": pruned},
+                                        make_input(batch), backend=backend,
+                                        repeats=repeats, warmup=warmup)
+            rows.append(BenchRow(backend, batch, got["original"], got["pruned"], mac_reduction))
+    return rows
+
+
+def rows_table(rows: Sequence[BenchRow]) -> str:
+    """The rows as a text table (tabulate)."""
+    from tabulate import tabulate
+
+    return tabulate([(r.backend, r.batch, str(r.original), str(r.pruned), f"{r.speedup:.2f}x",
+                      f"{r.mac_reduction:.2f}x", f"{r.ratio:.2f}") for r in rows],
+                     headers=["backend", "batch", "original", "pruned", "speedup",
+                              "MAC reduction", "speedup/MACs"])
+
+
+def plan_for_measured_latency(model: torch.nn.Module, inputs: tuple, target_ms: float, *,
+                              backend: str = "eager", tolerance: float = 0.05,
+                              max_iters: int = 5, repeats: int = 10, scope: str = "global",
+                              round_to: int = 1, criterion: str = "l1") -> tuple[Any, Any, float]:
+    """(plan, pruned model, measured ms): a plan whose *measured* latency on ``backend``
+    is within ``tolerance`` (relative) of ``target_ms`` (milliseconds, one forward of
+    ``inputs``).
+
+    Iterates plan (``fxprune.plan(target_latency=fraction)``, the latency table's
+    prediction) -> compile -> measure (interleaved with the dense model) -> rescale the
+    fraction by target / measured. Raises ``LatencyTargetError`` with both figures in ms
+    when the floor model (every group at one unit or its minimum) measures above
+    ``target_ms``; returns the closest plan found after ``max_iters`` otherwise (check the
+    measured figure)."""
+    import fxprune
+    from fxprune.errors import LatencyTargetError
+
+    if target_ms <= 0:
+        raise ValueError(f"target_ms must be > 0 ms, got {target_ms}")
+    analysis = fxprune.analyze(model, inputs)
+    floor_plan = fxprune.Plan.from_ratio(analysis, 0.999, criterion=criterion)
+    floor = fxprune.compile(model, floor_plan).eval()
+    got = measure_model_latency({"dense": model, "floor": floor}, inputs, backend=backend,
+                                repeats=repeats)
+    dense_ms, floor_ms = got["dense"].median_ms, got["floor"].median_ms
+    if floor_ms > target_ms:
+        raise LatencyTargetError(
+            f"target latency {target_ms:.3f} ms is below what the floor model measures "
+            f"({floor_ms:.3f} ms on '{backend}'; dense {dense_ms:.3f} ms); raise the target "
+            f"or use a faster backend")
+    fraction, best = min(target_ms / dense_ms, 1.0), None
+    for _ in range(max_iters):
+        plan = fxprune.plan(analysis, criterion, target_latency=fraction, scope=scope,
+                            round_to=round_to)
+        pruned = fxprune.compile(model, plan).eval()
+        ms = measure_model_latency({"dense": model, "pruned": pruned}, inputs, backend=backend,
+                                   repeats=repeats)["pruned"].median_ms
+        if best is None or abs(ms - target_ms) < abs(best[2] - target_ms):
+            best = (plan, pruned, ms)
+        if abs(ms - target_ms) <= tolerance * target_ms:
+            break
+        fraction = min(max(fraction * target_ms / ms, 1e-3), 1.0)
+    assert best is not None
+    return best

@@ -1,0 +1,79 @@
+"""fxprune.bench: interleaved model latency, backends behind typed errors."""
+import importlib.util
+
+import pytest
+import torch
+from torch import nn
+
+from fxprune.bench import bench_pruning, measure_model_latency, prepare_backend, rows_table
+from fxprune.errors import BackendUnavailableError
+
+
+def _tiny(width):
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(width, 4, 1)).eval()
+
+
+def test_measure_model_latency_interleaved_two_repeats():
+    x = torch.randn(1, 3, 16, 16)
+    got = measure_model_latency({"a": _tiny(8), "b": _tiny(4)}, (x,), repeats=2, warmup=1)
+    assert set(got) == {"a", "b"}
+    for s in got.values():
+        assert s.repeats == 2 and 0 < s.q1_ms <= s.median_ms <= s.q3_ms and s.iqr_ms >= 0
+
+
+def test_bench_pruning_rows_on_onnxruntime_and_eager():
+    if importlib.util.find_spec("onnxruntime") is None:
+        pytest.skip("onnxruntime not installed")
+    rows = bench_pruning(_tiny(16), _tiny(8), lambda b: (torch.randn(b, 3, 16, 16),),
+                         mac_reduction=2.0, batches=(1, 2), backends=("eager", "onnxruntime"),
+                         repeats=2, warmup=1)
+    assert [(r.backend, r.batch) for r in rows] == [("eager", 1), ("eager", 2),
+                                                    ("onnxruntime", 1), ("onnxruntime", 2)]
+    assert all(r.speedup > 0 and r.ratio == pytest.approx(r.speedup / 2.0) for r in rows)
+    assert "speedup/MACs" in rows_table(rows)
+
+
+def test_missing_backend_names_the_extra(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    with pytest.raises(BackendUnavailableError, match=r"fxprune\[onnx\]"):
+        prepare_backend("onnxruntime", _tiny(4), (torch.randn(1, 3, 8, 8),))
+
+
+def test_missing_compiler_is_typed(monkeypatch):
+    import shutil
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(BackendUnavailableError, match="C compiler"):
+        prepare_backend("compile", _tiny(4), (torch.randn(1, 3, 8, 8),))
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="choose from"):
+        prepare_backend("tvm", _tiny(4), (torch.randn(1, 3, 8, 8),))
+
+
+def test_cli_bench_on_a_tiny_model(capsys):
+    pytest.importorskip("torchvision")
+    from fxprune.cli import main
+
+    rc = main(["bench", "torchvision:resnet18", "--ratio", "0.5", "--input-shape", "1,3,32,32",
+               "--batch", "1", "--repeats", "2", "--fold-bn"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "speedup/MACs" in out and "eager" in out
+
+
+def test_latency_target_below_the_floor_gives_both_figures():
+    from fxprune.bench import plan_for_measured_latency
+    from fxprune.errors import LatencyTargetError
+
+    with pytest.raises(LatencyTargetError, match=r"1e-06|0\.000 ms.*floor model measures \([0-9.]+ ms"):
+        plan_for_measured_latency(_tiny(8), (torch.randn(1, 3, 16, 16),), 1e-6, repeats=2)
+
+
+def test_cli_lists_the_backends_bench_knows():
+    from fxprune.bench import BACKENDS
+    from fxprune.cli_bench import BENCH_BACKENDS
+
+    assert BENCH_BACKENDS == BACKENDS

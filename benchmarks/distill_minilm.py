@@ -204,9 +204,7 @@ def run(args: argparse.Namespace) -> dict:
         prune_steps = max(interval, prune_steps // interval * interval)
         pruner = Pruner(model, example, target_params=target_params, interval=interval,
                         steps=prune_steps, criterion="taylor_gate", schedule="cubic",
-                        frontend="export", teacher=gm, seed=args.seed)
-        # fxprune.analyze with split_policy="outer" (heads); the pruner's own analysis is
-        # compared with it below.
+                        frontend="export", split_policy="outer", teacher=gm, seed=args.seed)
         assert len(pruner.analysis.groups) == len(analysis.groups), pruner.analysis.table()
         before = (1.0, 1.0)  # the student starts as the unpruned model
         t0 = time.perf_counter()

@@ -133,7 +133,9 @@ class Pruner:
     ``max_ratio_per_group`` as in ``fxprune.plan``. ``closure(student) -> loss`` feeds the
     curvature criteria's one extra pass per interval. ``teacher``: default a frozen
     eval-mode deep copy of ``model``; a teacher passed in is used as is (not copied: it
-    may be large) after ``.eval().requires_grad_(False)``. ``frontend``: ``"fx"`` or ``"export"``.
+    may be large) after ``.eval().requires_grad_(False)`` (an exported GraphModule's eval
+mode is set with ``set_graph_training``). ``frontend``: ``"fx"`` or ``"export"``;
+``split_policy``: as in ``fxprune.analyze`` (``"outer"``: whole attention heads).
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any, *, target_macs: float | None = None,
@@ -144,7 +146,8 @@ class Pruner:
                  layer_norm: str | None = None, scope: str = "local", round_to: int = 1,
                  max_ratio_per_group: float = 0.9, closure: Callable | None = None,
                  teacher: nn.Module | None = None, frontend: str = "fx", probes: int = 1,
-                 seed: int = 0, latency: Any = None, process_group: Any = None) -> None:
+                 seed: int = 0, latency: Any = None, process_group: Any = None,
+                 split_policy: str | None = None) -> None:
         self._check_args(interval, steps, start, criterion, schedule, selection)
         self.interval, self.steps, self.start = interval, steps, start
         self.criterion = "bn_scale" if selection == "slimming" else criterion
@@ -167,13 +170,18 @@ class Pruner:
         self.example_inputs = inputs
         # Capture from a train-mode copy: export bakes the mode into the graph.
         captured = copy.deepcopy(model).train()
-        self.analysis = fxprune.analyze(captured, inputs, frontend=frontend)
+        options = {} if split_policy is None else {"split_policy": split_policy}
+        self.analysis = fxprune.analyze(captured, inputs, frontend=frontend, **options)
         self.export = self.analysis.gm.meta.get("fxprune_frontend") == "export"
         self.student = GatedStudent(insert_gates(self.analysis), export=self.export).train()
         self.live = dataclasses.replace(self.analysis, gm=self.student.gm)
         if teacher is None:
             teacher = copy.deepcopy(model)
-        self.teacher = teacher.eval().requires_grad_(False)
+        if isinstance(teacher, torch.fx.GraphModule):  # an exported module rejects .eval()
+            set_graph_training(teacher, False)
+        else:
+            teacher.eval()
+        self.teacher = teacher.requires_grad_(False)
         self._check_teacher(inputs)
 
         from fxprune.cost import compute_cost

@@ -39,11 +39,34 @@ TRAINING_ARGS: dict[Any, int] = {
 }
 
 
+# ATen attention ops whose dropout probability export bakes in (train: p, eval: 0.0).
+ATTENTION_DROPOUT = {_aten.scaled_dot_product_attention.default: 4}
+TRAIN_P = "fxprune_train_dropout_p"  # node.meta: the attention dropout p captured in train mode
+
+
+def _set_attention_dropout(node: torch.fx.Node, mode: bool) -> int:
+    """Attention dropout ``p`` to its train-mode value (kept in meta) or 0.0; 1 if changed."""
+    index = ATTENTION_DROPOUT[node.target]
+    in_args = len(node.args) > index
+    p = node.args[index] if in_args else node.kwargs.get("dropout_p", 0.0)
+    train_p = node.meta.setdefault(TRAIN_P, p)  # first seen: the captured (train-mode) value
+    want = train_p if mode else 0.0
+    if p == want:
+        return 0
+    if in_args:
+        node.update_arg(index, want)
+    else:
+        node.update_kwarg("dropout_p", want)
+    return 1
+
+
 def set_graph_training(gm: torch.fx.GraphModule, mode: bool) -> int:
     """Set every module's ``training`` and every ATen training literal to ``mode``.
 
     Requires: a GraphModule (either front-end). Ensures: submodules' flags equal ``mode``;
-    in-graph ``batch_norm``/``dropout`` training arguments equal ``mode``; the graph is
+    in-graph ``batch_norm``/``dropout`` training arguments equal ``mode``, and
+    ``scaled_dot_product_attention``'s ``dropout_p`` is 0.0 in eval mode and its captured
+    value in train mode (kept in ``node.meta["fxprune_train_dropout_p"]``); the graph is
     recompiled when a literal changed. Returns the number of literals changed. Mutates
     ``gm`` (call it on copies the pruner owns, never on the user's model).
     """
@@ -55,6 +78,8 @@ def set_graph_training(gm: torch.fx.GraphModule, mode: bool) -> int:
         if index is not None and len(node.args) > index and node.args[index] is not mode:
             node.update_arg(index, mode)
             changed += 1
+        if node.op == "call_function" and node.target in ATTENTION_DROPOUT:
+            changed += _set_attention_dropout(node, mode)
     if changed:
         gm.recompile()
     return changed

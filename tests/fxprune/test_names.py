@@ -48,12 +48,27 @@ def test_registry_criterion_is_used_and_recorded(setup, name):
     assert p.meta["criterion"] == name
 
 
-def test_cli_criterion_choices_come_from_registry():
+def test_cli_criterion_names_come_from_registry(capsys):
+    """`fxprune prune --criterion` is checked against the registry after parsing, before
+    any model is loaded (so `--help` imports no torch): every data-free name parses, a
+    data-driven or unknown one exits 2 with the remedy."""
+    from fxprune.cli import _check_early
+
     parser = build_parser()
-    prune = next(a for a in parser._subparsers._group_actions[0].choices["prune"]._actions
-                 if a.dest == "criterion")
-    assert set(prune.choices) == {n for n, s in CRITERIA.items() if not s.needs_data}
-    assert "fpgm" in prune.choices and "taylor" not in prune.choices
+    for name, spec in CRITERIA.items():
+        args = parser.parse_args(["prune", "no.such:model", "--ratio", "0.5",
+                                  "--criterion", name])
+        if spec.needs_data:
+            with pytest.raises(SystemExit) as exc:
+                _check_early(parser, args)
+            assert exc.value.code == 2
+            assert "needs calibration data" in capsys.readouterr().err
+        else:
+            _check_early(parser, args)  # accepted
+    args = parser.parse_args(["prune", "no.such:model", "--ratio", "0.5", "--criterion", "fgpm"])
+    with pytest.raises(SystemExit):
+        _check_early(parser, args)
+    assert "did you mean fpgm" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("planner", ["from_ratio", "plan"])

@@ -132,9 +132,9 @@ class Pruner:
     name in ``CRITERIA``; ``normalize``/``layer_norm``/``scope``/``round_to``/
     ``max_ratio_per_group`` as in ``fxprune.plan``. ``closure(student) -> loss`` feeds the
     curvature criteria's one extra pass per interval. ``teacher``: default a frozen
-    eval-mode deep copy of ``model``; a teacher passed in is used as is (not copied: it
-    may be large) after ``.eval().requires_grad_(False)`` (an exported GraphModule's eval
-mode is set with ``set_graph_training``). ``frontend``: ``"fx"`` or ``"export"``;
+    eval-mode deep copy of ``model``; a teacher passed in is frozen the same way on a deep
+    copy (the user's teacher is left untouched; the copy costs its size in memory; an
+    exported GraphModule's eval mode is set with ``set_graph_training``). ``frontend``: ``"fx"`` or ``"export"``;
 ``split_policy``: as in ``fxprune.analyze`` (``"outer"``: whole attention heads).
     """
 
@@ -175,8 +175,9 @@ mode is set with ``set_graph_training``). ``frontend``: ``"fx"`` or ``"export"``
         self.export = self.analysis.gm.meta.get("fxprune_frontend") == "export"
         self.student = GatedStudent(insert_gates(self.analysis), export=self.export).train()
         self.live = dataclasses.replace(self.analysis, gm=self.student.gm)
-        if teacher is None:
-            teacher = copy.deepcopy(model)
+        # the teacher is frozen on a copy: the user's model (or their teacher) is never
+        # switched to eval mode, frozen or rewritten in place
+        teacher = copy.deepcopy(model if teacher is None else teacher)
         if isinstance(teacher, torch.fx.GraphModule):  # an exported module rejects .eval()
             set_graph_training(teacher, False)
         else:

@@ -149,3 +149,12 @@ def test_schedules():
     assert [round(e["fraction"], 6) for e in log] == [round(1 / 3, 6), round(2 / 3, 6), 1.0]
     costs = [e["macs"] for e in log]
     assert costs == sorted(costs, reverse=True)
+
+
+def test_a_user_teacher_is_left_untouched():
+    """The teacher is frozen on a copy: the user's teacher keeps its mode and gradients."""
+    teacher = ResNetlet().train()
+    model, pruner = _pruner(teacher=teacher)
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
+    assert not pruner.teacher.training
+    assert not any(p.requires_grad for p in pruner.teacher.parameters())

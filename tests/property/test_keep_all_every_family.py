@@ -71,7 +71,14 @@ CASES = {
     "vision": [("roi_free_interp", lambda m, y: F.interpolate(y, scale_factor=2), _none, False)],
     "timm": [("timm_free", lambda m, y: F.hardswish(y), _none, False)],
     "dims": [("unflatten", lambda m, y: y.flatten(2).unflatten(2, (6, 6)), _none, False)],
+    "parametrized": [
+        ("weight_norm", lambda m, y: m.inner(y),
+         lambda: nn.utils.parametrizations.weight_norm(nn.Conv2d(8, 8, 1)), False),
+        ("spectral_norm_pinned", lambda m, y: m.inner(y),
+         lambda: nn.utils.parametrizations.spectral_norm(nn.Linear(8, 8)), True),
+    ],
 }
+HELPERS = {"__init__", "registry", "meta"}  # modules of passes/rules/ that hold no rules
 FLAT = [(family, *case) for family, cases in CASES.items() for case in cases]
 
 
@@ -89,5 +96,7 @@ def test_keep_all_reproduces_and_the_rest_prunes(check_pruned, family, name, op,
 
 def test_every_rule_family_has_a_case():
     root = Path(__file__).resolve().parents[2] / "passes" / "rules"
-    families = {p.stem for p in root.glob("*.py") if p.stem not in ("__init__", "registry")}
+    families = {p.stem for p in root.glob("*.py") if p.stem not in HELPERS}
     assert families <= set(CASES), f"add a keep-all case for {sorted(families - set(CASES))}"
+    for helper in HELPERS - {"registry"}:
+        assert "@rule(" not in (root / f"{helper}.py").read_text(), f"{helper} holds rules"

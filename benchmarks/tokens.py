@@ -78,7 +78,7 @@ def vit_rows(name: str, model, rs: list[int], batches: list[int], repeats: int,
             cost = fxprune.token_macs(base, (x,), small)
             counted = flop_counter_macs(small, (x,))
             assert abs(counted - cost.macs_after) <= 1e-6 * counted, (counted, cost)
-            final = small.meta["fxprune_tokens"].final_tokens
+            final = small.meta["fxprune"]["tokens"].final_tokens
             ms, ratio = latency_ratio(small, base, (x,), repeats) if repeats else (None, None)
             rows.append((name, batch, label, final, f"{cost.macs_before / batch / 1e9:.2f}",
                          f"{cost.macs_after / batch / 1e9:.2f}", f"{cost.ratio:.3f}",
@@ -143,7 +143,7 @@ def text_rows(model, data: dict, rs: list[int], keeps: list[float], batch: int,
             cos = F.cosine_similarity(embed(small, ids, mask, batch), reference, dim=-1)
             _, ratio = latency_ratio(small, base, example, repeats_here) if repeats_here \
                 else (None, None)
-            final = small.meta["fxprune_tokens"].final_tokens
+            final = small.meta["fxprune"]["tokens"].final_tokens
             rows.append((kind, f"{real:.0f}", label, final, f"{cos.mean():.4f}",
                          f"{cos.min():.4f}", f"{macs / base_macs:.3f}",
                          "-" if ratio is None else f"{ratio:.3f}"))

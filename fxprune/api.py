@@ -13,6 +13,7 @@ import torch.fx
 
 from fxprune.capture import trace
 from fxprune.errors import PlanError, RewriteError, ShapePropagationError, VerificationError
+from fxprune.graph_meta import get_meta
 from fxprune.pipeline import Step, run_steps
 from fxprune.groups import GroupAnalysis
 from fxprune.plan import Plan
@@ -44,7 +45,8 @@ def analyze(model: torch.nn.Module, example_inputs: Any, *, leaf_modules: Sequen
     Works on models whose weights live on ``meta``. The model is not modified.
     """
     inputs = _as_tuple(example_inputs)
-    pre_traced = isinstance(model, torch.fx.GraphModule) and "fxprune_frontend" in model.meta
+    pre_traced = isinstance(model, torch.fx.GraphModule) and \
+        get_meta(model, "frontend") is not None
 
     def capture(_: Any) -> torch.fx.GraphModule:
         if pre_traced:
@@ -198,7 +200,7 @@ def verify(model: torch.nn.Module | GroupAnalysis, pruned: torch.nn.Module, plan
     exact_plan = Plan(plan.fingerprint, exact_keep, {n: plan.sizes[n] for n in exact_keep},
                       plan.meta, analysis)
     exact_kept = exact_plan.kept_labels(analysis)
-    recomputed = getattr(pruned, "meta", {}).get("fxprune_attention_scale") == "recompute"
+    recomputed = get_meta(pruned, "attention_scale") == "recompute"
     sliced = pruned if len(exact_keep) == len(plan.keep) and not recomputed \
         else slice_weights(analysis, exact_kept)  # original scales: slice == mask holds
     masked = insert_masks(analysis, exact_kept)
@@ -403,7 +405,7 @@ def _compare_activations(analysis: GroupAnalysis, kept: Any, masked: torch.fx.Gr
     """Every tracked activation: masked value at kept indices == sliced value (relative)."""
     from passes.slice_weights import keep_mask
 
-    alias = masked.meta.get("fxprune_masked_value", {})
+    alias = get_meta(masked, "masked_value", {})
     worst, worst_name, checked = 0.0, "", 0
     for name, labels in analysis.node_labels.items():
         ref, got = masked_acts.get(alias.get(name, name)), sliced_acts.get(name)

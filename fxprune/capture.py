@@ -13,6 +13,7 @@ import torch
 import torch.fx
 
 from fxprune.errors import TraceError
+from fxprune.graph_meta import set_meta
 
 __all__ = ["trace", "FxpruneTracer", "FallbackWarning"]
 
@@ -163,7 +164,7 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None, *
         exported = _export(model, tuple(example_inputs), dynamic=dynamic)
         gm = exported.module()
         _inline_grad_mode_regions(gm)
-        gm.meta["fxprune_frontend"] = "export"
+        set_meta(gm, "frontend", "export")
     except Exception as exc:
         errors.append(f"torch.export failed: {_where(exc)}")
         raise TraceError("; ".join(errors) + _REMEDY) from exc
@@ -173,7 +174,7 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None, *
                       "where the model allows; pass frontend='export' to silence this, or "
                       "fix the fx failure to analyse at the torch level.",
                       FallbackWarning, stacklevel=_user_stacklevel())
-        gm.meta["fxprune_fallback_reason"] = errors[0]
+        set_meta(gm, "fallback_reason", errors[0])
     return gm
 
 
@@ -197,7 +198,7 @@ def _fx_trace(model: torch.nn.Module, example_inputs: Sequence[Any] | None,
             continue
         gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
         gm.training = model.training  # the root only: submodules are the user's own
-        gm.meta["fxprune_frontend"] = "fx"
+        set_meta(gm, "frontend", "fx")
         # torch pickles a GraphModule with its tracer class: the plain one keeps every
         # result (and its deep copies) loadable without fxprune (re-tracing the generated
         # code needs no custom leaves: every submodule is a leaf then).

@@ -20,6 +20,7 @@ import torch.fx
 
 from fxprune.capture import trace
 from fxprune.errors import TokenScheduleError
+from fxprune.graph_meta import get_meta
 from passes.rules.registry import op_key
 from passes.shape_prop import propagate_shapes
 from passes.token_merge import TokenSchedule, find_token_layers, reduce_tokens
@@ -48,7 +49,7 @@ def _symbolic_sizes(gm: torch.fx.GraphModule) -> bool:
     (a token count the user made dynamic is refused by the pass: ``StaticShapeError``)."""
     if not any(n.op == "call_function" and op_key(n) == "sym_size" for n in gm.graph.nodes):
         return False
-    if gm.meta.get("fxprune_frontend") == "export":
+    if get_meta(gm, "frontend") == "export":
         return True  # fxprune's own capture: its dynamic dims are defaults, not requests
     for node in gm.graph.nodes:
         val = node.meta.get("val") if node.op == "placeholder" else None
@@ -113,7 +114,7 @@ def merge_tokens(model: torch.nn.Module, example_inputs: Any, *, r: int | Sequen
     becomes size-weighted. ``r=0`` returns the same computation.
 
     Returns a new GraphModule for the example inputs' batch and token count, with
-    ``meta["fxprune_tokens"]`` (a ``TokenSchedule``). Raises ``TokenScheduleError`` (r
+    ``meta["fxprune"]["tokens"]`` (a ``TokenSchedule``). Raises ``TokenScheduleError`` (r
     above the tokens available in a layer), ``AttentionNotFoundError``,
     ``StaticShapeError`` (dynamic token count, a literal that pins it).
     """
@@ -178,7 +179,7 @@ _QUADRATIC = {"scaled_dot_product_attention", "matmul", "bmm", "einsum", "baddbm
 def token_macs(model: torch.nn.Module, example_inputs: Any, reduced: torch.fx.GraphModule, *,
                frontend: str = "auto") -> TokenCost:
     """MACs of ``reduced`` predicted from ``model``'s dense per-node MACs and the token
-    count each node sees (``reduced.meta["fxprune_tokens"]``).
+    count each node sees (``get_meta(reduced, "tokens")``).
 
     Per node (FlopCounterMode on the source graph, fake tensors; attention from its
     shapes, which FlopCounterMode misses on CPU kernels): a linear/conv node
@@ -195,7 +196,7 @@ def token_macs(model: torch.nn.Module, example_inputs: Any, reduced: torch.fx.Gr
 
     inputs = _as_tuple(example_inputs)
     gm = _graph(model, inputs, frontend)
-    schedule: TokenSchedule = reduced.meta["fxprune_tokens"]
+    schedule: TokenSchedule = get_meta(reduced, "tokens")
     flops = node_flops(gm, inputs)
     n0, b = schedule.tokens, schedule.batch
     counts = _node_tokens(gm, schedule)

@@ -3,7 +3,7 @@
 Requires: a ``GroupAnalysis`` and a bool per unit label (True: kept).
 Ensures: a deep copy of the analysed module where every node whose output carries a
 removed unit is followed by ``mul(node, mask)``, zeroing the removed indices, and removed
-parameter slices are zeroed; ``gm.meta["fxprune_masked_value"]`` maps each masked node
+parameter slices are zeroed; ``gm.meta["fxprune"]["masked_value"]`` maps each masked node
 to the name of its ``mul`` (so activations can be compared node by node). It shares
 no code with ``slice_weights`` beyond the labels, so that one checks the other.
 
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.fx
 
+from fxprune.graph_meta import set_meta
 from fxprune.groups import GroupAnalysis
 from fxprune.errors import RewriteError
 from fxprune.pipeline import checked_pass, ensure_new_module
@@ -86,7 +87,7 @@ def insert_masks(analysis: GroupAnalysis, kept: np.ndarray) -> torch.fx.GraphMod
         for user in users:
             user.replace_input_with(node, mul)
         masked_value[node.name] = mul.name
-    gm.meta["fxprune_masked_value"] = masked_value
+    set_meta(gm, "masked_value", masked_value)
     graph.lint()
     gm.recompile()
     return gm

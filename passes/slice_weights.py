@@ -22,11 +22,12 @@ import torch
 import torch.fx
 
 from fxprune.errors import RewriteError, describe_node
+from fxprune.graph_meta import set_meta
 from fxprune.groups import GroupAnalysis
 from fxprune.pipeline import checked_pass, ensure_new_module
-from passes.rules.registry import (MODULE_FIXUPS, NUMPY_ALIASES, check_attention_scale,
-                                   find_module_entry, lookup, normalized_call,
-                                   rewrite_options)
+from passes.rules.registry import (MODULE_FIXUPS, NUMPY_ALIASES, RewriteOptions,
+                                   call_module_fixup, find_module_entry, lookup,
+                                   normalized_call)
 from passes.shape_prop import propagate_shapes, tensor_shapes
 
 __all__ = ["slice_weights", "expected_shapes", "FixupContext"]
@@ -66,8 +67,10 @@ class FixupContext:
 
     def __init__(self, analysis: GroupAnalysis, kept: np.ndarray, new_shapes: dict,
                  node: torch.fx.Node, old_nodes: dict[str, torch.fx.Node],
-                 module: torch.nn.Module | None = None) -> None:
+                 module: torch.nn.Module | None = None,
+                 options: RewriteOptions = RewriteOptions()) -> None:
         self.analysis, self.kept_labels, self.new_shapes, self.node = analysis, kept, new_shapes, node
+        self.options = options  # this rewrite's options (attention_scale...)
         self._old = old_nodes  # the analysed graph's nodes by name, built once per rewrite
         self.module = module  # the called module of a call_module node (in the new graph)
 
@@ -136,23 +139,20 @@ def slice_weights(analysis: GroupAnalysis, kept: np.ndarray, *,
     ``attention_scale``: ``"original"`` keeps every softmax scale fxprune writes at
     1/sqrt(original head_dim) (slice == mask); ``"recompute"`` uses the kept head_dim.
     """
-    check_attention_scale(attention_scale)
-    if kept.all():
-        gm = copy.deepcopy(analysis.gm)
-    else:
-        with rewrite_options(attention_scale=attention_scale):
-            gm = _slice(analysis, kept)
-    gm.meta["fxprune_attention_scale"] = attention_scale
+    options = RewriteOptions(attention_scale=attention_scale)  # ValueError when unknown
+    gm = copy.deepcopy(analysis.gm) if kept.all() else _slice(analysis, kept, options)
+    set_meta(gm, "attention_scale", attention_scale)
     return gm
 
 
-def _slice(analysis: GroupAnalysis, kept: np.ndarray) -> torch.fx.GraphModule:
+def _slice(analysis: GroupAnalysis, kept: np.ndarray,
+           options: RewriteOptions) -> torch.fx.GraphModule:
     gm = copy.deepcopy(analysis.gm, _share_sliced(analysis, kept))
     touched = _slice_tensors(gm, analysis, kept)
     _check_stale_attributes(gm, analysis, kept, touched)
     parents = {path.rsplit(".", k)[0] for path in touched for k in range(1, path.count(".") + 1)}
     for path in sorted(touched | parents, key=lambda p: (-p.count("."), p)):
-        _fix_module(gm, path, analysis.module_notes.get(path))
+        _fix_module(gm, path, analysis.module_notes.get(path), options)
     new_shapes = expected_shapes(analysis, kept)
     old_nodes = {n.name: n for n in analysis.gm.graph.nodes}
     for node in gm.graph.nodes:
@@ -162,7 +162,7 @@ def _slice(analysis: GroupAnalysis, kept: np.ndarray) -> torch.fx.GraphModule:
         module = gm.get_submodule(node.target) if node.op == "call_module" else None
         fn = lookup(node, gm, "fixup")
         if fn is not None:
-            fn(FixupContext(analysis, kept, new_shapes, node, old_nodes, module))
+            fn(FixupContext(analysis, kept, new_shapes, node, old_nodes, module, options))
     gm.graph.lint()
     gm.recompile()
     return gm
@@ -189,13 +189,14 @@ def _share_sliced(analysis: GroupAnalysis, kept: np.ndarray) -> dict[int, Any]:
     return memo
 
 
-def _fix_module(gm: torch.fx.GraphModule, path: str, note: Any) -> None:
+def _fix_module(gm: torch.fx.GraphModule, path: str, note: Any,
+                options: RewriteOptions) -> None:
     """Re-derive a module's attributes; a fixup may return a replacement module."""
     module = gm.get_submodule(path)
     fix = find_module_entry(MODULE_FIXUPS, module)
     if fix is None:
         return
-    replacement = fix(module) if note is None else fix(module, note)
+    replacement = call_module_fixup(fix, module, note, options)
     if isinstance(replacement, torch.nn.Module) and replacement is not module:
         parent_path, _, name = path.rpartition(".")
         setattr(gm.get_submodule(parent_path) if parent_path else gm, name, replacement)

@@ -9,7 +9,7 @@ fewer tokens); a token *size* ``B x N x 1`` (how many input tokens each token ho
 tracked from the first reduction on and enters every later attention as
 ``log(size)`` added to the logits (proportional attention); literal token counts in
 later ``view``/``reshape``/``expand`` nodes are rewritten; a size-weighted mean replaces
-token means after the last reduction; ``graph.lint()`` passes. ``gm.meta["fxprune_tokens"]``
+token means after the last reduction; ``graph.lint()`` passes. ``gm.meta["fxprune"]["tokens"]``
 holds the :class:`TokenSchedule` that was applied.
 
 Sources: Bolya et al. 2023, "Token Merging: Your ViT but Faster" (ICLR; bipartite soft
@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from fxprune.errors import (AttentionNotFoundError, StaticShapeError, TokenReductionError,
                             TokenScheduleError, describe_node)
+from fxprune.graph_meta import set_meta
 from passes.find_blocks import Block, find_blocks
 from passes.rules.registry import op_key
 from passes.record import record_values
@@ -273,7 +274,7 @@ class TokenLayer:
 
 @dataclass(frozen=True)
 class TokenSchedule:
-    """Token counts per layer of a rewritten graph (``gm.meta["fxprune_tokens"]``)."""
+    """Token counts per layer of a rewritten graph (``gm.meta["fxprune"]["tokens"]``)."""
 
     tokens: int
     batch: int
@@ -460,7 +461,7 @@ def reduce_tokens(gm: torch.fx.GraphModule, *, mode: str, amounts: Any, protecte
         _weight_pooling(out, reductions[-1][0], size, by_name.get(padding), n0)
     graph.lint()
     out.recompile()
-    out.meta["fxprune_tokens"] = TokenSchedule(n0, batch, protected, tuple(layers), sites)
+    set_meta(out, "tokens", TokenSchedule(n0, batch, protected, tuple(layers), sites))
     return out
 
 

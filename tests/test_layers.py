@@ -19,7 +19,7 @@ NAMES = ["core", "op rules", "passes", "planning", "API/CLI"]
 LAYERS = {
     "fxprune.errors": CORE, "fxprune.groups": CORE, "fxprune.plan": CORE,
     "fxprune.pipeline": CORE, "fxprune.report": CORE, "fxprune.nn": CORE,
-    "fxprune.functional": CORE,
+    "fxprune.functional": CORE, "fxprune.graph_meta": CORE,
     "passes.units": RULES, "passes.rules": RULES,
     "passes": PASSES,
     "fxprune.importance": PLANNING, "fxprune.planner": PLANNING, "fxprune.cost": PLANNING,

@@ -62,6 +62,7 @@ import fxprune
 from fxprune.distill.student import GatedStudent, set_graph_training
 from fxprune.errors import (BudgetError, CheckpointMismatchError, DistillError, GateTamperError,
                             ImportanceError)
+from fxprune.graph_meta import get_meta
 from fxprune.importance import CRITERIA, Importance, ScoreContext
 from fxprune.planner import SCHEDULES as PLANNER_SCHEDULES
 from fxprune.planner import cubic_schedule, linear_schedule
@@ -172,7 +173,7 @@ class Pruner:
         captured = copy.deepcopy(model).train()
         options = {} if split_policy is None else {"split_policy": split_policy}
         self.analysis = fxprune.analyze(captured, inputs, frontend=frontend, **options)
-        self.export = self.analysis.gm.meta.get("fxprune_frontend") == "export"
+        self.export = get_meta(self.analysis.gm, "frontend") == "export"
         self.student = GatedStudent(insert_gates(self.analysis), export=self.export).train()
         self.live = dataclasses.replace(self.analysis, gm=self.student.gm)
         # the teacher is frozen on a copy: the user's model (or their teacher) is never

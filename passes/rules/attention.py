@@ -17,8 +17,8 @@ import torch.nn as nn
 
 from passes.rules.dims import broadcast_merge
 from passes.rules.linear import contract
-from passes.rules.registry import (MacContext, RuleContext, Terms, fixup, macs, module_fixup,
-                                   present, rule, softmax_scale)
+from passes.rules.registry import (MacContext, RewriteOptions, RuleContext, Terms, fixup, macs,
+                                   module_fixup, present, rule)
 
 
 def _head_units(ctx: RuleContext, rows: np.ndarray, cols: np.ndarray, heads: int) -> None:
@@ -89,9 +89,10 @@ def _mha_inputs(ctx: RuleContext, m: nn.MultiheadAttention, inputs: tuple) -> np
 
 
 @module_fixup(nn.MultiheadAttention)
-def fix_multihead_attention(m: nn.MultiheadAttention, note: dict | None = None):
+def fix_multihead_attention(m: nn.MultiheadAttention, note: dict | None = None, *,
+                            options: RewriteOptions = RewriteOptions()):
     """Replace by PrunedMultiheadAttention with the kept heads/head_dim (softmax scale:
-    ``softmax_scale``, the original one unless asked to recompute it)."""
+    ``RewriteOptions.softmax_scale``, the original one unless asked to recompute it)."""
     from fxprune.nn import PrunedMultiheadAttention
 
     note = note or {"policy": "inner", "num_heads": m.num_heads, "head_dim": m.head_dim}
@@ -103,7 +104,7 @@ def fix_multihead_attention(m: nn.MultiheadAttention, note: dict | None = None):
         head_dim = note["head_dim"]
         heads = inner // head_dim
     return PrunedMultiheadAttention(m, num_heads=heads, head_dim=head_dim,
-                                    scale=softmax_scale(note["head_dim"], head_dim))
+                                    scale=options.softmax_scale(note["head_dim"], head_dim))
 
 
 @rule("scaled_dot_product_attention")
@@ -161,7 +162,7 @@ def fix_sdpa_scale(fctx) -> None:
 
 
 def set_sdpa_scale(fctx, positional: int | None) -> None:
-    """Write ``softmax_scale`` as the node's ``scale`` when q/k lost features: in place of
+    """Write ``fctx.options.softmax_scale`` as the node's ``scale`` when q/k lost features: in place of
     the default (None) or of an explicit scale equal to 1/sqrt(E) (Hugging Face passes its
     ``scaling``); any other explicit scale is the model's own and stays."""
     node = fctx.node
@@ -173,7 +174,7 @@ def set_sdpa_scale(fctx, positional: int | None) -> None:
     if given is not None and not (isinstance(given, float)
                                   and math.isclose(given, 1.0 / math.sqrt(old))):
         return
-    scale = softmax_scale(old, new)
+    scale = fctx.options.softmax_scale(old, new)
     if at_arg:
         node.args = node.args[:positional] + (scale,) + node.args[positional + 1:]
     else:

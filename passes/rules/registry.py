@@ -12,8 +12,7 @@ return new node args/kwargs after slicing. Module fixups set module attributes
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
+import inspect
 import math
 import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
@@ -188,8 +187,6 @@ def _register(field_name: str, keys: Iterable[Any], *, stop: bool = False) -> Ca
 
 
 ATTENTION_SCALES = ("original", "recompute")
-_REWRITE_OPTIONS: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar(
-    "fxprune_rewrite_options", default={})
 
 
 def check_attention_scale(value: str) -> None:
@@ -197,22 +194,32 @@ def check_attention_scale(value: str) -> None:
         raise ValueError(f"attention_scale must be one of {ATTENTION_SCALES}, not {value!r}")
 
 
-@contextlib.contextmanager
-def rewrite_options(**options: Any) -> Iterator[None]:
-    """Options the fixups of one ``slice_weights`` call read (``attention_scale``)."""
-    token = _REWRITE_OPTIONS.set(options)
-    try:
-        yield
-    finally:
-        _REWRITE_OPTIONS.reset(token)
+@dataclass(frozen=True)
+class RewriteOptions:
+    """The options of one rewrite (``slice_weights``, ``slice_module``) that fixups read:
+    ``FixupContext.options``, and ``options=`` for a module fixup that declares it.
+
+    ``attention_scale``: ``"original"`` keeps the softmax scale of pruned heads at
+    1/sqrt(original head_dim) (slice == mask); ``"recompute"`` uses the kept head_dim.
+    Raises ``ValueError`` for any other value.
+    """
+
+    attention_scale: str = "original"
+
+    def __post_init__(self) -> None:
+        check_attention_scale(self.attention_scale)
+
+    def softmax_scale(self, old_dim: int, new_dim: int) -> float:
+        """The attention softmax scale once q/k keep ``new_dim`` of ``old_dim`` features."""
+        return 1.0 / math.sqrt(new_dim if self.attention_scale == "recompute" else old_dim)
 
 
-def softmax_scale(old_dim: int, new_dim: int) -> float:
-    """The attention softmax scale once q/k keep ``new_dim`` of ``old_dim`` features:
-    ``1/sqrt(old_dim)`` by default, so the pruned model computes what the masked one does
-    (slice == mask); ``1/sqrt(new_dim)`` with ``attention_scale="recompute"``."""
-    recompute = _REWRITE_OPTIONS.get().get("attention_scale", "original") == "recompute"
-    return 1.0 / math.sqrt(new_dim if recompute else old_dim)
+def call_module_fixup(fix: Callable[..., Any], module: torch.nn.Module, note: Any,
+                      options: RewriteOptions) -> Any:
+    """Call a module fixup as ``fix(module[, note][, options=options])``: the note only
+    when analysis left one, the options only when the fixup declares ``options``."""
+    kwargs = {"options": options} if "options" in inspect.signature(fix).parameters else {}
+    return fix(module, **kwargs) if note is None else fix(module, note, **kwargs)
 
 
 def fixup(*keys: Any) -> Callable:

@@ -11,8 +11,7 @@ import math
 
 import numpy as np
 
-from passes.rules.registry import (MacContext, RuleContext, Terms, fixup, macs, present, rule,
-                                   softmax_scale)
+from passes.rules.registry import (MacContext, RuleContext, Terms, fixup, macs, present, rule)
 
 try:
     from torchvision.models import swin_transformer as _swin
@@ -71,7 +70,8 @@ def window_attention_rule(ctx: RuleContext) -> None:
 
 
 def fix_window_attention(fctx) -> None:
-    """Call fxprune's window attention with the kept heads/head_dim and ``softmax_scale``."""
+    """Call fxprune's window attention with the kept heads/head_dim and
+    ``fctx.options.softmax_scale``."""
     from fxprune.functional import window_attention
 
     node = fctx.node
@@ -90,7 +90,7 @@ def fix_window_attention(fctx) -> None:
     node.target = window_attention
     node.args = tuple(args)
     node.kwargs = {**kwargs, "head_dim": head_dim,
-                   "scale": softmax_scale(note["head_dim"], head_dim)}
+                   "scale": fctx.options.softmax_scale(note["head_dim"], head_dim)}
 
 
 def patch_merging_pad_rule(ctx: RuleContext) -> None:

@@ -96,7 +96,7 @@ def test_export_frontend_gives_the_same_groups_as_fx(check_pruned):
     model = SmallCNN().eval()
     fx = fxprune.analyze(model, X, frontend="fx")
     ex = fxprune.analyze(model, X, frontend="export")
-    assert ex.gm.meta["fxprune_frontend"] == "export"
+    assert ex.gm.meta["fxprune"]["frontend"] == "export"
     assert [(g.name, g.size, g.exact) for g in ex.groups] == \
         [(g.name, g.size, g.exact) for g in fx.groups]
     plan = fxprune.Plan.from_indices(ex, {0: [0, 2, 4], 1: [1, 3, 5, 7]})

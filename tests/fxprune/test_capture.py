@@ -65,9 +65,9 @@ class Outer(nn.Module):
 
 def test_fx_trace_records_frontend_and_source_lines():
     gm = fxprune.trace(ShapeDependent(), frontend="export", example_inputs=(X,))
-    assert gm.meta["fxprune_frontend"] == "export"
+    assert gm.meta["fxprune"]["frontend"] == "export"
     gm = fxprune.trace(Outer(), leaf_modules=(Inner,))
-    assert gm.meta["fxprune_frontend"] == "fx"
+    assert gm.meta["fxprune"]["frontend"] == "fx"
     (a,) = [n for n in gm.graph.nodes if n.name == "a"]
     assert "test_capture.py" in a.meta["stack_trace"]
 
@@ -126,7 +126,7 @@ def test_untraceable_model_in_a_file_named_like_capture_py():
 
 def test_auto_falls_back_to_export_and_reports_both_failures():
     a = fxprune.analyze(ShapeDependent(), X)   # frontend="auto"
-    assert a.gm.meta["fxprune_frontend"] == "export"
+    assert a.gm.meta["fxprune"]["frontend"] == "export"
     assert [g.size for g in a.groups] == [6]
     with pytest.raises(fxprune.TraceError) as info:
         fxprune.analyze(DataDependent(), X)

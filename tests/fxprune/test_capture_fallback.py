@@ -95,7 +95,7 @@ def test_fx_traces_without_fallback(cls, x, groups):
     with warnings.catch_warnings():
         warnings.simplefilter("error", FallbackWarning)
         an = fxprune.analyze(model, (x,))
-    assert an.gm.meta["fxprune_frontend"] == "fx"
+    assert an.gm.meta["fxprune"]["frontend"] == "fx"
     assert len(an.groups) == groups
     plan = fxprune.Plan.from_ratio(an, 0.5, criterion="random")
     small = fxprune.compile(model, plan)
@@ -121,7 +121,7 @@ def test_chunk_that_yields_fewer_pieces_falls_back():
 
     with pytest.warns(FallbackWarning):
         an = fxprune.analyze(Short(), (IMG,))
-    assert an.gm.meta["fxprune_frontend"] == "export"
+    assert an.gm.meta["fxprune"]["frontend"] == "export"
 
 
 @pytest.mark.parametrize("cls,x,other", [
@@ -133,8 +133,8 @@ def test_fallback_is_announced_and_keeps_batch_and_sequence_dynamic(cls, x, othe
     with pytest.warns(FallbackWarning, match="symbolic tracing failed.*control flow") as rec:
         an = fxprune.analyze(model, (x,))
     assert rec[0].filename == __file__  # points at the user's call
-    assert an.gm.meta["fxprune_frontend"] == "export"
-    assert "control flow" in an.gm.meta["fxprune_fallback_reason"]
+    assert an.gm.meta["fxprune"]["frontend"] == "export"
+    assert "control flow" in an.gm.meta["fxprune"]["fallback_reason"]
     plan = fxprune.Plan.from_ratio(an, 0.5, criterion="random")
     small = fxprune.compile(an, plan)
     assert fxprune.verify(an, small, plan, (x,)).ok

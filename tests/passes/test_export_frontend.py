@@ -129,7 +129,7 @@ def test_fx_and_export_yield_the_same_groups(name, policy, check_pruned):
     by_frontend = {}
     for frontend in ("fx", "export"):
         gm = fxprune.trace(model, inputs, frontend=frontend)
-        assert gm.meta["fxprune_frontend"] == frontend
+        assert gm.meta["fxprune"]["frontend"] == frontend
         analysis = fxprune.analyze(gm, inputs, split_policy=policy)
         by_frontend[frontend] = analysis
         plan = fxprune.Plan.from_ratio(analysis, 0.5, criterion="random", seed=1)
@@ -169,5 +169,5 @@ def test_analyze_falls_back_to_export_when_fx_cannot_trace():
 
     x = torch.randn(2, 4)
     analysis = fxprune.analyze(Dynamic(), (x,))
-    assert analysis.gm.meta["fxprune_frontend"] == "export"
+    assert analysis.gm.meta["fxprune"]["frontend"] == "export"
     assert analysis.group("a.weight[0]").size == 8

@@ -231,3 +231,34 @@ def test_attention_scale_value_is_checked():
     a, plan = _head_dim_plan(model, x)
     with pytest.raises(ValueError, match="attention_scale"):
         fxprune.compile(model, plan, attention_scale="auto")
+
+
+def test_mha_recomputed_scale_reaches_the_module_output():
+    """output="module" re-runs the module fixups on the user's class: they read the
+    rewrite's options (the recomputed scale), so the module equals the graph."""
+    torch.manual_seed(1)
+    model, x = Block().eval(), torch.randn(2, 5, 8)
+    a = fxprune.analyze(model, (x,), split_policy="inner")
+    plan = fxprune.Plan.from_ratio(a, 0.5, criterion="random", seed=2)
+    graph = fxprune.compile(model, plan, attention_scale="recompute")
+    module = fxprune.compile(model, plan, attention_scale="recompute", output="module")
+    assert type(module) is Block
+    assert module.attn.scale == pytest.approx(1 / math.sqrt(2))
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), graph(x), rtol=1e-6, atol=1e-7)
+
+
+def test_rewrite_options_are_explicit_not_ambient():
+    """Fixups read the options of their own rewrite (no context variable): a compile
+    with "recompute" leaves the next default compile at the original scale."""
+    from passes.rules.registry import RewriteOptions
+
+    assert RewriteOptions().softmax_scale(4, 2) == pytest.approx(0.5)
+    assert RewriteOptions("recompute").softmax_scale(4, 2) == pytest.approx(2 ** -0.5)
+    with pytest.raises(ValueError, match="attention_scale"):
+        RewriteOptions("auto")
+    torch.manual_seed(7)
+    model, x = SDPA().eval(), torch.randn(2, 5, 8)
+    _, plan = _head_dim_plan(model, x)
+    fxprune.compile(model, plan, attention_scale="recompute")
+    assert _sdpa_scale(fxprune.compile(model, plan)) == pytest.approx(0.5)

@@ -60,7 +60,7 @@ def test_default_front_end_finds_what_export_finds(name):
     assert len(auto.groups) >= 3
     assert _signature(auto) == _signature(export)
     if name.endswith("layer") or "layer_" in name:
-        assert auto.gm.meta["fxprune_frontend"] == "fx"  # traced inside, no fallback
+        assert auto.gm.meta["fxprune"]["frontend"] == "fx"  # traced inside, no fallback
     plan = fxprune.Plan.from_ratio(auto, 0.5, criterion="random")
     small = fxprune.compile(auto, plan)
     report = fxprune.verify(auto, small, plan, (X,))

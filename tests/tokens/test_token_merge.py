@@ -120,7 +120,7 @@ def test_merge_equals_reference(r, reg_tokens):
     amounts = r if isinstance(r, list) else [r] * 3
     want = ref_vit(m, x, "merge", amounts)
     torch.testing.assert_close(small(x), want, rtol=1e-4, atol=1e-5)
-    counts = [lay.tokens_out for lay in small.meta["fxprune_tokens"].layers]
+    counts = [lay.tokens_out for lay in small.meta["fxprune"]["tokens"].layers]
     n = 64 + 1 + reg_tokens
     assert counts == [n - sum(amounts[:i + 1]) for i in range(3)]
     assert_untouched(m, before)
@@ -165,7 +165,7 @@ def test_hf_vit_through_export():
     assert torch.equal(fxprune.merge_tokens(gm, (x,), r=0)(x).logits, want)
     small = fxprune.merge_tokens(gm, (x,), r=3)
     assert small(x).logits.shape == want.shape
-    assert [lay.tokens_out for lay in small.meta["fxprune_tokens"].layers] == [14, 11]
+    assert [lay.tokens_out for lay in small.meta["fxprune"]["tokens"].layers] == [14, 11]
     assert fxprune.token_macs(gm, (x,), small).macs_after == _flop_counter_macs(small, (x,))
 
 
@@ -182,7 +182,7 @@ def test_identity_schedules_are_exact():
     for small in (fxprune.merge_tokens(m, (x,), r=0),
                   fxprune.prune_tokens(m, (x,), keep_rate=1.0)):
         assert torch.equal(small(x), want)
-        assert all(lay.op == "none" for lay in small.meta["fxprune_tokens"].layers)
+        assert all(lay.op == "none" for lay in small.meta["fxprune"]["tokens"].layers)
 
 
 # ----------------------------------------------------------------------------------
@@ -235,7 +235,7 @@ def test_bert_padding_merges_among_itself_first():
     gm, ids, mask = tiny_bert_encoder()
     want = gm(ids, mask)
     small = fxprune.merge_tokens(gm, (ids, mask), r=[2, 1])
-    assert [lay.tokens_out for lay in small.meta["fxprune_tokens"].layers] == [18, 17]
+    assert [lay.tokens_out for lay in small.meta["fxprune"]["tokens"].layers] == [18, 17]
     assert "size_as_mask" in small.code
     torch.testing.assert_close(small(ids, mask), want, rtol=1e-5, atol=1e-6)
     assert torch.equal(fxprune.merge_tokens(gm, (ids, mask), r=0)(ids, mask), want)
@@ -259,7 +259,7 @@ def test_torchvision_mha_keys_from_in_proj():
     small = fxprune.merge_tokens(m, (x,), r=3)
     assert small(x).shape == (2, 5)
     assert "mha_key_metric" in small.code and "mha_attention_bias" in small.code
-    assert [lay.tokens_out for lay in small.meta["fxprune_tokens"].layers] == [14, 11, 8]
+    assert [lay.tokens_out for lay in small.meta["fxprune"]["tokens"].layers] == [14, 11, 8]
     assert fxprune.prune_tokens(m, (x,), keep_rate=0.6)(x).shape == (2, 5)
 
 
@@ -376,6 +376,6 @@ def test_token_schedule_drives_merge():
         fxprune.token_schedule(4, 0, 0)
     m, x = tiny_vit(), images()
     small = fxprune.merge_tokens(m, (x,), r=fxprune.token_schedule(12, 4, 3))
-    assert [lay.tokens_out for lay in small.meta["fxprune_tokens"].layers] == [53, 45, 41]
+    assert [lay.tokens_out for lay in small.meta["fxprune"]["tokens"].layers] == [53, 45, 41]
     torch.testing.assert_close(small(x), ref_vit(m, x, "merge", [12, 8, 4]), rtol=1e-4,
                                atol=1e-5)

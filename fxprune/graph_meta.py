@@ -1,0 +1,42 @@
+"""What fxprune records on a ``GraphModule`` it captured or rewrote: one dict,
+``gm.meta["fxprune"]``, with a fixed set of keys (a misspelt key is a ``KeyError``,
+not a silent miss). ``copy.deepcopy`` of a GraphModule copies it.
+
+Keys:
+    ``frontend``: ``"fx"`` or ``"export"``, the front-end that captured the graph
+    (``fxprune.capture``).
+    ``fallback_reason``: why ``frontend="auto"`` fell back to export (the fx failure).
+    ``masked_value``: ``{node name: name of its masked value}`` (``passes.mask``).
+    ``tokens``: the ``TokenSchedule`` of a token-reduced graph (``passes.token_merge``).
+    ``attention_scale``: ``"original"`` or ``"recompute"``, how ``slice_weights`` wrote
+    softmax scales of pruned heads.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["META_KEY", "KEYS", "get_meta", "set_meta"]
+
+META_KEY = "fxprune"
+KEYS = frozenset({"frontend", "fallback_reason", "masked_value", "tokens", "attention_scale"})
+
+
+def _check(key: str) -> None:
+    if key not in KEYS:
+        raise KeyError(f"{key!r} is not an fxprune graph meta key (one of {sorted(KEYS)})")
+
+
+def get_meta(gm: Any, key: str, default: Any = None) -> Any:
+    """``gm.meta["fxprune"][key]``, or ``default`` when unset (or ``gm`` has no meta:
+    a plain ``nn.Module``)."""
+    _check(key)
+    meta = getattr(gm, "meta", None)
+    return (meta.get(META_KEY) or {}).get(key, default) if isinstance(meta, dict) else default
+
+
+def set_meta(gm: torch.fx.GraphModule, key: str, value: Any) -> None:
+    """Record ``value`` under ``gm.meta["fxprune"][key]``."""
+    _check(key)
+    gm.meta.setdefault(META_KEY, {})[key] = value

@@ -142,7 +142,10 @@ class Pruner:
     eval-mode deep copy of ``model``; a teacher passed in is frozen the same way on a deep
     copy (the user's teacher is left untouched; the copy costs its size in memory; an
     exported GraphModule's eval mode is set with ``set_graph_training``). ``frontend``: ``"fx"`` or ``"export"``;
-``split_policy``: as in ``fxprune.analyze`` (``"outer"``: whole attention heads).
+    ``split_policy``: as in ``fxprune.analyze`` (``"outer"``: whole attention heads).
+    ``selection``: ``"scored"`` (rank by ``criterion``, default ``taylor_gate``),
+    ``"slimming"`` (L1 on norm scales) or ``"soft"`` (L1 on learnable per-unit soft masks,
+    ``mask_parameters()``; no ``criterion``); ``l1`` >= 0 weighs ``penalty()``.
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any, *, target_macs: float | None = None,

@@ -15,7 +15,7 @@ from tests.distill._distill_models import ResNetlet, batches
 class Block(nn.Module):
     """A pre-norm transformer block (separate q/k/v, manual attention) and a linear head."""
 
-    def __init__(self, d: int = 16, heads: int = 4, classes: int = 10, act_q: bool = False):
+    def __init__(self, d: int = 16, heads: int = 4, classes: int = 10, act_q: str = ""):
         super().__init__()
         self.h, self.act_q = heads, act_q
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
@@ -26,9 +26,9 @@ class Block(nn.Module):
     def forward(self, x):
         b, n, d = x.shape
         y = self.ln1(x)
-        q = F.gelu(self.q(y)) if self.act_q else self.q(y)
+        q = F.gelu(self.q(y)) if self.act_q == "gelu" else self.q(y)
         q = q.view(b, n, self.h, d // self.h).transpose(1, 2)
-        k = self.k(y).view(b, n, self.h, d // self.h).transpose(1, 2)
+        k = q if self.act_q == "tied" else self.k(y).view(b, n, self.h, d // self.h).transpose(1, 2)
         v = self.v(y).view(b, n, self.h, d // self.h).transpose(1, 2)
         a = (q @ k.transpose(-2, -1) * (d // self.h) ** -0.5).softmax(-1)
         x = x + self.o((a @ v).transpose(1, 2).reshape(b, n, d))
@@ -149,13 +149,15 @@ def test_finish_folds_masks_exactly(name, frontend):
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
-def test_unfoldable_mask_is_refused_at_construction(frontend):
+@pytest.mark.parametrize("variant,names", [("gelu", "gelu"),       # a nonlinearity before q.k
+                                           ("tied", "transpose")])  # q is k: rows would give m^2
+def test_unfoldable_mask_is_refused_at_construction(frontend, variant, names):
     torch.manual_seed(0)
-    model = Block(act_q=True)  # gelu between q's linear and the q.k contraction
+    model = Block(act_q=variant)
     with pytest.raises(SoftMaskFoldError, match="not a linear/conv input") as info:
         Pruner(model, (_tokens(1)[0][0],), target_macs=0.5, interval=2, steps=4,
                selection="soft", frontend=frontend)
-    assert "gelu" in str(info.value) and "Remedy" in str(info.value)
+    assert names in str(info.value) and "Remedy" in str(info.value)
     Pruner(model, (_tokens(1)[0][0],), target_macs=0.5, interval=2, steps=4,
            selection="slimming", frontend=frontend)  # other selections are unaffected
 

@@ -11,7 +11,8 @@
     ``"cosine"``    ``feature_loss(s, t, "cosine")``
     callable        ``loss(s, t, y) -> scalar``
 
-plus ``pruner.penalty()`` (Network Slimming). A progress bar (tqdm, when installed and
+plus ``pruner.penalty()`` (Network Slimming's L1 on norm scales, or ViT-Slim's L1 on soft
+masks with ``selection="soft"``). A progress bar (tqdm, when installed and
 ``progress=True``) shows the loss and how much of the budget is reached;
 ``evaluate(model) -> float`` runs every ``eval_every`` steps on the gated student in eval
 mode. Returns the log: one dict per removal or evaluation.
@@ -124,7 +125,7 @@ def fit(pruner: PruningLoop | Pruner, data: Iterable, optimizer: torch.optim.Opt
         last.update(x=x, y=y, t=t)
         entry = pruner.step()
         if entry is not None:
-            log.append({"kind": "removal", "loss": float(value), **entry})
+            log.append({"kind": "removal", "loss": float(value.detach()), **entry})
         if evaluate is not None and eval_every and (i + 1) % eval_every == 0:
             student.eval()
             with torch.no_grad():
@@ -134,7 +135,7 @@ def fit(pruner: PruningLoop | Pruner, data: Iterable, optimizer: torch.optim.Opt
                         "budget_reached": pruner.budget_reached()})
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{float(value):.4f}",
+            bar.set_postfix(loss=f"{float(value.detach()):.4f}",
                             budget=f"{100 * pruner.budget_reached():.0f}%")
     if bar is not None:
         bar.close()

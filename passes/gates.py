@@ -38,7 +38,8 @@ import torch.nn as nn
 from fxprune.groups import GroupAnalysis
 from fxprune.errors import RewriteError
 from fxprune.pipeline import checked_pass, ensure_new_module
-from passes.rules.registry import iter_units
+from passes.rules.meta import tensor_shapes
+from passes.rules.registry import MacContext, iter_units, lookup
 
 __all__ = ["GateSite", "GatedGraph", "GatedModel", "insert_gates", "apply_gate", "GATES"]
 
@@ -128,7 +129,7 @@ def insert_gates(analysis: GroupAnalysis) -> GatedGraph:
     for v in list(graph.nodes):
         if v.op not in ("call_module", "call_function", "call_method"):
             continue
-        for site in _sites_of(analysis, v, owners.get(v.name, set())):
+        for site in _sites_of(analysis, gm, v, owners.get(v.name, set())):
             _insert(gm, v, site, analysis, len(sites))
             sites.append(site)
     graph.lint()
@@ -180,13 +181,15 @@ def _groups_in(analysis: GroupAnalysis, info: Any) -> set[int]:
     return {int(g) for u in arrays for g in np.unique(analysis.group_of[u[u >= 0]])}
 
 
-def _sites_of(analysis: GroupAnalysis, v: torch.fx.Node, owned: set[int]) -> list[GateSite]:
+def _sites_of(analysis: GroupAnalysis, gm: torch.fx.GraphModule, v: torch.fx.Node,
+              owned: set[int]) -> list[GateSite]:
     """The consumption edges into ``v`` (see the module docstring)."""
     out_info = analysis.node_labels.get(v.name)
     if out_info is None:
         return []  # a non-tensor result (size(), shape): no data flows on
     carried = _groups_in(analysis, out_info)
-    first_contraction: set[int] = set()
+    pairs = _contracted_axes(analysis, gm, v)
+    gated: dict[int | None, set[int]] = {}  # contraction -> groups gated on one operand
     sites = []
     for u in v.all_input_nodes:
         labels = analysis.node_labels.get(u.name)
@@ -195,11 +198,32 @@ def _sites_of(analysis: GroupAnalysis, v: torch.fx.Node, owned: set[int]) -> lis
         for axis, lab in labels.items():
             here = _groups_in(analysis, lab)
             chosen = {g for g in here if g in owned}
-            chosen |= {g for g in here - carried - owned if g not in first_contraction}
-            first_contraction |= here - carried
+            # an op without a contraction rule: groups that do not reach its output
+            keys = [None] if pairs is None else pairs.get((u.name, axis), [])
+            for key in keys:
+                consumed = (here - carried if key is None else here) - owned
+                first = gated.setdefault(key, set())
+                chosen |= consumed - first
+                first |= consumed
             if chosen:
                 sites.append(GateSite(u.name, v.name, axis, tuple(sorted(chosen))))
     return sites
+
+
+def _contracted_axes(analysis: GroupAnalysis, gm: torch.fx.GraphModule, v: torch.fx.Node
+                     ) -> dict[tuple[str, int], list[int]] | None:
+    """(input name, axis) -> the contractions it is an operand of, from the op entry's
+    ``contractions`` rule; None for an op without one."""
+    rule = lookup(v, gm, "contractions")
+    if rule is None:
+        return None
+    pairs: dict[tuple[str, int], list[int]] = {}
+    for number, operands in enumerate(rule(MacContext(analysis, v))):
+        for value, axis in operands:
+            shape = tensor_shapes(value) if isinstance(value, torch.fx.Node) else None
+            if isinstance(shape, tuple) and shape:
+                pairs.setdefault((value.name, axis % len(shape)), []).append(number)
+    return pairs
 
 
 def _insert(gm: torch.fx.GraphModule, v: torch.fx.Node, site: GateSite,

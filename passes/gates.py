@@ -197,9 +197,10 @@ def _sites_of(analysis: GroupAnalysis, gm: torch.fx.GraphModule, v: torch.fx.Nod
             continue
         for axis, lab in labels.items():
             here = _groups_in(analysis, lab)
-            chosen = {g for g in here if g in owned}
             # an op without a contraction rule: groups that do not reach its output
             keys = [None] if pairs is None else pairs.get((u.name, axis), [])
+            # weight columns consume the contracted axes only (not a per-head bias input)
+            chosen = {g for g in here if g in owned} if keys else set()
             for key in keys:
                 consumed = (here - carried if key is None else here) - owned
                 first = gated.setdefault(key, set())

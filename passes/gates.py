@@ -124,17 +124,17 @@ def insert_gates(analysis: GroupAnalysis) -> GatedGraph:
     gm.register_parameter(GATES, nn.Parameter(torch.ones(analysis.num_units, device=device,
                                                          dtype=dtype)))
     owners = _in_member_owners(analysis)
-    sites = []
     graph = gm.graph
-    for v in list(graph.nodes):
-        if v.op not in ("call_module", "call_function", "call_method"):
-            continue
-        for site in _sites_of(analysis, gm, v, owners.get(v.name, set())):
+    calls = [v for v in graph.nodes if v.op in ("call_module", "call_function", "call_method")]
+    inside = _consumed_inside(analysis, gm, calls, owners)
+    sites = []
+    for v in calls:
+        for site in _sites_of(analysis, gm, v, owners.get(v.name, set()), inside):
             _insert(gm, v, site, analysis, len(sites))
             sites.append(site)
     graph.lint()
     gm.recompile()
-    on_edges = {gid for s in sites for gid in s.groups}
+    on_edges = {gid for s in sites for gid in s.groups} - inside
     params = dict(analysis.gm.named_parameters())
     sources = {g.id: [m for m in g.members if m.role in ("out", "dep") and m.fqn in params]
                for g in analysis.groups if g.id not in on_edges}
@@ -181,8 +181,30 @@ def _groups_in(analysis: GroupAnalysis, info: Any) -> set[int]:
     return {int(g) for u in arrays for g in np.unique(analysis.group_of[u[u >= 0]])}
 
 
+def _consumed_inside(analysis: GroupAnalysis, gm: torch.fx.GraphModule,
+                     calls: list[torch.fx.Node], owners: dict[str, set[int]]) -> set[int]:
+    """Groups whose weight columns a node reads although none of its contracted inputs
+    carries them: born and consumed inside it (MHA / window-attention heads, recurrent
+    hidden units). No edge sees every use, so they are gated on their source rows."""
+    inside: set[int] = set()
+    for v in calls:
+        owned = owners.get(v.name, set())
+        if not owned:
+            continue
+        pairs = _contracted_axes(analysis, gm, v)
+        arriving: set[int] = set()
+        for u in v.all_input_nodes:
+            labels = analysis.node_labels.get(u.name)
+            if u.op != "get_attr" and isinstance(labels, dict):
+                arriving |= {g for axis, lab in labels.items()
+                             if pairs is None or (u.name, axis) in pairs
+                             for g in _groups_in(analysis, lab)}
+        inside |= owned - arriving
+    return inside
+
+
 def _sites_of(analysis: GroupAnalysis, gm: torch.fx.GraphModule, v: torch.fx.Node,
-              owned: set[int]) -> list[GateSite]:
+              owned: set[int], inside: set[int]) -> list[GateSite]:
     """The consumption edges into ``v`` (see the module docstring)."""
     out_info = analysis.node_labels.get(v.name)
     if out_info is None:
@@ -196,7 +218,7 @@ def _sites_of(analysis: GroupAnalysis, gm: torch.fx.GraphModule, v: torch.fx.Nod
         if u.op == "get_attr" or not isinstance(labels, dict):
             continue
         for axis, lab in labels.items():
-            here = _groups_in(analysis, lab)
+            here = _groups_in(analysis, lab) - inside
             # an op without a contraction rule: groups that do not reach its output
             keys = [None] if pairs is None else pairs.get((u.name, axis), [])
             # weight columns consume the contracted axes only (not a per-head bias input)

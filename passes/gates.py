@@ -8,13 +8,18 @@ hooks). Setting a unit's gate to 0 computes exactly what removing it computes (f
 exact groups), and every path that carries the unit into a consumer crosses one gate,
 so ``dL/dgate`` is the first-order change of the loss when the unit is removed.
 
-A consumption edge ``u -> v`` for group G: ``u`` carries G's units and either ``v``
-owns an ``"in"`` member of G (conv/linear columns, attention in-projections: every such
-input is gated) or ``v``'s output no longer carries G (a contraction such as q.k in
-attention: only the first operand is gated, so that the product sees one gate).
-Groups consumed on no graph edge (the heads inside ``nn.MultiheadAttention`` or Swin's
-window attention) are gated on their source rows instead: ``GatedModel`` scales those
-parameter slices.
+A consumption edge ``u -> v`` for group G: ``u`` carries G's units on an axis that ``v``
+sums over and either ``v`` owns an ``"in"`` member of G (conv/linear columns, attention
+in-projections) or the axis is contracted with another input (q.k in attention: only the
+first operand of each contraction is gated, so that the product sees one gate). Which axes
+an op sums over comes from its op entry's ``contractions`` rule; an op without one
+consumes every input axis (for its columns) and, otherwise, the groups its output no
+longer carries. A contracted axis is consumed even where the same units flow on through
+another input (fused qkv under ``split_policy="head_dim"``: q, k and v share units).
+Groups consumed inside one node (a node reads their weight columns but no contracted
+input carries them: recurrent hidden units, the heads of ``nn.MultiheadAttention`` and of
+Swin's window attention) and groups on no graph edge are gated on their source rows
+instead (``GatedModel`` scales those parameter slices), never on an edge.
 
 Before/after::
 

@@ -228,12 +228,21 @@ class RewriteOptions:
         return 1.0 / math.sqrt(new_dim if self.attention_scale == "recompute" else old_dim)
 
 
-def call_module_fixup(fix: Callable[..., Any], module: torch.nn.Module, note: Any,
-                      options: RewriteOptions) -> Any:
-    """Call a module fixup as ``fix(module[, note][, options=options])``: the note only
-    when analysis left one, the options only when the fixup declares ``options``."""
+def apply_module_fixup(root: torch.nn.Module, path: str, note: Any,
+                       options: RewriteOptions) -> None:
+    """Re-derive the attributes of ``root``'s submodule ``path`` with its module fixup,
+    called as ``fix(module[, note][, options=options])`` (the note only when analysis left
+    one, the options only when the fixup declares ``options``); a fixup that returns a
+    new module replaces the old one in its parent. No fixup registered: nothing happens."""
+    module = root.get_submodule(path) if path else root
+    fix = find_module_entry(MODULE_FIXUPS, module)
+    if fix is None:
+        return
     kwargs = {"options": options} if "options" in inspect.signature(fix).parameters else {}
-    return fix(module, **kwargs) if note is None else fix(module, note, **kwargs)
+    replacement = fix(module, **kwargs) if note is None else fix(module, note, **kwargs)
+    if isinstance(replacement, torch.nn.Module) and replacement is not module:
+        parent_path, _, name = path.rpartition(".")
+        setattr(root.get_submodule(parent_path) if parent_path else root, name, replacement)
 
 
 def fixup(*keys: Any) -> Callable:

@@ -15,8 +15,8 @@ Every method then gets the same ``--steps`` training steps:
 ``--method`` picks some of them (``l1 cpd pwt pwt-kd soft``; default all).
 
 Reported per method and budget: test accuracy, MACs, parameters, CPU latency (median ms
-of a batch of 256), mean ± std over seeds, and the wall time. Parts (b) MiniLM and (c)
-segmentation of issue 7 are not implemented yet.
+of a batch of 256), mean ± std over seeds, and the wall time. Part (b) MiniLM is
+``benchmarks/distill_minilm.py``, part (c) segmentation ``benchmarks/distill_seg.py``.
 """
 from __future__ import annotations
 
@@ -83,8 +83,17 @@ class Batches:
             yield self.x[idx], self.y[idx]
 
 
-def train(model: nn.Module, data: Batches, steps: int, lr: float) -> None:
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+def optimizer(groups: list[dict], lr: float, kind: str = "sgd") -> torch.optim.Optimizer:
+    """SGD with momentum 0.9 (part a) or AdamW; weight decay is set per parameter group."""
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {kind!r}")
+
+
+def train(model: nn.Module, data: Batches, steps: int, lr: float, kind: str = "sgd") -> None:
+    opt = optimizer([{"params": model.parameters(), "weight_decay": 5e-4}], lr, kind)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     model.train()
     it = _cycle(data)
@@ -136,10 +145,11 @@ def one_shot(dense: nn.Module, criterion: str, target: float, data: Batches, exa
     return small, plan
 
 
-def while_training(dense: nn.Module, kd: bool, target: float, data: Batches,
+def while_training(dense: nn.Module, loss: str, target: float, data: Batches,
                    example: torch.Tensor, steps: int, lr: float, interval: int,
-                   soft: tuple[float, float] | None = None) -> tuple:
-    """Prune while training with ``cpd``, or (``soft=(l1, mask lr)``) with soft masks."""
+                   soft: tuple[float, float] | None = None, kind: str = "sgd"):
+    """Prune while training with ``cpd``, or (``soft=(l1, mask lr)``) with soft masks; ``loss``
+    as in ``fit`` (``"task"``, ``"kd"``, ``"cwd"``). Returns ``finish()``'s DistillResult."""
     prune_steps = max(interval, (steps // 2) // interval * interval)
     how = {"criterion": "cpd"} if soft is None else {"selection": "soft", "l1": soft[0]}
     pruner = Pruner(dense, (example,), target_macs=target, interval=interval, steps=prune_steps,
@@ -147,12 +157,11 @@ def while_training(dense: nn.Module, kd: bool, target: float, data: Batches,
     groups = [{"params": pruner.weight_parameters(), "weight_decay": 5e-4}]
     if soft is not None:  # masks: their own learning rate, no weight decay (only the L1)
         groups.append({"params": pruner.mask_parameters(), "lr": soft[1], "weight_decay": 0.0})
-    opt = torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    opt = optimizer(groups, lr, kind)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    fit(pruner, data, opt, steps=steps, loss="kd" if kd else "task", alpha=0.7,
-        temperature=4.0, progress=False, scheduler=sched)
-    result = pruner.finish(example)
-    return result.model, result.plan
+    fit(pruner, data, opt, steps=steps, loss=loss, alpha=0.7, temperature=4.0, progress=False,
+        scheduler=sched)
+    return pruner.finish(example)
 
 
 METHODS = ("(i) one-shot l1 + FT", "(ii) one-shot cpd + FT", "(iii) PWT cpd", "(iv) PWT cpd + KD",
@@ -191,9 +200,10 @@ def run(args: argparse.Namespace) -> dict:
                                                args.lr_ft)
                     else:
                         soft = (args.soft_l1, args.soft_lr) if name.startswith("(v)") else None
-                        small, plan = while_training(dense, not name.startswith("(iii)"),
-                                                     target, data, example, args.steps,
-                                                     args.lr_ft, args.interval, soft)
+                        loss = "task" if name.startswith("(iii)") else "kd"
+                        done = while_training(dense, loss, target, data, example, args.steps,
+                                              args.lr_ft, args.interval, soft)
+                        small, plan = done.model, done.plan
                 macs = cost.evaluate(plan.kept_labels(analysis)).macs / 2
                 rows.setdefault((name, factor), []).append(
                     (accuracy(small, xte, yte), macs, count(small),

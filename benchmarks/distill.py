@@ -234,21 +234,28 @@ def report(result: dict, args: argparse.Namespace, wall: float) -> str:
                                            "params", "latency ms (256)"])
 
 
+def training_arguments(ap: argparse.ArgumentParser, *, pretrain: int, steps: int, batch: int,
+                       width: int, lr: float, lr_ft: float, methods: dict) -> None:
+    """The options every distill benchmark shares (seeds, steps, sizes, rates, threads)."""
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--pretrain", type=int, default=pretrain, help="teacher training steps")
+    ap.add_argument("--steps", type=int, default=steps, help="training steps per method")
+    ap.add_argument("--interval", type=int, default=20, help="steps between removals")
+    ap.add_argument("--batch", type=int, default=batch)
+    ap.add_argument("--width", type=int, default=width)
+    ap.add_argument("--lr", type=float, default=lr, help="teacher learning rate")
+    ap.add_argument("--lr-ft", type=float, default=lr_ft, help="learning rate of the methods")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--method", nargs="+", choices=list(methods), default=list(methods))
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 seed, 2x, a few steps (CI)")
-    ap.add_argument("--seeds", type=int, default=5)
+    training_arguments(ap, pretrain=600, steps=400, batch=64, width=32, lr=0.05, lr_ft=0.02,
+                       methods=METHOD_KEYS)
     ap.add_argument("--factors", type=float, nargs="+", default=[2.0, 4.0])
-    ap.add_argument("--pretrain", type=int, default=600)
-    ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--interval", type=int, default=20)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--width", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--lr-ft", type=float, default=0.02)
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--method", nargs="+", choices=list(METHOD_KEYS), default=list(METHOD_KEYS))
     ap.add_argument("--soft-l1", type=float, default=5e-3, help="(v): L1 weight on the masks")
     ap.add_argument("--soft-lr", type=float, default=0.1, help="(v): the masks' learning rate")
     args = ap.parse_args(argv)
@@ -258,13 +265,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> str:
+def timed_main(argv: list[str] | None, parse, run, report) -> str:
+    """Parse, run, print the report with the wall time of the run; returns the text."""
     args = parse(argv)
     t = time.perf_counter()
     result = run(args)
     text = report(result, args, time.perf_counter() - t)
     print(text)
     return text
+
+
+def main(argv: list[str] | None = None) -> str:
+    return timed_main(argv, parse, run, report)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -200,23 +199,15 @@ def report(result: dict, args: argparse.Namespace, wall: float) -> str:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 seed, a few steps (CI)")
-    ap.add_argument("--seeds", type=int, default=5)
+    distill.training_arguments(ap, pretrain=800, steps=250, batch=16, width=16, lr=5e-3,
+                               lr_ft=1e-3, methods=METHOD_KEYS)
+    ap.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
     ap.add_argument("--factor", type=float, default=2.0)
     ap.add_argument("--canvas", type=int, default=32)
     ap.add_argument("--scale", type=int, default=1, help="2: digits upscaled to 16x16")
     ap.add_argument("--most", type=int, default=4, help="2 to this many digits per canvas")
     ap.add_argument("--train-canvases", type=int, default=1024)
     ap.add_argument("--test-canvases", type=int, default=256)
-    ap.add_argument("--pretrain", type=int, default=800)
-    ap.add_argument("--steps", type=int, default=250)
-    ap.add_argument("--interval", type=int, default=20)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--width", type=int, default=16)
-    ap.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
-    ap.add_argument("--lr", type=float, default=5e-3)
-    ap.add_argument("--lr-ft", type=float, default=1e-3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--method", nargs="+", choices=list(METHOD_KEYS), default=list(METHOD_KEYS))
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.pretrain, args.steps, args.interval = 1, 10, 6, 2
@@ -225,12 +216,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> str:
-    args = parse(argv)
-    t = time.perf_counter()
-    result = run(args)
-    text = report(result, args, time.perf_counter() - t)
-    print(text)
-    return text
+    return distill.timed_main(argv, parse, run, report)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""Tiny models for the distill tests."""
+"""Tiny models for the distill tests, and loading a benchmark script as a module."""
+import importlib.util
+import pathlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -27,3 +30,14 @@ def batches(n: int = 4, size: int = 8, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(size, 1, 8, 8, generator=g), torch.randint(0, 10, (size,), generator=g))
             for _ in range(n)]
+
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a fresh module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

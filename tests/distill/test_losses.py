@@ -91,3 +91,19 @@ def test_mismatched_outputs():
         feature_loss(torch.zeros(2, 3), {"x": torch.zeros(2, 3)})
     with pytest.raises(DistillLossError, match="kind"):
         feature_loss(torch.zeros(2, 3), torch.zeros(2, 3), kind="l7")
+
+
+def test_pixel_kd_is_the_mean_of_per_pixel_kd():
+    # [N, K, H, W] logits, class dim 1: the KL at every pixel, averaged over N*H*W pixels;
+    # fit(loss="kd") uses this for dense prediction (benchmarks/distill_seg.py)
+    from fxprune.distill.fit import distillation_loss
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 5, 3, 4, dtype=torch.float64, generator=g)
+    t = torch.randn(2, 5, 3, 4, dtype=torch.float64, generator=g)
+    flat = lambda z: z.permute(0, 2, 3, 1).reshape(-1, 5)  # noqa: E731
+    want = kd_loss(flat(s), flat(t), temperature=3.0)
+    assert kd_loss(s, t, temperature=3.0, dim=1).item() == pytest.approx(want.item(), rel=1e-12)
+    y = torch.zeros(2, 3, 4, dtype=torch.long)
+    got = distillation_loss("kd", s, t, y, alpha=1.0, temperature=3.0, task_loss=None)
+    assert got.item() == pytest.approx(want.item(), rel=1e-12)

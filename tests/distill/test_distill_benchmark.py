@@ -40,7 +40,7 @@ def test_quick_minilm_benchmark_runs(method):
         assert out["verify_ok"] and out["budget_reached"] >= 1.0 - 1e-9
 
 
-@pytest.mark.slow  # ~10-20 s: 4 analyses, 3 short prune-while-training runs
+@pytest.mark.slow  # ~4 s idle, ~15 s on the loaded 2-core box: 4 analyses, 3 short PWT runs
 def test_quick_segmentation_benchmark_runs_every_method():
     bench, args, result, text = _quick("distill_seg")
     assert "mIoU %" in text

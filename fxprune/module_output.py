@@ -60,25 +60,33 @@ def uniform_constraints(model: torch.nn.Module, analysis: GroupAnalysis) -> dict
     num_attention_heads``) cannot describe fewer heads of the same head_dim unless the
     hidden size shrinks by as many heads, nor a smaller hidden size with all heads: the
     hidden size (the group of the input embedding's columns) and the attention groups
-    (whole heads or head_dim) stay whole; MLP widths are free. Other models: nothing."""
+    (whole heads or head_dim) stay whole; MLP widths are free. A config whose validators
+    reject another hidden size (LlamaConfig: a multiple of the head count) keeps it whole.
+    Attention whose q.k and v fall in different groups (``split_policy="head_dim"``)
+    stays whole: one config head_dim covers both."""
     cfg = getattr(model, "config", None)
     if not _is_hf(model) or not getattr(cfg, "num_attention_heads", None):
         return {}
     derived = getattr(cfg, "head_dim", None) is None
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     hidden = {f"{path}.weight" for path, m in model.named_modules() if m is emb and path}
-    attention = {f"{path}.{n}.weight" for path, m in model.named_modules()
-                 for names in _QKV + (_FUSED,) if all(hasattr(m, n) for n in names)
-                 for n in names} if derived else set()
+    owner = {m.fqn: g.name for g in analysis.groups for m in g.members if m.role == "out"}
+    qkv = [[f"{path}.{n}.weight" for n in names] for path, m in model.named_modules()
+           for names in _QKV + (_FUSED,) if all(hasattr(m, n) for n in names)]
+    split = {g for fqns in qkv if len({owner.get(f) for f in fqns}) > 1
+             for g in (owner.get(f) for f in fqns) if g is not None}
+    attention = {f for fqns in qkv for f in fqns} if derived else set()
+    whole = {g: ("one head_dim in the config covers q.k and v, which split_policy="
+                 "\"head_dim\" prunes apart: the attention groups stay whole (whole heads: "
+                 "analyze(..., split_policy=\"heads\"))") for g in sorted(split)}
     if derived:
         why = (f"{type(cfg).__name__} has no head_dim of its own (head_dim = hidden_size // "
                "num_attention_heads), so")
     else:  # e.g. LlamaConfig: hidden_size must stay a multiple of the head count
-        rejected = _config_rejects(cfg, hidden_size=cfg.hidden_size - 1)
-        if not rejected:
-            return {}
-        why = f"{type(cfg).__name__} rejects other hidden sizes ({rejected}), so"
-    whole = {}
+        why = _config_rejects(cfg, hidden_size=cfg.hidden_size - 1)
+        if not why:
+            return whole
+        why = f"{type(cfg).__name__} rejects other hidden sizes ({why}), so"
     for g in analysis.groups:
         columns = {m.fqn for m in g.members if m.dim == 1}  # a tied embedding is "in"
         fqns = {m.fqn for m in g.members if m.role in ("out", "dep")}

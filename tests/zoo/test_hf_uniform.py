@@ -197,3 +197,20 @@ def test_uniform_refuses_a_kind_ignored_in_some_layers():
                         overrides={"model.layers.0.mlp": 0.25, "model.layers.1.mlp": 0.25})
     assert len(plan.keep["model.layers.0.mlp.gate_proj.weight[0]"]) == 36
     assert len(plan.keep["model.layers.1.mlp.gate_proj.weight[0]"]) == 36
+
+
+def test_head_dim_policy_keeps_split_attention_whole():
+    """Under split_policy="head_dim" q.k and v are separate groups whose head_dims one
+    config value cannot both follow: a uniform plan leaves them whole (it used to reach
+    compile(output="module") and fail there with LiteralSizeError)."""
+    torch.manual_seed(0)
+    model, inputs, _ = llama()
+    analysis = fxprune.analyze(model.eval(), inputs, frontend="export",
+                               split_policy="head_dim")
+    split = [n for n, why in analysis.uniform_whole.items() if "prunes apart" in why]
+    owner = {m.fqn: g.name for g in analysis.groups for m in g.members if m.role == "out"}
+    for layer in (0, 1):  # (RoPE ties the q.k groups of both layers into one)
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            assert owner[f"model.layers.{layer}.self_attn.{proj}.weight"] in split
+    plan = fxprune.plan(analysis, "l1", ratio=0.5, uniform=True)
+    assert not set(plan.keep) & set(split) and plan.keep

@@ -69,8 +69,10 @@ def analyze(model: torch.nn.Module, example_inputs: Any, *, leaf_modules: Sequen
         return analysis
     from fxprune.module_output import uniform_constraints  # API layer, Hugging Face only
 
-    whole = uniform_constraints(model, analysis)
-    return dataclasses.replace(analysis, uniform_whole=whole) if whole else analysis
+    whole, links = uniform_constraints(model, analysis)
+    if not (whole or links):
+        return analysis
+    return dataclasses.replace(analysis, uniform_whole=whole, uniform_links=links)
 
 
 def _lint(gm: torch.fx.GraphModule) -> None:

@@ -52,7 +52,8 @@ def _is_hf(model: torch.nn.Module) -> bool:
     return cfg is not None and hasattr(cfg, "to_dict") and hasattr(model, "save_pretrained")
 
 
-def uniform_constraints(model: torch.nn.Module, analysis: GroupAnalysis) -> dict[str, str]:
+def uniform_constraints(model: torch.nn.Module, analysis: GroupAnalysis
+                        ) -> tuple[dict[str, str], dict[str, tuple[str, int]]]:
     """The groups a uniform plan of a Hugging Face ``model`` leaves whole so that its config
     can describe it: group name -> why.
 
@@ -66,7 +67,7 @@ def uniform_constraints(model: torch.nn.Module, analysis: GroupAnalysis) -> dict
     stays whole: one config head_dim covers both."""
     cfg = getattr(model, "config", None)
     if not _is_hf(model) or not getattr(cfg, "num_attention_heads", None):
-        return {}
+        return {}, {}
     derived = getattr(cfg, "head_dim", None) is None
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     hidden = {f"{path}.weight" for path, m in model.named_modules() if m is emb and path}
@@ -85,8 +86,12 @@ def uniform_constraints(model: torch.nn.Module, analysis: GroupAnalysis) -> dict
     else:  # e.g. LlamaConfig: hidden_size must stay a multiple of the head count
         why = _config_rejects(cfg, hidden_size=cfg.hidden_size - 1)
         if not why:
-            return whole
+            return whole, {}
         why = f"{type(cfg).__name__} rejects other hidden sizes ({why}), so"
+    if derived and not split:
+        links = _hidden_follows_heads(analysis, cfg, hidden, owner, qkv)
+        if links:
+            return whole, links
     for g in analysis.groups:
         columns = {m.fqn for m in g.members if m.dim == 1}  # a tied embedding is "in"
         fqns = {m.fqn for m in g.members if m.role in ("out", "dep")}
@@ -94,7 +99,25 @@ def uniform_constraints(model: torch.nn.Module, analysis: GroupAnalysis) -> dict
             whole[g.name] = f"{why} the hidden size stays whole"
         elif fqns & attention:
             whole[g.name] = f"{why} the attention heads and head_dim stay whole"
-    return whole
+    return whole, {}
+
+
+def _hidden_follows_heads(analysis: GroupAnalysis, cfg: Any, hidden: set[str],
+                          owner: dict[str, str], qkv: list[list[str]]
+                          ) -> dict[str, tuple[str, int]]:
+    """Where head_dim = hidden_size // heads and each layer's heads are one whole-head
+    group: the hidden-size group loses head_dim units per head removed (BERT, GPT-2)."""
+    heads, size = cfg.num_attention_heads, cfg.hidden_size
+    attention = {owner.get(fqns[0]) for fqns in qkv}
+    groups = [g for g in analysis.groups if g.name in attention]
+    stream = [g for g in analysis.groups
+              if ({m.fqn for m in g.members if m.dim == 1}
+                  | {a for m in g.members if m.dim == 1
+                     for a in analysis.tensor_aliases.get(m.fqn, ())}) & hidden]
+    if None in attention or not groups or len(stream) != 1 or stream[0].size != size or \
+            any(g.size != heads for g in groups) or size % heads:
+        return {}
+    return {stream[0].name: (groups[0].name, size // heads)}
 
 
 def _config_rejects(cfg: Any, **changes: Any) -> str:

@@ -186,12 +186,16 @@ class _Search:
 
     def __init__(self, analysis: GroupAnalysis, bounds: list[_Bounds],
                  scores: Mapping[str, np.ndarray], scope: str,
-                 ties: Mapping[str, tuple[_Bounds, ...]] | None = None) -> None:
+                 ties: Mapping[str, tuple[_Bounds, ...]] | None = None,
+                 links: Mapping[str, list[tuple[_Bounds, int]]] | None = None) -> None:
         self.analysis, self.bounds, self.scope = analysis, bounds, scope
         self.uniform = ties is not None
         self.ties = dict(ties) if ties is not None else {b.name: (b,) for b in bounds}
+        self.links = dict(links or {})
         self.order = {g.name: np.argsort(scores[g.name], kind="stable")
                       for tied in self.ties.values() for g in tied}
+        self.order.update({f.name: np.argsort(scores[f.name], kind="stable")
+                           for linked in self.links.values() for f, _ in linked})
         free = [b for b in bounds if b.fixed_ratio is None]
         self.fixed = {b.name: b.at_ratio(b.fixed_ratio) for b in bounds if b.fixed_ratio is not None}
         if scope == "global" and free:
@@ -248,11 +252,14 @@ class _Search:
             n = counts.get(b.name, 0)
             for g in self.ties[b.name]:
                 kept[g.labels[self.order[g.name][:n]]] = False
+            for f, factor in self.links.get(b.name, ()):
+                kept[f.labels[self.order[f.name][:n * factor]]] = False
         return self.guard(kept)
 
     def keep_indices(self, counts: Mapping[str, int]) -> dict[str, list[int]]:
         kept = self.kept(counts)
-        groups = [g for tied in self.ties.values() for g in tied]
+        groups = [g for tied in self.ties.values() for g in tied] + \
+            [f for linked in self.links.values() for f, _ in linked]
         return {g.name: np.flatnonzero(kept[g.labels]).tolist()
                 for g in groups if not kept[g.labels].all()}
 
@@ -270,9 +277,20 @@ def group_kind(group: ChannelGroup) -> str:
 
 
 def _uniform_ties(analysis: GroupAnalysis, bounds: list[_Bounds]
-                  ) -> tuple[list[_Bounds], dict[str, tuple[_Bounds, ...]]]:
-    """One bound per kind (the tightest cap of its groups) and the groups it ties;
-    ``PlanError`` when a kind is prunable in some layers only, or overridden unevenly."""
+                  ) -> tuple[list[_Bounds], dict[str, tuple[_Bounds, ...]], dict]:
+    """One bound per kind (the tightest cap of its groups), the groups it ties and the
+    groups linked to it (``analysis.uniform_links``); ``PlanError`` when a kind is prunable
+    in some layers only, overridden unevenly, or its linked group cannot follow it."""
+    followers = {b.name: b for b in bounds if b.name in analysis.uniform_links}
+    bounds = [b for b in bounds if b.name not in followers]
+    lead: dict[str, list[tuple[_Bounds, int]]] = {}
+    for name, (leader, factor) in analysis.uniform_links.items():
+        kind = group_kind(analysis.group(leader))
+        if name not in followers:
+            raise PlanError(f"uniform=True: {name} must lose {factor} units per unit of "
+                            f"{kind!r} ({analysis.uniform_whole.get(name, 'the config')}) but "
+                            "is left whole (ignore=, caps): ignore that kind too")
+        lead.setdefault(kind, []).append((followers[name], int(factor)))
     prunable = {b.name: b for b in bounds}
     kinds: dict[str, list[ChannelGroup]] = {}
     for g in analysis.groups:
@@ -294,10 +312,12 @@ def _uniform_ties(analysis: GroupAnalysis, bounds: list[_Bounds]
             raise PlanError(f"uniform=True: overrides give groups of kind {kind!r} different "
                             f"ratios {sorted(map(str, fixed))}; override every layer alike")
         first = tied[0]
-        out.append(_Bounds(kind, first.size, first.labels, min(b.max_remove for b in tied),
-                           first.round_to, first.fixed_ratio))
-        ties[kind] = tied
-    return out, ties
+        cap = min([b.max_remove for b in tied] + [f.max_remove // k for f, k in lead.get(kind, ())])
+        if cap > 0:
+            out.append(_Bounds(kind, first.size, first.labels, cap, first.round_to,
+                               first.fixed_ratio))
+            ties[kind] = tied
+    return out, ties, {k: v for k, v in lead.items() if k in ties}
 
 
 def check_uniform(analysis: GroupAnalysis, keep: Mapping[str, Any]) -> None:
@@ -389,10 +409,10 @@ def plan(analysis: GroupAnalysis, importance: str | Importance | Callable = "l1"
         bounds = _bounds(analysis, scores, round_to=round_to, max_ratio=max_ratio_per_group,
                          ignore=ignore, overrides=overrides, include_softmax=include_softmax,
                          whole=whole)
-        ties = None
+        ties = links = None
         if uniform:
-            bounds, ties = _uniform_ties(analysis, bounds)
-        search = _Search(analysis, bounds, scores, scope, ties)
+            bounds, ties, links = _uniform_ties(analysis, bounds)
+        search = _Search(analysis, bounds, scores, scope, ties, links)
         counts = _solve(search, budget.at(fraction), cost_fn, tolerance,
                         final=step == steps, previous=counts)
         kept = search.kept(counts)

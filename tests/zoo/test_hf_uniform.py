@@ -53,11 +53,11 @@ def bert():
 
 
 MODELS = [llama, qwen2, gpt2, bert]
-# BERT / GPT-2 / this Qwen2Config derive head_dim from hidden_size: only MLP widths are
-# free in a uniform plan, so their floor is higher than LLaMA's
-TARGET = {"llama": 0.45, "qwen2": 0.7, "gpt2": 0.7, "bert": 0.7}
+# BERT / GPT-2 derive head_dim from hidden_size: heads go with head_dim hidden units each;
+# Qwen2 (GQA, no head_dim in its config here): only MLP widths are free
+TARGET = {"llama": 0.45, "qwen2": 0.7, "gpt2": 0.5, "bert": 0.5}
 # at these budgets the global ranking gives different layers different MLP widths
-SPREAD_TARGET = {**TARGET, "llama": 0.6}
+SPREAD_TARGET = {**TARGET, "llama": 0.6, "gpt2": 0.7, "bert": 0.7}
 
 
 def _setup(make):
@@ -139,6 +139,11 @@ def test_uniform_budget_plan_round_trips_without_fxprune(make, tmp_path):
            if g.name in plan.keep and ("mlp" in g.name or "intermediate" in g.name)}
     width = got["cfg"].get("intermediate_size") or got["cfg"].get("n_inner")
     assert mlp <= {width}
+    if make in (bert, gpt2):  # a head and its 8 hidden units went in every layer
+        cfg = got["cfg"]
+        heads, hidden = cfg.get("num_attention_heads", cfg.get("n_head")), \
+            cfg.get("hidden_size", cfg.get("n_embd"))
+        assert heads == 3 and hidden == 24, (heads, hidden)
 
 
 @pytest.mark.parametrize("make", MODELS, ids=lambda f: f.__name__)
@@ -171,15 +176,20 @@ def test_uniform_ties_counts_not_units(make):
     assert any(len(set(v)) > 1 for v in tied), "every layer kept the same units"
 
 
-def test_derived_head_dim_leaves_hidden_and_heads_whole():
+def test_derived_head_dim_ties_hidden_to_heads():
     model, inputs, auto, analysis = _setup(bert)
-    whole = analysis.uniform_whole
-    assert "bert.embeddings.position_embeddings.weight[1]" in whole
-    assert "bert.encoder.layer.0.attention.self.query.weight[0]" in whole
-    assert all("head_dim = hidden_size // num_attention_heads" in why
-               for why in whole.values())
-    plan = _plan(analysis, 0.8, uniform=True)
-    assert not set(plan.keep) & set(whole)
+    assert dict(analysis.uniform_links) == {"bert.embeddings.position_embeddings.weight[1]": (
+        "bert.encoder.layer.0.attention.self.query.weight[0]", 8)}
+    assert dict(analysis.uniform_whole) == {}
+    plan = fxprune.plan(analysis, "l1", ratio=0.5, uniform=True)
+    heads = {len(plan.keep[f"bert.encoder.layer.{i}.attention.self.query.weight[0]"])
+             for i in (0, 1)}
+    assert heads == {2}
+    assert len(plan.keep["bert.embeddings.position_embeddings.weight[1]"]) == 2 * 8
+    with pytest.raises(PlanError, match="must lose 8 units per unit"):
+        fxprune.plan(analysis, "l1", ratio=0.5, uniform=True, ignore=["bert.embeddings"])
+    _, _, _, gqa = _setup(qwen2)  # kv heads != heads: no link, hidden and heads whole
+    assert not gqa.uniform_links and "model.embed_tokens.weight[1]" in gqa.uniform_whole
     _, _, _, explicit = _setup(llama)  # its own head_dim: heads free, but hidden_size must
     assert list(explicit.uniform_whole) == ["model.embed_tokens.weight[1]"]  # divide by heads
     assert "not a multiple of the number of attention heads" in \

@@ -54,17 +54,18 @@ def _is_hf(model: torch.nn.Module) -> bool:
 
 def uniform_constraints(model: torch.nn.Module, analysis: GroupAnalysis
                         ) -> tuple[dict[str, str], dict[str, tuple[str, int]]]:
-    """The groups a uniform plan of a Hugging Face ``model`` leaves whole so that its config
-    can describe it: group name -> why.
+    """What a uniform plan of a Hugging Face ``model`` must respect so that its config can
+    describe it: ``(group name -> why it stays whole, group name -> (leader group,
+    units per leader unit))``.
 
     A config without its own ``head_dim`` (BERT, GPT-2: ``head_dim = hidden_size //
-    num_attention_heads``) cannot describe fewer heads of the same head_dim unless the
-    hidden size shrinks by as many heads, nor a smaller hidden size with all heads: the
-    hidden size (the group of the input embedding's columns) and the attention groups
-    (whole heads or head_dim) stay whole; MLP widths are free. A config whose validators
-    reject another hidden size (LlamaConfig: a multiple of the head count) keeps it whole.
-    Attention whose q.k and v fall in different groups (``split_policy="head_dim"``)
-    stays whole: one config head_dim covers both."""
+    num_attention_heads``) describes fewer heads only with a hidden size smaller by as
+    many heads: where each layer's heads are one whole-head group, the hidden-size group
+    (the input embedding's columns) follows them, head_dim units per head; otherwise
+    (GQA, head_dim units) hidden and attention stay whole. A config whose validators
+    reject another hidden size (LlamaConfig: a multiple of the head count) keeps it
+    whole. Attention whose q.k and v fall in different groups (``split_policy=
+    "head_dim"``) stays whole: one config head_dim covers both. Other models: nothing."""
     cfg = getattr(model, "config", None)
     if not _is_hf(model) or not getattr(cfg, "num_attention_heads", None):
         return {}, {}

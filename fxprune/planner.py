@@ -20,7 +20,8 @@ Hugging Face config's ``num_attention_heads``, ``intermediate_size``...) describ
 result; which units go in each layer still follows its scores. The search runs on one
 count per kind (local: one ratio; global: kinds' units ranked by their mean score at
 each rank). Groups the analysis marks ``uniform_whole`` (read from the model's config)
-stay whole; a kind some of whose groups cannot be pruned (``ignore``, caps) raises
+stay whole, ``uniform_links`` groups lose a fixed multiple of their leader kind's count
+(a hidden size that shrinks with the heads); a kind some of whose groups cannot be pruned (``ignore``, caps) raises
 ``PlanError``.
 
 With ``steps > 1`` the budget is reached through intermediate budgets (``schedule``:
@@ -367,8 +368,9 @@ def plan(analysis: GroupAnalysis, importance: str | Importance | Callable = "l1"
     layer indices, size and granularity) keeps the same count in every layer, so one
     config describes the result (``save_pretrained`` of a Hugging Face model); the
     budget is met by one count per kind. Groups in the analysis' ``uniform_whole`` stay
-    whole (a config that derives head_dim from hidden_size: hidden and heads); a kind
-    prunable in some layers only (``ignore``, caps, overrides) raises ``PlanError``.
+    whole; groups in ``uniform_links`` follow their leader's kind (BERT's hidden size loses
+    head_dim units per head); a kind prunable in some layers only (``ignore``, caps,
+    overrides), or a linked group left whole, raises ``PlanError``.
     """
     kind, value = _parse_budget(ratio, {"macs": target_macs, "params": target_params,
                                         "latency": target_latency})

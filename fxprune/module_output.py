@@ -67,8 +67,9 @@ def uniform_constraints(model: torch.nn.Module, analysis: GroupAnalysis
     whole. Attention whose q.k and v fall in different groups (``split_policy=
     "head_dim"``) stays whole: one config head_dim covers both. Other models: nothing."""
     cfg = getattr(model, "config", None)
-    if not _is_hf(model) or not getattr(cfg, "num_attention_heads", None):
-        return {}, {}
+    if not _is_hf(model) or not getattr(cfg, "num_attention_heads", None) or \
+            not isinstance(getattr(cfg, "hidden_size", None), int):
+        return {}, {}  # a config without these numbers describes no heads to tie
     derived = getattr(cfg, "head_dim", None) is None
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     hidden = {f"{path}.weight" for path, m in model.named_modules() if m is emb and path}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -63,7 +64,15 @@ def analyze(model: torch.nn.Module, example_inputs: Any, *, leaf_modules: Sequen
 
     steps = [Step("trace", capture), Step("propagate_shapes", shapes, _lint),
              Step("find_groups", groups)]
-    return run_steps("fxprune.analyze", steps, None)
+    analysis = run_steps("fxprune.analyze", steps, None)
+    if pre_traced:
+        return analysis
+    from fxprune.module_output import uniform_constraints  # API layer, Hugging Face only
+
+    whole, links = uniform_constraints(model, analysis)
+    if not (whole or links):
+        return analysis
+    return dataclasses.replace(analysis, uniform_whole=whole, uniform_links=links)
 
 
 def _lint(gm: torch.fx.GraphModule) -> None:

@@ -178,12 +178,33 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None, *
     return gm
 
 
+def _none_args(model: torch.nn.Module, example_inputs: Sequence[Any] | None) -> dict:
+    """Optional parameters the example inputs leave at None (passed as None, or not passed
+    with a None default): fixed to None while tracing, as the inputs say, rather than
+    traced as tensors (``if mask is not None`` would be taken for every input)."""
+    if example_inputs is None:
+        return {}
+    import inspect
+
+    try:
+        params = [p for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return {}
+    inputs = tuple(example_inputs)
+    if len(inputs) > len(params):
+        return {}
+    return {p.name: None for i, p in enumerate(params)
+            if (inputs[i] is None if i < len(inputs) else p.default is None)}
+
+
 def _fx_trace(model: torch.nn.Module, example_inputs: Sequence[Any] | None,
               leaf_modules: Sequence[type | str], concrete_args: dict | None,
               autowrap_functions: Sequence[Callable]) -> torch.fx.GraphModule:
     """Symbolic tracing; retried once with buffers as graph values (a buffer sliced by a
     traced size). A trace that iterated a ``chunk`` is checked on the example inputs."""
     extra_leaves, extra_functions = library_leaves(model)
+    concrete_args = {**_none_args(model, example_inputs), **(concrete_args or {})} or None
     first: Exception | None = None
     for proxy_buffers in (False, True):
         tracer = FxpruneTracer(tuple(leaf_modules) + extra_leaves,

@@ -3,6 +3,8 @@
     fxprune inspect torchvision:resnet50 --input-shape 1,3,224,224
     fxprune prune timm:resnet18 --target-macs 0.5 --global --out small.pt2 --onnx small.onnx
     fxprune prune hf:llama --ratio 0.25 --split-policy heads
+    fxprune prune hf:bert --target-macs 0.7 --global --uniform \
+        --input input_ids=1x16:int64 --input attention_mask=1x16:int64
 
 ``MODEL`` specs are in ``fxprune.specs`` (torchvision:, timm:, hf:, module.path:factory).
 torch loads only once a command runs, so ``fxprune --help`` answers at once. Errors fxprune
@@ -20,12 +22,20 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from fxprune.errors import FxpruneError
-from fxprune.specs import DTYPES, LoadedModel, ModelSpecError, load_model, make_inputs
+from fxprune.specs import (DTYPES, InputSpecError, LoadedModel, ModelSpecError, load_model,
+                           make_inputs, parse_input)
 
 __all__ = ["main", "load_model", "parse_shape", "count_macs", "ModelSpecError", "COMMANDS"]
 
 EXIT_ERROR = 2
 TABLE_WIDTH = 80
+
+
+def _input_spec(text: str) -> Any:
+    try:
+        return parse_input(text)
+    except InputSpecError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -184,7 +194,7 @@ def _group_rows(analysis: Any, plan: Any, limit: int | None, wide: bool = False)
 
 def _load(args: argparse.Namespace) -> tuple[LoadedModel, tuple]:
     loaded = load_model(args.model)
-    return loaded, make_inputs(loaded, args.input_shape, args.dtype)
+    return loaded, make_inputs(loaded, args.input_shape, args.dtype, args.input)
 
 
 def _analyze(args: argparse.Namespace, loaded: LoadedModel, inputs: tuple) -> Any:
@@ -233,7 +243,8 @@ def _make_plan(args: argparse.Namespace, analysis: Any) -> Any:
                                f"{plan.fingerprint[:12]} != {analysis.fingerprint[:12]}): "
                                "re-plan with the same model, inputs and --split-policy")
         return plan
-    if args.ratio is not None and not args.global_ and not args.target_latency:
+    if args.ratio is not None and not args.global_ and not args.target_latency and \
+            not args.uniform:
         return fxprune.Plan.from_ratio(analysis, args.ratio, criterion=args.criterion,
                                        round_to=args.round_to, ignore=args.ignore,
                                        include_softmax=args.include_softmax)
@@ -242,7 +253,7 @@ def _make_plan(args: argparse.Namespace, analysis: Any) -> Any:
                         target_latency=args.target_latency,
                         scope="global" if args.global_ else "local",
                         round_to=args.round_to, ignore=args.ignore,
-                        include_softmax=args.include_softmax)
+                        include_softmax=args.include_softmax, uniform=args.uniform)
 
 
 def _budget(args: argparse.Namespace) -> str:
@@ -250,7 +261,7 @@ def _budget(args: argparse.Namespace) -> str:
         return f"plan {args.plan}"
     for name in ("ratio", "target_macs", "target_params", "target_latency"):
         if getattr(args, name) is not None:
-            scope = ", global" if args.global_ else ""
+            scope = (", global" if args.global_ else "") + (", uniform" if args.uniform else "")
             return f"{name.replace('_', ' ')} {getattr(args, name)} ({args.criterion}{scope})"
     return ""
 
@@ -366,6 +377,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-shape", type=parse_shape, action="append", metavar="SHAPE",
                    help="example input shape, e.g. 1,3,224,224 (repeat for several inputs; "
                         "default 1,3,224,224, 1,16 tokens for hf:, or the factory's inputs)")
+    p.add_argument("--input", type=_input_spec, action="append", metavar="[NAME=]SHAPE[:DTYPE]",
+                   help="an example input, e.g. 1x3x224x224, input_ids=1x16:int64 (a keyword "
+                   "input of forward; repeat; positional ones first; integer masks are ones)")
     p.add_argument("--dtype", choices=DTYPES, help="input dtype (integer ones draw token ids "
                    "below the vocabulary; default float32, int64 for hf:)")
     p.add_argument("--frontend", choices=["auto", "fx", "export"], default="auto",
@@ -403,6 +417,9 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
     budget.add_argument("--plan", metavar="PLAN.json", help="apply a saved plan (--plan-out)")
     p.add_argument("--global", dest="global_", action="store_true",
                    help="rank units across groups (default: the same ratio in each group)")
+    p.add_argument("--uniform", action="store_true",
+                   help="every layer's group of a kind keeps the same count, so one config "
+                        "describes the result (Hugging Face save_pretrained)")
     p.add_argument("--criterion", default="l1", help="importance criterion from "
                    "fxprune.CRITERIA (l1, l2, random, fpgm, lamp...); data-driven ones "
                    "need the Python API")
@@ -460,8 +477,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_early(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Option checks that need the registries (after parsing, before any model work)."""
+    _check_inputs(parser, args)
     if getattr(args, "func", None) is not cmd_prune:
         return
+    if args.uniform and args.plan:
+        parser.error("--uniform shapes a new plan; a saved --plan is applied as it is "
+                     "(re-plan with --uniform and --plan-out)")
     from fxprune.importance import CRITERIA
 
     spec = CRITERIA.get(args.criterion)
@@ -476,6 +497,22 @@ def _check_early(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
                      "API (fxprune.Importance(..., data=...)) or a data-free criterion")
     if args.round_to < 1:
         parser.error(f"--round-to must be >= 1, got {args.round_to}")
+
+
+def _check_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    specs = getattr(args, "input", None) or []
+    if specs and getattr(args, "input_shape", None):
+        parser.error("give inputs with --input or with --input-shape, not both "
+                     "(--input SHAPE is a positional input)")
+    names = [s.name for s in specs if s.name]
+    if len(set(names)) < len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        parser.error(f"--input {twice}=... is given twice: name each keyword input once")
+    after = [s for s in specs[specs.index(next(s for s in specs if s.name)) + 1:]
+             if not s.name] if names else []
+    if after:
+        parser.error(f"positional --input {'x'.join(map(str, after[0].shape))} follows a "
+                     "keyword input: give positional inputs first")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

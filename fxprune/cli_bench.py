@@ -27,7 +27,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     loaded = load_model(args.model)
     model = loaded.model.eval()
-    inputs = make_inputs(loaded, args.input_shape, args.dtype)
+    inputs = make_inputs(loaded, args.input_shape, args.dtype, args.input)
     analysis = fxprune.analyze(model, inputs, frontend=args.frontend if args.frontend != "auto"
                                else loaded.frontend, split_policy=args.split_policy)
     plan = fxprune.Plan.from_ratio(analysis, args.ratio, criterion=args.criterion,

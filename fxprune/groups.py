@@ -156,6 +156,13 @@ class GroupAnalysis:
                                                           default_factory=dict)
     pin_reasons: Mapping[tuple[str, int], tuple[str, ...]] = field(
         repr=False, compare=False, default_factory=dict)  # why a tensor dim is (partly) pinned
+    # groups a uniform plan (``fxprune.plan(..., uniform=True)``) leaves whole, read from
+    # the model's own config at analysis time: group name -> why
+    uniform_whole: Mapping[str, str] = field(repr=False, compare=False, default_factory=dict)
+    # group name -> (leader group name, units it loses per unit the leader's kind loses):
+    # a hidden size that must shrink with the heads (head_dim = hidden_size // heads)
+    uniform_links: Mapping[str, tuple[str, int]] = field(repr=False, compare=False,
+                                                         default_factory=dict)
 
     def group(self, key: int | str) -> ChannelGroup:
         """A group by id or by name (``"conv1.weight[0]"``)."""

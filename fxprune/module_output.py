@@ -23,7 +23,7 @@ from fxprune.pipeline import Step
 from fxprune.plan import Plan
 from passes.slice_module import check_module_output, slice_module
 
-__all__ = ["module_steps", "update_hf_config", "hf_sizes"]
+__all__ = ["module_steps", "update_hf_config", "hf_sizes", "uniform_constraints"]
 
 # (query, key, value) projection names of the attention families we know; a fused qkv
 # projection (GPT-2's c_attn) is split in thirds.
@@ -50,6 +50,88 @@ def module_steps(model: torch.nn.Module, analysis: GroupAnalysis, kept: np.ndarr
 def _is_hf(model: torch.nn.Module) -> bool:
     cfg = getattr(model, "config", None)
     return cfg is not None and hasattr(cfg, "to_dict") and hasattr(model, "save_pretrained")
+
+
+def uniform_constraints(model: torch.nn.Module, analysis: GroupAnalysis
+                        ) -> tuple[dict[str, str], dict[str, tuple[str, int]]]:
+    """What a uniform plan of a Hugging Face ``model`` must respect so that its config can
+    describe it: ``(group name -> why it stays whole, group name -> (leader group,
+    units per leader unit))``.
+
+    A config without its own ``head_dim`` (BERT, GPT-2: ``head_dim = hidden_size //
+    num_attention_heads``) describes fewer heads only with a hidden size smaller by as
+    many heads: where each layer's heads are one whole-head group, the hidden-size group
+    (the input embedding's columns) follows them, head_dim units per head; otherwise
+    (GQA, head_dim units) hidden and attention stay whole. A config whose validators
+    reject another hidden size (LlamaConfig: a multiple of the head count) keeps it
+    whole. Attention whose q.k and v fall in different groups (``split_policy=
+    "head_dim"``) stays whole: one config head_dim covers both. Other models: nothing."""
+    cfg = getattr(model, "config", None)
+    if not _is_hf(model) or not getattr(cfg, "num_attention_heads", None) or \
+            not isinstance(getattr(cfg, "hidden_size", None), int):
+        return {}, {}  # a config without these numbers describes no heads to tie
+    derived = getattr(cfg, "head_dim", None) is None
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    hidden = {f"{path}.weight" for path, m in model.named_modules() if m is emb and path}
+    owner = {m.fqn: g.name for g in analysis.groups for m in g.members if m.role == "out"}
+    qkv = [[f"{path}.{n}.weight" for n in names] for path, m in model.named_modules()
+           for names in _QKV + (_FUSED,) if all(hasattr(m, n) for n in names)]
+    split = {g for fqns in qkv if len({owner.get(f) for f in fqns}) > 1
+             for g in (owner.get(f) for f in fqns) if g is not None}
+    attention = {f for fqns in qkv for f in fqns} if derived else set()
+    whole = {g: ("one head_dim in the config covers q.k and v, which split_policy="
+                 "\"head_dim\" prunes apart: the attention groups stay whole (whole heads: "
+                 "analyze(..., split_policy=\"heads\"))") for g in sorted(split)}
+    if derived:
+        why = (f"{type(cfg).__name__} has no head_dim of its own (head_dim = hidden_size // "
+               "num_attention_heads), so")
+    else:  # e.g. LlamaConfig: hidden_size must stay a multiple of the head count
+        why = _config_rejects(cfg, hidden_size=cfg.hidden_size - 1)
+        if not why:
+            return whole, {}
+        why = f"{type(cfg).__name__} rejects other hidden sizes ({why}), so"
+    if derived and not split:
+        links = _hidden_follows_heads(analysis, cfg, hidden, owner, qkv)
+        if links:
+            return whole, links
+    for g in analysis.groups:
+        columns = {m.fqn for m in g.members if m.dim == 1}  # a tied embedding is "in"
+        fqns = {m.fqn for m in g.members if m.role in ("out", "dep")}
+        if (columns | {a for f in columns for a in analysis.tensor_aliases.get(f, ())}) & hidden:
+            whole[g.name] = f"{why} the hidden size stays whole"
+        elif fqns & attention:
+            whole[g.name] = f"{why} the attention heads and head_dim stay whole"
+    return whole, {}
+
+
+def _hidden_follows_heads(analysis: GroupAnalysis, cfg: Any, hidden: set[str],
+                          owner: dict[str, str], qkv: list[list[str]]
+                          ) -> dict[str, tuple[str, int]]:
+    """Where head_dim = hidden_size // heads and each layer's heads are one whole-head
+    group: the hidden-size group loses head_dim units per head removed (BERT, GPT-2)."""
+    heads, size = cfg.num_attention_heads, cfg.hidden_size
+    attention = {owner.get(fqns[0]) for fqns in qkv}
+    groups = [g for g in analysis.groups if g.name in attention]
+    stream = [g for g in analysis.groups
+              if ({m.fqn for m in g.members if m.dim == 1}
+                  | {a for m in g.members if m.dim == 1
+                     for a in analysis.tensor_aliases.get(m.fqn, ())}) & hidden]
+    if None in attention or not groups or len(stream) != 1 or stream[0].size != size or \
+            any(g.size != heads for g in groups) or size % heads:
+        return {}
+    return {stream[0].name: (groups[0].name, size // heads)}
+
+
+def _config_rejects(cfg: Any, **changes: Any) -> str:
+    """Why ``cfg``'s class refuses ``changes`` (its validators), or "" when it accepts."""
+    try:
+        trial = type(cfg).from_dict({**cfg.to_dict(), **changes})
+        if hasattr(trial, "validate"):
+            trial.validate()
+    except Exception as exc:  # transformers' validators raise several types
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        return lines[-1] if lines else type(exc).__name__
+    return ""
 
 
 def _linear_out(m: torch.nn.Module) -> int:
@@ -114,7 +196,8 @@ def update_hf_config(small: torch.nn.Module, original: torch.nn.Module) -> None:
         if hd * h != hid:
             spread["head_dim x heads != hidden_size"] = [hd * h, hid]
     if spread:
-        detail = ", ".join(f"{k} in {v}" for k, v in spread.items())
+        detail = "different sizes in different layers: " + \
+            ", ".join(f"{k} in {v}" for k, v in spread.items())
         small.save_pretrained = functools.partial(_refuse_save, detail)  # instance only
         return
     aliases = {"intermediate_size": ("intermediate_size", "n_inner", "ffn_dim", "d_ff"),
@@ -131,6 +214,10 @@ def update_hf_config(small: torch.nn.Module, original: torch.nn.Module) -> None:
                     setattr(cfg, name, value)
                 except AttributeError:
                     continue
+    rejected = _config_rejects(cfg)
+    if rejected:  # e.g. a hidden size that is no multiple of the head count
+        small.save_pretrained = functools.partial(
+            _refuse_save, f"{type(cfg).__name__} rejects the pruned sizes: {rejected}")
 
 
 def _set_attention_attributes(m: torch.nn.Module, layer: dict[str, int]) -> None:
@@ -146,8 +233,8 @@ def _set_attention_attributes(m: torch.nn.Module, layer: dict[str, int]) -> None
 
 def _refuse_save(detail: str, *args: Any, **kwargs: Any) -> None:
     raise NonUniformPlanError(
-        f"save_pretrained: this pruned model keeps different sizes in different layers "
-        f"({detail}), which one Hugging Face config cannot describe. Make the plan uniform "
-        f"(the same ratio in every layer's group, whole heads: analyze(..., "
-        f"split_policy=\"heads\"), Plan.from_ratio), then compile(..., output=\"module\") "
-        f"again; or save with torch.save.")
+        f"save_pretrained: one Hugging Face config cannot describe this pruned model "
+        f"({detail}). Make the plan uniform: "
+        f"fxprune.plan(analysis, ..., uniform=True) (CLI: fxprune prune --uniform; whole "
+        f"heads: analyze(..., split_policy=\"heads\")), then compile(..., "
+        f"output=\"module\") again; or save with torch.save.")

@@ -13,6 +13,17 @@ loses* (always its lowest-scored ones) and searches that count on the cost model
   are multiples of ``round_to``, ``ignore``d groups stay whole, ``overrides`` fix a
   module's ratio, and units scored ``+inf`` are never removed.
 
+With ``uniform=True`` every group of one *kind* (the same name once layer indices are
+read as ``*``, the same size and granularity: every layer's attention heads, every
+layer's MLP hidden units) loses the same number of units, so one number per kind (a
+Hugging Face config's ``num_attention_heads``, ``intermediate_size``...) describes the
+result; which units go in each layer still follows its scores. The search runs on one
+count per kind (local: one ratio; global: kinds' units ranked by their mean score at
+each rank). Groups the analysis marks ``uniform_whole`` (read from the model's config)
+stay whole, ``uniform_links`` groups lose a fixed multiple of their leader kind's count
+(a hidden size that shrinks with the heads); a kind some of whose groups cannot be pruned (``ignore``, caps) raises
+``PlanError``.
+
 With ``steps > 1`` the budget is reached through intermediate budgets (``schedule``:
 ``"linear"`` or ``fn(step, steps) -> fraction of the way``), re-scoring the model with
 the units removed so far masked out (gates at 0) before each step.
@@ -20,6 +31,7 @@ the units removed so far masked out (gates at 0) before each step.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -32,7 +44,7 @@ from fxprune.groups import ChannelGroup, GroupAnalysis
 from fxprune.importance import Importance
 from fxprune.plan import DimGuard, Plan, resolve_ignore
 
-__all__ = ["plan", "Budget", "SCHEDULES", "TOLERANCE"]
+__all__ = ["plan", "Budget", "SCHEDULES", "TOLERANCE", "group_kind", "check_uniform"]
 
 TOLERANCE = 0.01
 SCOPES = ("local", "global")
@@ -145,9 +157,11 @@ def _override_for(group: ChannelGroup, overrides: Mapping[str, float]) -> float 
 
 def _bounds(analysis: GroupAnalysis, scores: Mapping[str, np.ndarray], *, round_to: int,
             max_ratio: float, ignore: tuple[str, ...], overrides: Mapping[str, float],
-            include_softmax: bool = False) -> list[_Bounds]:
+            include_softmax: bool = False, whole: tuple[str, ...] = ()) -> list[_Bounds]:
     out = []
     for g in analysis.groups:
+        if g.name in whole:
+            continue  # a uniform plan leaves it whole (the analysis says why)
         if any(_matches(m.fqn, p) for m in g.members for p in ignore) or g.size < round_to:
             continue
         if "softmax" in g.inexact_kinds and not include_softmax:
@@ -166,16 +180,27 @@ def _bounds(analysis: GroupAnalysis, scores: Mapping[str, np.ndarray], *, round_
 # Removal counts -> kept labels
 # ----------------------------------------------------------------------------------
 class _Search:
-    """Removal counts per group as a monotone function of one knob, and their kept labels."""
+    """Removal counts per group as a monotone function of one knob, and their kept labels.
+
+    ``bounds`` are what the search moves: groups, or (``uniform``) kinds whose ``ties``
+    name the groups that lose the same count; counts are keyed by bound name."""
 
     def __init__(self, analysis: GroupAnalysis, bounds: list[_Bounds],
-                 scores: Mapping[str, np.ndarray], scope: str) -> None:
+                 scores: Mapping[str, np.ndarray], scope: str,
+                 ties: Mapping[str, tuple[_Bounds, ...]] | None = None,
+                 links: Mapping[str, list[tuple[_Bounds, int]]] | None = None) -> None:
         self.analysis, self.bounds, self.scope = analysis, bounds, scope
-        self.order = {b.name: np.argsort(scores[b.name], kind="stable") for b in bounds}
+        self.uniform = ties is not None
+        self.ties = dict(ties) if ties is not None else {b.name: (b,) for b in bounds}
+        self.links = dict(links or {})
+        self.order = {g.name: np.argsort(scores[g.name], kind="stable")
+                      for tied in self.ties.values() for g in tied}
+        self.order.update({f.name: np.argsort(scores[f.name], kind="stable")
+                           for linked in self.links.values() for f, _ in linked})
         free = [b for b in bounds if b.fixed_ratio is None]
         self.fixed = {b.name: b.at_ratio(b.fixed_ratio) for b in bounds if b.fixed_ratio is not None}
         if scope == "global" and free:
-            values = np.concatenate([scores[b.name] for b in free])
+            values = np.concatenate([self._slot_scores(b, scores) for b in free])
             owner = np.concatenate([np.full(b.size, i) for i, b in enumerate(free)])
             rankable = ~np.isposinf(values)
             ranked = np.lexsort((owner[rankable], values[rankable]))
@@ -184,6 +209,17 @@ class _Search:
             self.ranked_owner = np.zeros(0, dtype=np.int64)
         self.free = free
         self.guard = DimGuard(analysis, scores)
+
+    def _slot_scores(self, b: _Bounds, scores: Mapping[str, np.ndarray]) -> np.ndarray:
+        """A group's scores; for a kind, the mean over its groups of the j-th lowest score
+        (+inf where any group's j-th unit may never go)."""
+        tied = self.ties[b.name]
+        if len(tied) == 1 and tied[0].name == b.name:
+            return scores[b.name]
+        ranked = np.stack([np.sort(scores[g.name]) for g in tied])
+        with np.errstate(invalid="ignore"):
+            mean = ranked.mean(axis=0)
+        return np.where(np.isposinf(ranked).any(axis=0) | np.isnan(mean), np.inf, mean)
 
     @property
     def knob_max(self) -> float:
@@ -215,13 +251,88 @@ class _Search:
         kept = np.ones(self.analysis.num_units, dtype=bool)
         for b in self.bounds:
             n = counts.get(b.name, 0)
-            kept[b.labels[self.order[b.name][:n]]] = False
+            for g in self.ties[b.name]:
+                kept[g.labels[self.order[g.name][:n]]] = False
+            for f, factor in self.links.get(b.name, ()):
+                kept[f.labels[self.order[f.name][:n * factor]]] = False
         return self.guard(kept)
 
     def keep_indices(self, counts: Mapping[str, int]) -> dict[str, list[int]]:
         kept = self.kept(counts)
-        return {b.name: np.flatnonzero(kept[b.labels]).tolist()
-                for b in self.bounds if not kept[b.labels].all()}
+        groups = [g for tied in self.ties.values() for g in tied] + \
+            [f for linked in self.links.values() for f, _ in linked]
+        return {g.name: np.flatnonzero(kept[g.labels]).tolist()
+                for g in groups if not kept[g.labels].all()}
+
+
+# ----------------------------------------------------------------------------------
+# Uniform plans: one removal count per kind of group
+# ----------------------------------------------------------------------------------
+_LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.)|^\d+(?=\.)")
+
+
+def group_kind(group: ChannelGroup) -> str:
+    """The group's kind: its name with layer indices read as ``*``, its size and
+    granularity (``model.layers.*.mlp.gate_proj.weight[0] x48/1``)."""
+    return f"{_LAYER_INDEX.sub('*', group.name)} x{group.size}/{group.granularity}"
+
+
+def _uniform_ties(analysis: GroupAnalysis, bounds: list[_Bounds]
+                  ) -> tuple[list[_Bounds], dict[str, tuple[_Bounds, ...]], dict]:
+    """One bound per kind (the tightest cap of its groups), the groups it ties and the
+    groups linked to it (``analysis.uniform_links``); ``PlanError`` when a kind is prunable
+    in some layers only, overridden unevenly, or its linked group cannot follow it."""
+    followers = {b.name: b for b in bounds if b.name in analysis.uniform_links}
+    bounds = [b for b in bounds if b.name not in followers]
+    lead: dict[str, list[tuple[_Bounds, int]]] = {}
+    for name, (leader, factor) in analysis.uniform_links.items():
+        kind = group_kind(analysis.group(leader))
+        if name not in followers:
+            raise PlanError(f"uniform=True: {name} must lose {factor} units per unit of "
+                            f"{kind!r} ({analysis.uniform_whole.get(name, 'the config')}) but "
+                            "is left whole (ignore=, caps): ignore that kind too")
+        lead.setdefault(kind, []).append((followers[name], int(factor)))
+    prunable = {b.name: b for b in bounds}
+    kinds: dict[str, list[ChannelGroup]] = {}
+    for g in analysis.groups:
+        kinds.setdefault(group_kind(g), []).append(g)
+    out, ties = [], {}
+    for kind, groups in kinds.items():
+        tied = tuple(prunable[g.name] for g in groups if g.name in prunable)
+        if not tied:
+            continue
+        left = [g.name for g in groups if g.name not in prunable]
+        if left:
+            raise PlanError(
+                f"uniform=True: groups of kind {kind!r} cannot all lose the same count: "
+                f"{', '.join(left[:3])} stay whole (ignore=, max_ratio_per_group, round_to "
+                f"or units scored +inf) while {tied[0].name} is prunable. Ignore that kind "
+                "in every layer or in none, or plan without uniform=True")
+        fixed = {b.fixed_ratio for b in tied}
+        if len(fixed) > 1:
+            raise PlanError(f"uniform=True: overrides give groups of kind {kind!r} different "
+                            f"ratios {sorted(map(str, fixed))}; override every layer alike")
+        first = tied[0]
+        cap = min([b.max_remove for b in tied] + [f.max_remove // k for f, k in lead.get(kind, ())])
+        if cap > 0:
+            out.append(_Bounds(kind, first.size, first.labels, cap, first.round_to,
+                               first.fixed_ratio))
+            ties[kind] = tied
+    return out, ties, {k: v for k, v in lead.items() if k in ties}
+
+
+def check_uniform(analysis: GroupAnalysis, keep: Mapping[str, Any]) -> None:
+    """``PlanError`` unless every kind's groups keep the same number of units."""
+    kinds: dict[str, dict[str, int]] = {}
+    for g in analysis.groups:
+        kinds.setdefault(group_kind(g), {})[g.name] = len(keep.get(g.name, range(g.size)))
+    for kind, kept in kinds.items():
+        if len(set(kept.values())) > 1:
+            shown = ", ".join(f"{n}: {k}" for n, k in list(kept.items())[:4])
+            raise PlanError(
+                f"uniform=True: groups of kind {kind!r} keep different counts ({shown}): a "
+                "tensor dim that holds only some of a group's units would have been emptied "
+                "(DimGuard kept one back). Lower the budget, or plan without uniform=True")
 
 
 # ----------------------------------------------------------------------------------
@@ -237,7 +348,7 @@ def plan(analysis: GroupAnalysis, importance: str | Importance | Callable = "l1"
          ignore: Iterable[str] = (), overrides: Mapping[str, float] | None = None,
          steps: int = 1, schedule: str | Callable[[int, int], float] = "linear",
          cost: Any = None, latency: Any = None, tolerance: float = TOLERANCE,
-         include_softmax: bool = False) -> Plan:
+         include_softmax: bool = False, uniform: bool = False) -> Plan:
     """A ``Plan`` that meets one budget, removing the lowest-scored units.
 
     ``importance``: a criterion name (``fxprune.importance.CRITERIA``), an
@@ -253,6 +364,13 @@ def plan(analysis: GroupAnalysis, importance: str | Importance | Callable = "l1"
     every prunable group at its minimum, ``PlanError`` for invalid arguments (an
     ``ignore`` name that matches nothing included; ``ignore`` also takes modules).
     Groups whose units a softmax normalises stay whole unless ``include_softmax``.
+    ``uniform=True``: every kind of group (``group_kind``: the same module path up to
+    layer indices, size and granularity) keeps the same count in every layer, so one
+    config describes the result (``save_pretrained`` of a Hugging Face model); the
+    budget is met by one count per kind. Groups in the analysis' ``uniform_whole`` stay
+    whole; groups in ``uniform_links`` follow their leader's kind (BERT's hidden size loses
+    head_dim units per head); a kind prunable in some layers only (``ignore``, caps,
+    overrides), or a linked group left whole, raises ``PlanError``.
     """
     kind, value = _parse_budget(ratio, {"macs": target_macs, "params": target_params,
                                         "latency": target_latency})
@@ -271,6 +389,9 @@ def plan(analysis: GroupAnalysis, importance: str | Importance | Callable = "l1"
     fraction_of = _schedule_fn(schedule)
     imp = _as_importance(importance)
     ignore = resolve_ignore(analysis, ignore)
+    whole: tuple[str, ...] = ()
+    if uniform:
+        whole = tuple(analysis.uniform_whole)
 
     if cost is None and (kind != "ratio" or imp.cost_kind is not None):
         from fxprune.cost import compute_cost
@@ -288,14 +409,18 @@ def plan(analysis: GroupAnalysis, importance: str | Importance | Callable = "l1"
             raise PlanError(f"schedule gave {fraction} at step {step}; fractions lie in [0, 1]")
         scores = _rescored(imp, analysis, kept, cost)
         bounds = _bounds(analysis, scores, round_to=round_to, max_ratio=max_ratio_per_group,
-                         ignore=ignore, overrides=overrides, include_softmax=include_softmax)
-        search = _Search(analysis, bounds, scores, scope)
+                         ignore=ignore, overrides=overrides, include_softmax=include_softmax,
+                         whole=whole)
+        ties = links = None
+        if uniform:
+            bounds, ties, links = _uniform_ties(analysis, bounds)
+        search = _Search(analysis, bounds, scores, scope, ties, links)
         counts = _solve(search, budget.at(fraction), cost_fn, tolerance,
                         final=step == steps, previous=counts)
         kept = search.kept(counts)
     assert search is not None
     meta = {"criterion": imp.name, "scope": scope, "budget": kind, "requested": value,
-            "steps": steps, "round_to": round_to}
+            "steps": steps, "round_to": round_to, "uniform": bool(uniform)}
     if cost is not None:
         achieved = cost.evaluate(kept)
         meta.update({"macs": achieved.macs, "params": achieved.params,
@@ -304,6 +429,8 @@ def plan(analysis: GroupAnalysis, importance: str | Importance | Callable = "l1"
     if kind == "latency":
         meta["latency_ms"] = cost_fn(kept)
     base = Plan.from_indices(analysis, search.keep_indices(counts))
+    if uniform:
+        check_uniform(analysis, base.keep)
     return Plan(base.fingerprint, base.keep, base.sizes, meta, analysis)
 
 
@@ -450,4 +577,8 @@ def _unreachable(search: _Search, budget: Budget, floor: float, cost_fn: CostFn)
     return (f"{budget.kind} target {budget.value:,.6g} (requested {budget.requested:g}) cannot "
             f"be met: the smallest plan allowed costs {floor:,.6g} (dense {budget.dense:,.6g}); "
             f"the unprunable part alone (every group emptied) costs {fixed:,.6g}. Raise the "
-            "target, or relax max_ratio_per_group / round_to / ignore / overrides")
+            "target, or relax max_ratio_per_group / round_to / ignore / overrides"
+            + (f" (uniform=True leaves {len(search.analysis.uniform_whole)} groups whole "
+               "where the model's config must describe the result, e.g. "
+               f"{next(iter(search.analysis.uniform_whole.values()))})"
+               if search.uniform and search.analysis.uniform_whole else ""))

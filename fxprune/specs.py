@@ -20,11 +20,25 @@ from typing import Any
 
 from fxprune.errors import FxpruneError
 
-__all__ = ["ModelSpecError", "LoadedModel", "load_model", "HF_ARCHS", "DTYPES", "make_inputs"]
+__all__ = ["ModelSpecError", "LoadedModel", "load_model", "HF_ARCHS", "DTYPES", "make_inputs",
+           "InputSpec", "parse_input", "InputSpecError"]
 
 
 class ModelSpecError(FxpruneError):
     """A ``MODEL`` argument could not be turned into a model (bad spec, import, factory)."""
+
+
+class InputSpecError(ModelSpecError, ValueError):
+    """An ``--input`` spec is malformed, or names no parameter of the model's forward."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One ``--input [NAME=]SHAPE[:DTYPE]``: a keyword input when ``name`` is set."""
+
+    name: str | None
+    shape: tuple[int, ...]
+    dtype: str | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +73,29 @@ _HF_EXTRA = {
 }
 
 DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "bool")
+
+
+def parse_input(text: str) -> InputSpec:
+    """``"input_ids=1x16:int64"`` / ``"1x3x224x224"`` / ``"2,8:float16"`` -> ``InputSpec``;
+    ``InputSpecError`` (one line, with the expected form) when malformed."""
+    form = "expected [NAME=]SHAPE[:DTYPE], e.g. input_ids=1x16:int64 or 1x3x224x224"
+    name, sep, rest = text.partition("=")
+    if not sep:
+        name, rest = None, text
+    elif not name.isidentifier():
+        raise InputSpecError(f"bad input {text!r}: {name!r} is not a parameter name ({form})")
+    shape_text, _, dtype = rest.partition(":")
+    try:
+        shape = tuple(int(d) for d in shape_text.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(d < 1 for d in shape):
+        raise InputSpecError(f"bad input {text!r}: shape {shape_text!r} is not positive "
+                             f"integers ({form})")
+    if dtype and dtype not in DTYPES:
+        raise InputSpecError(f"bad input {text!r}: dtype {dtype!r} is not one of "
+                             f"{', '.join(DTYPES)}{_suggest(dtype, DTYPES)}")
+    return InputSpec(name, shape, dtype or None)
 
 
 def _suggest(name: str, choices: Iterable[str]) -> str:
@@ -165,20 +202,72 @@ def _factory(spec: str, module_path: str, attr: str) -> LoadedModel:
 
 
 def make_inputs(loaded: LoadedModel, shapes: Sequence[tuple[int, ...]] | None,
-                dtype: str | None) -> tuple:
-    """Example inputs: ``--input-shape`` (random of ``dtype``; integer dtypes draw token ids
-    below the model's vocabulary), else the factory's, else ``1,3,224,224`` (images) or
-    ``1,16`` int64 tokens (text models)."""
-    import torch
-
+                dtype: str | None, specs: Sequence[InputSpec] | None = None) -> tuple:
+    """Example inputs: ``specs`` (``--input``: positional ones first, keyword ones placed by
+    the forward's signature, parameters between them at their defaults), else
+    ``--input-shape`` (random of ``dtype``; integer dtypes draw token ids below the model's
+    vocabulary), else the factory's, else ``1,3,224,224`` (images) or ``1,16`` int64
+    tokens (text models). Integer inputs named like masks are ones, ``token_type_ids``
+    zeros, ``position_ids`` ``0..n-1``."""
+    if specs:
+        return _spec_inputs(loaded, specs, dtype)
     if not shapes and loaded.example_inputs is not None and dtype is None:
         return loaded.example_inputs
-    kind = dtype or ("int64" if loaded.text else "float32")
     shapes = shapes or ([(1, 16)] if loaded.text else [(1, 3, 224, 224)])
+    return tuple(_random(loaded, InputSpec(None, s, dtype)) for s in shapes)
+
+
+def _random(loaded: LoadedModel, spec: InputSpec, default: str | None = None) -> Any:
+    import torch
+
+    kind = spec.dtype or default or ("int64" if loaded.text else "float32")
     torch_dtype = getattr(torch, kind)
-    if torch_dtype == torch.bool:
-        return tuple(torch.ones(s, dtype=torch.bool) for s in shapes)
-    if not torch_dtype.is_floating_point:
-        high = loaded.vocab_size or 100
-        return tuple(torch.randint(0, high, s, dtype=torch_dtype) for s in shapes)
-    return tuple(torch.randn(s).to(torch_dtype) for s in shapes)
+    name = spec.name or ""
+    if torch_dtype == torch.bool or (not torch_dtype.is_floating_point and "mask" in name):
+        return torch.ones(spec.shape, dtype=torch_dtype)
+    if torch_dtype.is_floating_point:
+        return torch.randn(spec.shape).to(torch_dtype)
+    if name == "token_type_ids":
+        return torch.zeros(spec.shape, dtype=torch_dtype)
+    if name == "position_ids":
+        return torch.arange(spec.shape[-1], dtype=torch_dtype).expand(spec.shape).contiguous()
+    return torch.randint(0, loaded.vocab_size or _smallest_vocab(loaded.model), spec.shape,
+                         dtype=torch_dtype)
+
+
+def _smallest_vocab(model: Any) -> int:
+    """Token ids below every ``nn.Embedding``'s size index any of them (100 without one)."""
+    import torch
+
+    sizes = [m.num_embeddings for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    return min(sizes, default=100)
+
+
+def _spec_inputs(loaded: LoadedModel, specs: Sequence[InputSpec], dtype: str | None) -> tuple:
+    """Positional inputs for ``specs``, keyword ones put in place by ``forward``'s signature."""
+    import inspect
+
+    named = {s.name: s for s in specs if s.name}
+    values = [_random(loaded, s, dtype) for s in specs if not s.name]
+    if not named:
+        return tuple(values)
+    params = [p for p in inspect.signature(loaded.model.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = [p.name for p in params]
+    unknown = [n for n in named if n not in names[len(values):]]
+    if unknown:
+        taken = f" ({', '.join(names[:len(values)])} given positionally)" if values else ""
+        raise InputSpecError(f"--input {unknown[0]}=...: {type(loaded.model).__name__}.forward "
+                             f"has no such parameter{taken}{_suggest(unknown[0], names)} (its "
+                             f"parameters: {', '.join(names) or 'none'})")
+    last = max(names.index(n) for n in named)
+    for p in params[len(values):last + 1]:
+        if p.name in named:
+            values.append(_random(loaded, named[p.name], dtype))
+        elif p.default is not p.empty:
+            values.append(p.default)
+        else:
+            raise InputSpecError(f"{type(loaded.model).__name__}.forward needs {p.name!r} "
+                                 f"before {next(iter(named))!r}: add --input "
+                                 f"{p.name}=SHAPE[:DTYPE]")
+    return tuple(values)

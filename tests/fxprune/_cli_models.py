@@ -72,3 +72,25 @@ class TinyAttention(nn.Module):
 
 def tiny_attention() -> tuple[nn.Module, torch.Tensor]:
     return TinyAttention(), torch.randn(2, 5, 8)
+
+
+class TinyText(nn.Module):
+    """Token ids, an optional mask and optional token types: keyword inputs for the CLI."""
+
+    def __init__(self, vocab: int = 20, dim: int = 8) -> None:
+        super().__init__()
+        self.emb, self.types = nn.Embedding(vocab, dim), nn.Embedding(2, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, 3)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.emb(input_ids)
+        if token_type_ids is not None:
+            x = x + self.types(token_type_ids)
+        if attention_mask is not None:
+            x = x * attention_mask.unsqueeze(-1).to(x.dtype)
+        return self.fc2(torch.relu(self.fc1(x))).mean(1)
+
+
+def tiny_text() -> nn.Module:
+    return TinyText()

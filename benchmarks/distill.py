@@ -10,6 +10,9 @@ Every method then gets the same ``--steps`` training steps:
 
   (i)   one-shot l1 + fine-tune        (iii) prune while training, cpd, no KD
   (ii)  one-shot cpd + fine-tune       (iv)  prune while training, cpd, vanilla KD
+  (v)   prune while training, learnable soft masks (ViT-Slim: L1 on the masks), KD
+
+``--method`` picks some of them (``l1 cpd pwt pwt-kd soft``; default all).
 
 Reported per method and budget: test accuracy, MACs, parameters, CPU latency (median ms
 of a batch of 256), mean ± std over seeds, and the wall time. Parts (b) MiniLM and (c)
@@ -134,11 +137,17 @@ def one_shot(dense: nn.Module, criterion: str, target: float, data: Batches, exa
 
 
 def while_training(dense: nn.Module, kd: bool, target: float, data: Batches,
-                   example: torch.Tensor, steps: int, lr: float, interval: int) -> tuple:
+                   example: torch.Tensor, steps: int, lr: float, interval: int,
+                   soft: tuple[float, float] | None = None) -> tuple:
+    """Prune while training with ``cpd``, or (``soft=(l1, mask lr)``) with soft masks."""
     prune_steps = max(interval, (steps // 2) // interval * interval)
+    how = {"criterion": "cpd"} if soft is None else {"selection": "soft", "l1": soft[0]}
     pruner = Pruner(dense, (example,), target_macs=target, interval=interval, steps=prune_steps,
-                    criterion="cpd", schedule="cubic", max_ratio_per_group=0.9)
-    opt = torch.optim.SGD(pruner.student.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+                    schedule="cubic", max_ratio_per_group=0.9, **how)
+    groups = [{"params": pruner.weight_parameters(), "weight_decay": 5e-4}]
+    if soft is not None:  # masks: their own learning rate, no weight decay (only the L1)
+        groups.append({"params": pruner.mask_parameters(), "lr": soft[1], "weight_decay": 0.0})
+    opt = torch.optim.SGD(groups, lr=lr, momentum=0.9)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     fit(pruner, data, opt, steps=steps, loss="kd" if kd else "task", alpha=0.7,
         temperature=4.0, progress=False, scheduler=sched)
@@ -146,7 +155,9 @@ def while_training(dense: nn.Module, kd: bool, target: float, data: Batches,
     return result.model, result.plan
 
 
-METHODS = ("(i) one-shot l1 + FT", "(ii) one-shot cpd + FT", "(iii) PWT cpd", "(iv) PWT cpd + KD")
+METHODS = ("(i) one-shot l1 + FT", "(ii) one-shot cpd + FT", "(iii) PWT cpd", "(iv) PWT cpd + KD",
+           "(v) PWT soft masks + KD")
+METHOD_KEYS = dict(zip(("l1", "cpd", "pwt", "pwt-kd", "soft"), METHODS))
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -166,7 +177,7 @@ def run(args: argparse.Namespace) -> dict:
                            latency_ms(dense, xte[:256], args.repeats)))
         for factor in args.factors:
             target = 1.0 / factor
-            for name in METHODS:
+            for name in [METHOD_KEYS[k] for k in args.method]:
                 torch.manual_seed(1000 + seed)
                 data = Batches(xtr, ytr, args.batch, 1000 + seed)
                 example = xtr[:2]
@@ -179,9 +190,10 @@ def run(args: argparse.Namespace) -> dict:
                         small, plan = one_shot(dense, "cpd", target, data, example, args.steps,
                                                args.lr_ft)
                     else:
-                        small, plan = while_training(dense, name.startswith("(iv)"), target,
-                                                     data, example, args.steps, args.lr_ft,
-                                                     args.interval)
+                        soft = (args.soft_l1, args.soft_lr) if name.startswith("(v)") else None
+                        small, plan = while_training(dense, not name.startswith("(iii)"),
+                                                     target, data, example, args.steps,
+                                                     args.lr_ft, args.interval, soft)
                 macs = cost.evaluate(plan.kept_labels(analysis)).macs / 2
                 rows.setdefault((name, factor), []).append(
                     (accuracy(small, xte, yte), macs, count(small),
@@ -226,6 +238,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--lr-ft", type=float, default=0.02)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--method", nargs="+", choices=list(METHOD_KEYS), default=list(METHOD_KEYS))
+    ap.add_argument("--soft-l1", type=float, default=5e-3, help="(v): L1 weight on the masks")
+    ap.add_argument("--soft-lr", type=float, default=0.1, help="(v): the masks' learning rate")
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.factors, args.pretrain, args.steps = 1, [2.0], 20, 8

@@ -88,6 +88,11 @@ class GateTamperError(DistillError):
     """A gate of the student was changed outside the pruner (masks would be inconsistent)."""
 
 
+class SoftMaskFoldError(DistillError):
+    """A learnable soft mask (selection="soft") gates an edge where it cannot be folded
+    into weights exactly (a nonlinearity between its producer and the gate)."""
+
+
 class CheckpointMismatchError(DistillError):
     """A pruner checkpoint belongs to another model or plan and cannot be resumed here."""
 

@@ -8,13 +8,18 @@ hooks). Setting a unit's gate to 0 computes exactly what removing it computes (f
 exact groups), and every path that carries the unit into a consumer crosses one gate,
 so ``dL/dgate`` is the first-order change of the loss when the unit is removed.
 
-A consumption edge ``u -> v`` for group G: ``u`` carries G's units and either ``v``
-owns an ``"in"`` member of G (conv/linear columns, attention in-projections: every such
-input is gated) or ``v``'s output no longer carries G (a contraction such as q.k in
-attention: only the first operand is gated, so that the product sees one gate).
-Groups consumed on no graph edge (the heads inside ``nn.MultiheadAttention`` or Swin's
-window attention) are gated on their source rows instead: ``GatedModel`` scales those
-parameter slices.
+A consumption edge ``u -> v`` for group G: ``u`` carries G's units on an axis that ``v``
+sums over and either ``v`` owns an ``"in"`` member of G (conv/linear columns, attention
+in-projections) or the axis is contracted with another input (q.k in attention: only the
+first operand of each contraction is gated, so that the product sees one gate). Which axes
+an op sums over comes from its op entry's ``contractions`` rule; an op without one
+consumes every input axis (for its columns) and, otherwise, the groups its output no
+longer carries. A contracted axis is consumed even where the same units flow on through
+another input (fused qkv under ``split_policy="head_dim"``: q, k and v share units).
+Groups consumed inside one node (a node reads their weight columns but no contracted
+input carries them: recurrent hidden units, the heads of ``nn.MultiheadAttention`` and of
+Swin's window attention) and groups on no graph edge are gated on their source rows
+instead (``GatedModel`` scales those parameter slices), never on an edge.
 
 Before/after::
 
@@ -38,7 +43,8 @@ import torch.nn as nn
 from fxprune.groups import GroupAnalysis
 from fxprune.errors import RewriteError
 from fxprune.pipeline import checked_pass, ensure_new_module
-from passes.rules.registry import iter_units
+from passes.rules.meta import tensor_shapes
+from passes.rules.registry import MacContext, iter_units, lookup
 
 __all__ = ["GateSite", "GatedGraph", "GatedModel", "insert_gates", "apply_gate", "GATES"]
 
@@ -123,17 +129,17 @@ def insert_gates(analysis: GroupAnalysis) -> GatedGraph:
     gm.register_parameter(GATES, nn.Parameter(torch.ones(analysis.num_units, device=device,
                                                          dtype=dtype)))
     owners = _in_member_owners(analysis)
-    sites = []
     graph = gm.graph
-    for v in list(graph.nodes):
-        if v.op not in ("call_module", "call_function", "call_method"):
-            continue
-        for site in _sites_of(analysis, v, owners.get(v.name, set())):
+    calls = [v for v in graph.nodes if v.op in ("call_module", "call_function", "call_method")]
+    inside = _consumed_inside(analysis, gm, calls, owners)
+    sites = []
+    for v in calls:
+        for site in _sites_of(analysis, gm, v, owners.get(v.name, set()), inside):
             _insert(gm, v, site, analysis, len(sites))
             sites.append(site)
     graph.lint()
     gm.recompile()
-    on_edges = {gid for s in sites for gid in s.groups}
+    on_edges = {gid for s in sites for gid in s.groups} - inside
     params = dict(analysis.gm.named_parameters())
     sources = {g.id: [m for m in g.members if m.role in ("out", "dep") and m.fqn in params]
                for g in analysis.groups if g.id not in on_edges}
@@ -180,26 +186,72 @@ def _groups_in(analysis: GroupAnalysis, info: Any) -> set[int]:
     return {int(g) for u in arrays for g in np.unique(analysis.group_of[u[u >= 0]])}
 
 
-def _sites_of(analysis: GroupAnalysis, v: torch.fx.Node, owned: set[int]) -> list[GateSite]:
+def _consumed_inside(analysis: GroupAnalysis, gm: torch.fx.GraphModule,
+                     calls: list[torch.fx.Node], owners: dict[str, set[int]]) -> set[int]:
+    """Groups whose weight columns a node reads although none of its contracted inputs
+    carries them: born and consumed inside it (MHA / window-attention heads, recurrent
+    hidden units). No edge sees every use, so they are gated on their source rows."""
+    inside: set[int] = set()
+    for v in calls:
+        owned = owners.get(v.name, set())
+        if not owned:
+            continue
+        pairs = _contracted_axes(analysis, gm, v)
+        arriving: set[int] = set()
+        for u in v.all_input_nodes:
+            labels = analysis.node_labels.get(u.name)
+            if u.op != "get_attr" and isinstance(labels, dict):
+                arriving |= {g for axis, lab in labels.items()
+                             if pairs is None or (u.name, axis) in pairs
+                             for g in _groups_in(analysis, lab)}
+        inside |= owned - arriving
+    return inside
+
+
+def _sites_of(analysis: GroupAnalysis, gm: torch.fx.GraphModule, v: torch.fx.Node,
+              owned: set[int], inside: set[int]) -> list[GateSite]:
     """The consumption edges into ``v`` (see the module docstring)."""
     out_info = analysis.node_labels.get(v.name)
     if out_info is None:
         return []  # a non-tensor result (size(), shape): no data flows on
     carried = _groups_in(analysis, out_info)
-    first_contraction: set[int] = set()
+    pairs = _contracted_axes(analysis, gm, v)
+    gated: dict[int | None, set[int]] = {}  # contraction -> groups gated on one operand
     sites = []
     for u in v.all_input_nodes:
         labels = analysis.node_labels.get(u.name)
         if u.op == "get_attr" or not isinstance(labels, dict):
             continue
         for axis, lab in labels.items():
-            here = _groups_in(analysis, lab)
-            chosen = {g for g in here if g in owned}
-            chosen |= {g for g in here - carried - owned if g not in first_contraction}
-            first_contraction |= here - carried
+            here = _groups_in(analysis, lab) - inside
+            # an op without a contraction rule: groups that do not reach its output
+            keys = [None] if pairs is None else pairs.get((u.name, axis), [])
+            # weight columns consume the contracted axes only (not a per-head bias input)
+            chosen = {g for g in here if g in owned} if keys else set()
+            for key in keys:
+                consumed = (here - carried if key is None else here) - owned
+                first = gated.setdefault(key, set())
+                chosen |= consumed - first
+                first |= consumed
             if chosen:
                 sites.append(GateSite(u.name, v.name, axis, tuple(sorted(chosen))))
     return sites
+
+
+def _contracted_axes(analysis: GroupAnalysis, gm: torch.fx.GraphModule, v: torch.fx.Node
+                     ) -> dict[tuple[str, int], list[int]] | None:
+    """(input name, axis) -> the contractions it is an operand of, from the op entry's
+    ``contractions`` rule; None for an op without one."""
+    rule = lookup(v, gm, "contractions")
+    if rule is None:
+        return None
+    pairs: dict[tuple[str, int], list[int]] = {}
+    for number, operands in enumerate(rule(MacContext(analysis, v))):
+        for value, axis in operands:
+            shape = tensor_shapes(value) if isinstance(value, torch.fx.Node) else None
+            if isinstance(shape, tuple) and shape:
+                pairs.setdefault((value.name, axis % len(shape)), []).append(number)
+    return pairs
 
 
 def _insert(gm: torch.fx.GraphModule, v: torch.fx.Node, site: GateSite,

@@ -29,7 +29,7 @@ import torch.fx
 from fxprune.errors import LiteralSizeError, ModuleOutputError, RewriteError, source_line
 from fxprune.groups import GroupAnalysis
 from fxprune.graph_meta import get_meta
-from passes.rules.registry import (MODULE_FIXUPS, RewriteOptions, call_module_fixup,
+from passes.rules.registry import (MODULE_FIXUPS, RewriteOptions, apply_module_fixup,
                                    find_module_entry)
 
 __all__ = ["slice_module", "literal_rewrites", "check_module_output"]
@@ -51,7 +51,9 @@ def slice_module(model: torch.nn.Module, analysis: GroupAnalysis, kept: np.ndarr
     parents = {p.rsplit(".", k)[0] for p in touched for k in range(1, p.count(".") + 1)}
     options = RewriteOptions(get_meta(pruned, "attention_scale", "original"))
     for path in sorted(touched | parents | {""}, key=lambda p: (-p.count("."), p)):
-        _fix_attributes(small, path, analysis.module_notes.get(path), options)
+        # torch modules re-derive their attributes (in_channels, num_features...); other
+        # modules keep theirs, and a stale one shows up in check_module_output
+        apply_module_fixup(small, path, analysis.module_notes.get(path), options)
     changes = _size_changes(model, small)
     for path in sorted(parents | {""} | touched):
         _follow_sizes(small, path, changes)
@@ -112,21 +114,6 @@ def _retie(small: torch.nn.Module, pruned: torch.nn.Module) -> None:
                 dst._parameters[name] = src._parameters[src_name]
         else:
             first[id(t)] = fqn
-
-
-def _fix_attributes(small: torch.nn.Module, path: str, note: Any,
-                    options: RewriteOptions) -> None:
-    """Torch modules: the fixup table re-derives their attributes (``in_channels``,
-    ``num_features``, ``embed_dim``...). Other modules keep their attributes; a stale one
-    shows up in ``check_module_output``."""
-    module = small.get_submodule(path) if path else small
-    fix = find_module_entry(MODULE_FIXUPS, module)
-    if fix is None:
-        return
-    replacement = call_module_fixup(fix, module, note, options)
-    if isinstance(replacement, torch.nn.Module) and replacement is not module:
-        parent_path, _, name = path.rpartition(".")
-        setattr(small.get_submodule(parent_path) if parent_path else small, name, replacement)
 
 
 # Field-standard names of a module-wide width (torchvision ViT ``hidden_dim``, timm

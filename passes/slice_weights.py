@@ -26,7 +26,7 @@ from fxprune.graph_meta import set_meta
 from fxprune.groups import GroupAnalysis
 from fxprune.pipeline import checked_pass, ensure_new_module
 from passes.rules.registry import (MODULE_FIXUPS, NUMPY_ALIASES, RewriteOptions,
-                                   call_module_fixup, find_module_entry, lookup,
+                                   apply_module_fixup, find_module_entry, lookup,
                                    normalized_call)
 from passes.shape_prop import propagate_shapes, tensor_shapes
 
@@ -152,7 +152,7 @@ def _slice(analysis: GroupAnalysis, kept: np.ndarray,
     _check_stale_attributes(gm, analysis, kept, touched)
     parents = {path.rsplit(".", k)[0] for path in touched for k in range(1, path.count(".") + 1)}
     for path in sorted(touched | parents, key=lambda p: (-p.count("."), p)):
-        _fix_module(gm, path, analysis.module_notes.get(path), options)
+        apply_module_fixup(gm, path, analysis.module_notes.get(path), options)
     new_shapes = expected_shapes(analysis, kept)
     old_nodes = {n.name: n for n in analysis.gm.graph.nodes}
     for node in gm.graph.nodes:
@@ -187,19 +187,6 @@ def _share_sliced(analysis: GroupAnalysis, kept: np.ndarray) -> dict[int, Any]:
         if names.get(id(t), set()) <= set(analysis.tensor_aliases.get(fqn, (fqn,))):
             memo[id(t)] = t
     return memo
-
-
-def _fix_module(gm: torch.fx.GraphModule, path: str, note: Any,
-                options: RewriteOptions) -> None:
-    """Re-derive a module's attributes; a fixup may return a replacement module."""
-    module = gm.get_submodule(path)
-    fix = find_module_entry(MODULE_FIXUPS, module)
-    if fix is None:
-        return
-    replacement = call_module_fixup(fix, module, note, options)
-    if isinstance(replacement, torch.nn.Module) and replacement is not module:
-        parent_path, _, name = path.rpartition(".")
-        setattr(gm.get_submodule(parent_path) if parent_path else gm, name, replacement)
 
 
 def _check_stale_attributes(gm: torch.fx.GraphModule, analysis: GroupAnalysis,

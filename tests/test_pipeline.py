@@ -71,6 +71,6 @@ def test_a_direct_slice_weights_call_is_checked(monkeypatch):
     with pytest.raises(RewriteError, match="slice_weights: requires"):
         slice_weights(analysis, kept[:-1])
     import passes.slice_weights as sw
-    monkeypatch.setattr(sw, "_slice", lambda a, k: sw.copy.deepcopy(a.gm))  # slices nothing
+    monkeypatch.setattr(sw, "_slice", lambda a, k, options: sw.copy.deepcopy(a.gm))  # slices nothing
     with pytest.raises(RewriteError, match="slice_weights: ensures check ensures_sliced"):
         slice_weights(analysis, kept)

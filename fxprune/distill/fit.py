@@ -11,7 +11,8 @@
     ``"cosine"``    ``feature_loss(s, t, "cosine")``
     callable        ``loss(s, t, y) -> scalar``
 
-plus ``pruner.penalty()`` (Network Slimming). A progress bar (tqdm, when installed and
+plus ``pruner.penalty()`` (Network Slimming's L1 on norm scales, or ViT-Slim's L1 on soft
+masks with ``selection="soft"``). A progress bar (tqdm, when installed and
 ``progress=True``) shows the loss and how much of the budget is reached;
 ``evaluate(model) -> float`` runs every ``eval_every`` steps on the gated student in eval
 mode. Returns the log: one dict per removal or evaluation.
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ from fxprune.distill.losses import cwd_loss, feature_loss, kd_loss
 from fxprune.distill.pruner import Pruner
 from fxprune.errors import DistillError
 
-__all__ = ["fit", "distillation_loss", "LOSSES"]
+__all__ = ["fit", "distillation_loss", "LOSSES", "PruningLoop"]
 
 LOSSES = ("kd", "task", "cwd", "mse", "cosine")
 
@@ -70,11 +71,27 @@ def _split(batch: Any) -> tuple[tuple, Any]:
     return ((x,) if isinstance(x, torch.Tensor) else tuple(x)), y
 
 
-def fit(pruner: Pruner, data: Iterable, optimizer: torch.optim.Optimizer, *, steps: int,
+class PruningLoop(Protocol):
+    """What ``fit`` drives: the structured :class:`Pruner`, or the unstructured
+    :class:`fxprune.sparsity.GradualPruner` (Zhu & Gupta cubic sparsity)."""
+
+    student: torch.nn.Module
+    teacher: torch.nn.Module
+    closure: Callable | None
+
+    def step(self) -> dict | None: ...
+
+    def penalty(self) -> torch.Tensor: ...
+
+    def budget_reached(self) -> float: ...
+
+
+def fit(pruner: PruningLoop | Pruner, data: Iterable, optimizer: torch.optim.Optimizer, *, steps: int,
         loss: str | Callable = "kd", alpha: float = 0.5, temperature: float = 4.0,
         task_loss: Callable = F.cross_entropy, evaluate: Callable | None = None,
         eval_every: int = 0, progress: bool = True, scheduler: Any = None) -> list[dict]:
-    """Train ``pruner.student`` for ``steps`` steps while the pruner removes units."""
+    """Train ``pruner.student`` for ``steps`` steps while the pruner removes units
+    (a structured ``Pruner``) or raises weight sparsity (a ``GradualPruner``)."""
     if not callable(loss) and loss not in LOSSES:
         raise DistillError(f"loss must be a callable or one of {LOSSES}, got {loss!r}")
     if not isinstance(steps, int) or steps < 1:
@@ -108,7 +125,7 @@ def fit(pruner: Pruner, data: Iterable, optimizer: torch.optim.Optimizer, *, ste
         last.update(x=x, y=y, t=t)
         entry = pruner.step()
         if entry is not None:
-            log.append({"kind": "removal", "loss": float(value), **entry})
+            log.append({"kind": "removal", "loss": float(value.detach()), **entry})
         if evaluate is not None and eval_every and (i + 1) % eval_every == 0:
             student.eval()
             with torch.no_grad():
@@ -118,7 +135,7 @@ def fit(pruner: Pruner, data: Iterable, optimizer: torch.optim.Optimizer, *, ste
                         "budget_reached": pruner.budget_reached()})
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{float(value):.4f}",
+            bar.set_postfix(loss=f"{float(value.detach()):.4f}",
                             budget=f"{100 * pruner.budget_reached():.0f}%")
     if bar is not None:
         bar.close()

@@ -35,7 +35,11 @@ path), so masked units stay exactly removed.
 *Learned masks.* ``selection="slimming"`` (Network Slimming, Liu et al. 2017):
 ``pruner.penalty()`` is ``l1 * sum |gamma|`` over the norm scales of prunable groups, to
 add to the loss; removals take the smallest ``|gamma|`` (criterion ``bn_scale``) under the
-same budget and schedule.
+same budget and schedule. ``selection="soft"`` (ViT-Slim, Chavan et al. 2022): the
+student gets one learnable real mask per unit (``pruner.mask_parameters()``, initialised
+to 1) multiplied into the 0/1 gates; ``penalty()`` is ``l1 * sum |m|`` over kept units;
+removals take the smallest ``|m|``; removed units' masks are frozen; ``finish()`` folds
+the kept masks into the weights they scale (``fxprune.distill.soft``).
 
 Errors (``fxprune.errors``): ``BudgetError`` (already met / unreachable), ``DistillError``
 (interval, steps, teacher output, missing closure), ``GateTamperError`` (a gate changed
@@ -66,20 +70,39 @@ from fxprune.graph_meta import get_meta
 from fxprune.importance import CRITERIA, Importance, ScoreContext
 from fxprune.planner import SCHEDULES as PLANNER_SCHEDULES
 from fxprune.planner import cubic_schedule, linear_schedule
-from passes.gates import GATES, insert_gates
+from fxprune.distill.soft import find_soft_folds
+from passes.gates import GATES, apply_gate, insert_gates
 
 __all__ = ["Pruner", "DistillResult", "SCHEDULES", "save_checkpoint", "load_checkpoint",
            "cubic_schedule", "linear_schedule"]
 
 FORMAT = 1
 REMOVED = -np.finfo(np.float64).max  # ranks first; the planner rejects -inf
-SELECTIONS = ("scored", "slimming")
+SELECTIONS = ("scored", "slimming", "soft")
+SOFT = "soft_mask"  # the criterion name a soft-mask pruner records in its identity
 
 
 SCHEDULES = {name: PLANNER_SCHEDULES[name] for name in ("linear", "cubic")}
 # criterion -> statistics gathered during training (gate gradients are always kept)
 NEEDS = {"taylor": ("weight_taylor",), "hessian": ("gate_hessian",), "cpd": ("gate_hessian",),
          "obd": ("weight_hessian",)}
+
+
+def _ungateable_groups(analysis: Any) -> frozenset[str]:
+    """Groups the planner may prune whose gates cannot compute their removal: a channel
+    mixer over their units (LayerNorm/GroupNorm statistics) sees the gated units, the
+    compiled model does not. They are left whole, with a warning naming them."""
+    names = frozenset(g.name for g in analysis.groups
+                      if not g.exact and "softmax" not in g.inexact_kinds)
+    if names:
+        kinds = sorted({k for g in analysis.groups if g.name in names for k in g.inexact_kinds})
+        warnings.warn(f"Pruner leaves {len(names)} group(s) whole: {sorted(names)}: a gate "
+                      f"cannot compute what removing their units computes ({', '.join(kinds)} "
+                      "over their channels), so the trained student would differ from the "
+                      "compiled model. Prune them after distillation with fxprune.plan / "
+                      "fxprune.compile (slice == mask holds there) if needed", UserWarning,
+                      stacklevel=3)
+    return names
 
 
 def _no_closure(model: nn.Module, i: int) -> torch.Tensor:
@@ -136,31 +159,37 @@ class Pruner:
     eval-mode deep copy of ``model``; a teacher passed in is frozen the same way on a deep
     copy (the user's teacher is left untouched; the copy costs its size in memory; an
     exported GraphModule's eval mode is set with ``set_graph_training``). ``frontend``: ``"fx"`` or ``"export"``;
-``split_policy``: as in ``fxprune.analyze`` (``"outer"``: whole attention heads).
+    ``split_policy``: as in ``fxprune.analyze`` (``"outer"``: whole attention heads).
+    ``selection``: ``"scored"`` (rank by ``criterion``, default ``taylor_gate``),
+    ``"slimming"`` (L1 on norm scales) or ``"soft"`` (L1 on learnable per-unit soft masks,
+    ``mask_parameters()``; no ``criterion``); ``l1`` >= 0 weighs ``penalty()``.
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any, *, target_macs: float | None = None,
                  target_params: float | None = None, target_latency: float | None = None,
                  interval: int = 10, steps: int = 100, start: int = 0,
-                 criterion: str = "taylor_gate", schedule: str | Callable = "cubic",
+                 criterion: str | None = None, schedule: str | Callable = "cubic",
                  selection: str = "scored", l1: float = 1e-4, normalize: str | None = "auto",
                  layer_norm: str | None = None, scope: str = "local", round_to: int = 1,
                  max_ratio_per_group: float = 0.9, closure: Callable | None = None,
                  teacher: nn.Module | None = None, frontend: str = "fx", probes: int = 1,
                  seed: int = 0, latency: Any = None, process_group: Any = None,
                  split_policy: str | None = None) -> None:
-        self._check_args(interval, steps, start, criterion, schedule, selection)
+        self._check_args(interval, steps, start, criterion, schedule, selection, l1)
         self.interval, self.steps, self.start = interval, steps, start
-        self.criterion = "bn_scale" if selection == "slimming" else criterion
+        self.criterion = {"slimming": "bn_scale", "soft": SOFT}.get(
+            selection, criterion or "taylor_gate")
         self.selection, self.l1 = selection, float(l1)
+        soft = selection == "soft"
         self.schedule = SCHEDULES[schedule] if isinstance(schedule, str) else schedule
         self.schedule_name = schedule if isinstance(schedule, str) else getattr(
             schedule, "__name__", "custom")
         self.total_removals = steps // interval
         self.plan_options = dict(scope=scope, round_to=round_to,
                                  max_ratio_per_group=max_ratio_per_group)
-        self.importance = Importance(self.criterion, closure=_no_closure, normalize=normalize,
-                                     layer_norm=layer_norm, probes=probes, seed=seed)
+        self.importance = None if soft else Importance(
+            self.criterion, closure=_no_closure, normalize=normalize, layer_norm=layer_norm,
+            probes=probes, seed=seed)
         self.needs = NEEDS.get(self.criterion, ())
         self.closure, self.probes = closure, probes
         self.process_group = process_group
@@ -174,7 +203,16 @@ class Pruner:
         options = {} if split_policy is None else {"split_policy": split_policy}
         self.analysis = fxprune.analyze(captured, inputs, frontend=frontend, **options)
         self.export = get_meta(self.analysis.gm, "frontend") == "export"
-        self.student = GatedStudent(insert_gates(self.analysis), export=self.export).train()
+        gated = insert_gates(self.analysis)
+        # soft: refuse now (not after training) a mask that cannot be folded exactly
+        self.folds = find_soft_folds(self.analysis, gated.sites, gated.param_gates) \
+            if soft else ()
+        self.student = GatedStudent(gated, export=self.export, soft=soft).train()
+        self._soft_live = torch.zeros(self.analysis.num_units, dtype=torch.bool)
+        for gid in gated.gated_groups:  # units whose mask reaches the loss
+            self._soft_live[torch.as_tensor(self.analysis.group_of == gid)] = True
+        self.frozen = self.student.soft_mask.detach().clone() if soft else None
+        self.whole = _ungateable_groups(self.analysis)
         self.live = dataclasses.replace(self.analysis, gm=self.student.gm)
         # the teacher is frozen on a copy: the user's model (or their teacher) is never
         # switched to eval mode, frozen or rewritten in place
@@ -198,12 +236,12 @@ class Pruner:
         self.history: list[dict[str, float]] = []
         self._hooks = self._weight_hooks() if "weight_taylor" in self.needs else []
         self._scales: list[str] | None = None
-        self.student.recording = True
+        self.student.recording = not soft  # soft masks rank by |m|: no gate gradients
 
     # -- construction checks ---------------------------------------------------------
     @staticmethod
-    def _check_args(interval: Any, steps: Any, start: Any, criterion: str, schedule: Any,
-                    selection: str) -> None:
+    def _check_args(interval: Any, steps: Any, start: Any, criterion: str | None,
+                    schedule: Any, selection: str, l1: Any) -> None:
         if not isinstance(interval, int) or interval < 1:
             raise DistillError(f"interval must be an integer >= 1 (training steps between "
                                f"removals), got {interval!r}")
@@ -212,12 +250,19 @@ class Pruner:
                                f"is reached in steps // interval removals, got {steps!r}")
         if not isinstance(start, int) or start < 0:
             raise DistillError(f"start must be an integer >= 0, got {start!r}")
-        if criterion not in CRITERIA:
+        if criterion is not None and criterion not in CRITERIA:
             raise DistillError(f"unknown criterion {criterion!r}; known: {sorted(CRITERIA)}")
         if not callable(schedule) and schedule not in SCHEDULES:
             raise DistillError(f"schedule must be a callable or one of {sorted(SCHEDULES)}")
         if selection not in SELECTIONS:
             raise DistillError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+        if not isinstance(l1, (int, float)) or not np.isfinite(l1) or l1 < 0:
+            raise DistillError(f"l1 must be a finite number >= 0 (weight of the sparsity "
+                               f"penalty), got {l1!r}")
+        if selection == "soft" and criterion is not None:
+            raise DistillError(f"selection='soft' ranks units by their learned mask |m|; "
+                               f"criterion={criterion!r} would be ignored: drop criterion=, "
+                               "or use selection='scored' to rank by a criterion")
 
     def _check_teacher(self, inputs: tuple) -> None:
         with torch.no_grad():
@@ -262,8 +307,11 @@ class Pruner:
         try:  # a dry run of the planner with the same caps: fail now, not at the last removal
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
-                fxprune.plan(self.analysis, "l1", cost=self.cost, latency=self.latency,
-                             **{f"target_{kind}": target / dense}, **self.plan_options)
+                zeros = {g.name: np.full(g.size, np.inf if g.name in self.whole else 0.0)
+                         for g in self.analysis.groups}
+                fxprune.plan(self.analysis, _FixedScores(zeros), cost=self.cost,
+                             latency=self.latency, **{f"target_{kind}": target / dense},
+                             **self.plan_options)
         except BudgetError as exc:
             raise BudgetError(f"the {kind} budget {target:,.6g} cannot be reached by pruning "
                               f"while training (dense {dense:,.6g}): {exc}") from None
@@ -282,14 +330,30 @@ class Pruner:
 
     # -- the training-loop API ---------------------------------------------------------
     def penalty(self) -> torch.Tensor:
-        """Network Slimming's ``l1 * sum |gamma|`` over prunable groups' norm scales."""
+        """The sparsity term to add to the loss: Network Slimming's ``l1 * sum |gamma|``
+        over prunable groups' norm scales, or (``selection="soft"``) ``l1 * sum |m|`` over
+        the soft masks of kept, gated units (removed units get no gradient). 0 otherwise."""
         ref = self.student.mask
         total = ref.new_zeros(())
+        if self.selection == "soft":
+            m = self.student.soft_mask
+            live = (self.mask & self._soft_live).to(m.device, m.dtype)
+            return self.l1 * (m.abs() * live).sum()
         if self.selection != "slimming":
             return total
         for fqn in self._norm_scales():
             total = total + self.student.gm.get_parameter(fqn).abs().sum()
         return self.l1 * total
+
+    def mask_parameters(self) -> list[nn.Parameter]:
+        """The learnable soft masks (``selection="soft"``), e.g. for their own optimizer
+        parameter group (learning rate, no weight decay); [] for other selections."""
+        return [] if self.student.soft_mask is None else [self.student.soft_mask]
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        """``student.parameters()`` without the soft masks (the model's own weights)."""
+        masks = {id(p) for p in self.mask_parameters()}
+        return [p for p in self.student.parameters() if id(p) not in masks]
 
     def _norm_scales(self) -> list[str]:
         if self._scales is None:
@@ -303,6 +367,7 @@ class Pruner:
         """Call after ``optimizer.step()``: record the step's gate gradients; remove units
         when an interval ends. Returns the log entry of a removal, else None."""
         self._check_gates()
+        self._freeze_removed()
         pending = self.student.pending_grads
         if pending:
             self.rows.append(torch.stack(pending).sum(0))
@@ -321,6 +386,16 @@ class Pruner:
         dense = self._cost_of(None, self.budget_kind)
         now = self._cost_of(self.mask.numpy(), self.budget_kind)
         return (dense - now) / (dense - self.target)
+
+    def _freeze_removed(self) -> None:
+        """Removed units' soft masks back to their value at removal: their gradient is 0,
+        but momentum or weight decay would still move them."""
+        if self.frozen is None:
+            return
+        m = self.student.soft_mask
+        gone = (~self.mask).to(m.device)
+        with torch.no_grad():
+            m[gone] = self.frozen.to(m.device, m.dtype)[gone]
 
     def _check_gates(self) -> None:
         now = self.student.mask.detach().cpu()
@@ -409,6 +484,8 @@ class Pruner:
 
     def scores(self) -> dict[str, np.ndarray]:
         """Per-group unit scores from this interval's statistics (removed units: ``REMOVED``, ranked first)."""
+        if self.selection == "soft":
+            return self._soft_scores()
         imp = self.importance
         ctx = ScoreContext(self.live, imp, kept=self.mask.numpy(), cost=self.cost)
         ctx.set_statistics(self._statistics())
@@ -418,8 +495,20 @@ class Pruner:
             s = s.copy()
             g = self.analysis.group(name)
             s[~kept[self.analysis.group_of == g.id]] = REMOVED
+            if g.name in self.whole:
+                s[:] = np.inf  # +inf: never removed (the planner skips the group)
             out[g.name] = s
         return out
+
+    def _soft_scores(self) -> dict[str, np.ndarray]:
+        """``|m|`` per unit (ViT-Slim: the smallest masks go first); removed: ``REMOVED``."""
+        m = self.student.soft_mask.detach().abs().double().cpu()
+        if dist.is_available() and dist.is_initialized():  # DDP keeps them equal; be sure
+            dist.all_reduce(m, group=self.process_group)
+            m /= dist.get_world_size(self.process_group)
+        m = m.numpy().copy()
+        m[~self.mask.numpy()] = REMOVED
+        return {g.name: m[self.analysis.group_of == g.id] for g in self.analysis.groups}
 
     def _remove(self) -> dict[str, float]:
         scores = self.scores()
@@ -441,6 +530,9 @@ class Pruner:
         self.mask &= kept
         with torch.no_grad():
             self.student.mask.copy_(self.mask.to(self.student.mask.dtype))
+            if self.frozen is not None:  # freeze the newly removed masks where they are
+                self.frozen = torch.where(self.mask.to(self.frozen.device), self.frozen,
+                                          self.student.soft_mask.detach().to(self.frozen))
         self.rows.clear()
         for v in self.weight_stats.values():
             v.zero_()
@@ -462,7 +554,7 @@ class Pruner:
         """
         inputs = self.example_inputs if inputs is None else (
             (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs))
-        trained = self._trained_graph()
+        trained = self._fold_soft_masks(self._trained_graph())
         analysis = dataclasses.replace(self.analysis, gm=trained)
         kept = self.mask.numpy()
         keep = {g.name: np.flatnonzero(kept[analysis.group_of == g.id]).tolist()
@@ -472,23 +564,52 @@ class Pruner:
         set_graph_training(small, False)
         small.eval()
         report = fxprune.verify(analysis, small, plan, inputs)
-        was = self.student.training
-        self.student.eval()
-        with torch.no_grad():
-            want = [t for t in tree_flatten(self.student(*inputs))[0]
-                    if isinstance(t, torch.Tensor)]
-            got = [t for t in tree_flatten(small(*inputs))[0] if isinstance(t, torch.Tensor)]
-        self.student.train(was)
-        scale = max(float(w.abs().max()) for w in want) or 1.0
-        err = max(float((a - b).abs().max()) for a, b in zip(got, want)) / scale
+        err = self._student_error(small, inputs, self.student.mask)
         if err > rtol:
+            names = self._disagreeing_groups(analysis, inputs, rtol)
             raise fxprune.VerificationError(
                 f"the compiled model differs from the gated student by {err:.3g} (relative, "
-                f"tol {rtol:g}) although slice == mask holds: a gate outside the plan "
-                "(an inexact group?). Please report it")
+                f"tol {rtol:g}) although slice == mask holds; the gates of group(s) "
+                f"{names or '(none alone: their combination)'} do not compute what removing "
+                "their units computes (passes/gates.py). Remedy: leave those groups whole "
+                "(fxprune.plan(..., ignore=...) on the trained model), or report it with the "
+                "model")
         cost = self.cost.evaluate(kept)
         return DistillResult(small, plan, report, err, cost.macs, cost.params,
                              self.cost.dense.macs, self.cost.dense.params)
+
+    def _student_error(self, small: torch.fx.GraphModule, inputs: tuple,
+                       gates: torch.Tensor) -> float:
+        """max |small - student| / max |student| (eval mode, the student's gates ``gates``)."""
+        was = self.student.training
+        self.student.eval()
+        try:
+            with torch.no_grad():
+                out = self.student.with_gates(gates.to(self.student.mask),
+                                              lambda student: student(*inputs))
+                want = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+                got = [t for t in tree_flatten(small(*inputs))[0] if isinstance(t, torch.Tensor)]
+        finally:
+            self.student.train(was)
+        scale = max(float(w.abs().max()) for w in want) or 1.0
+        return max(float((a - b).abs().max()) for a, b in zip(got, want)) / scale
+
+    def _disagreeing_groups(self, analysis: Any, inputs: tuple, rtol: float) -> list[str]:
+        """The pruned groups whose removal alone already separates student and compiled."""
+        names = []
+        mask = self.mask.numpy()
+        for g in analysis.groups:
+            mine = analysis.group_of == g.id
+            if mask[mine].all():
+                continue
+            kept = np.ones_like(mask)
+            kept[mine] = mask[mine]
+            plan = fxprune.Plan.from_indices(analysis, {g.name: np.flatnonzero(mask[mine]).tolist()})
+            small = fxprune.compile(analysis, plan)
+            set_graph_training(small, False)
+            if self._student_error(small.eval(), inputs, torch.as_tensor(kept)) > rtol:
+                names.append(g.name)
+        return names
 
     def _trained_graph(self) -> torch.fx.GraphModule:
         """A copy of the analysed (ungated) graph with the student's current weights."""
@@ -497,6 +618,21 @@ class Pruner:
                  if not k.startswith("_fxprune_gate")}
         gm.load_state_dict(state, strict=True)
         set_graph_training(gm, False)
+        return gm
+
+    def _fold_soft_masks(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        """Kept units' soft masks multiplied into the weights they scale (``self.folds``);
+        removed units' columns/rows are sliced away, so they take 1. Mutates ``gm`` (a copy
+        the pruner owns)."""
+        if self.student.soft_mask is None:
+            return gm
+        m = self.student.soft_mask.detach()
+        values = torch.where(self.mask.to(m.device), m, torch.ones_like(m))
+        with torch.no_grad():
+            for f in self.folds:
+                p = gm.get_parameter(f.fqn)
+                index = torch.as_tensor(np.where(f.labels < 0, len(values), f.labels))
+                p.copy_(apply_gate(p, values.to(p.device), index.to(p.device), f.dim))
         return gm
 
     # -- checkpoint --------------------------------------------------------------------
@@ -513,7 +649,14 @@ class Pruner:
                 "weight_stats": {k: v.clone() for k, v in self.weight_stats.items()},
                 "step": self.step_count, "removals": self.removals,
                 "history": copy.deepcopy(self.history),
-                "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}
+                "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                **self._soft_state()}
+
+    def _soft_state(self) -> dict[str, Any]:
+        if self.frozen is None:
+            return {}
+        return {"soft_mask": self.student.soft_mask.detach().cpu().clone(),
+                "soft_frozen": self.frozen.cpu().clone()}
 
     def load_state_dict(self, state: Mapping[str, Any], *, restore_rng: bool = True) -> None:
         """Resume; ``restore_rng`` also restores torch's global CPU RNG (dropout, shuffles).
@@ -529,9 +672,16 @@ class Pruner:
             raise CheckpointMismatchError(
                 "this checkpoint belongs to another model or pruning setup (checkpoint vs "
                 f"here: {diff}); resume with the model, budget and settings it was made with")
+        if self.frozen is not None and "soft_mask" not in state:
+            raise CheckpointMismatchError("this selection='soft' pruner needs the soft masks "
+                                          "in the checkpoint (keys soft_mask, soft_frozen)")
         self.mask = state["mask"].clone().to(torch.bool)
         with torch.no_grad():
             self.student.mask.copy_(self.mask.to(self.student.mask.dtype))
+            if self.frozen is not None:
+                m = self.student.soft_mask
+                m.copy_(state["soft_mask"].to(m.device, m.dtype))
+                self.frozen = state["soft_frozen"].clone().to(self.frozen)
         self.rows = [r.clone() for r in state["rows"]]
         for k, v in state["weight_stats"].items():
             self.weight_stats[k] = v.clone()

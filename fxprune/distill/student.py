@@ -1,5 +1,9 @@
 """The student of prune-while-training: a gated copy whose gates are a 0/1 buffer.
 
+With ``soft=True`` (``Pruner(selection="soft")``, ViT-Slim's learnable soft masks) the
+student also owns ``soft_mask``, one real-valued *parameter* per unit label (initialised
+to 1): the effective gate is ``hard * soft_mask``, on the same consumption edges.
+
 ``GatedStudent`` wraps the graph that ``passes.gates.insert_gates`` returns. The gates
 (one per unit label, ``_fxprune_gates``) are turned from a parameter into a *buffer*, so
 ``student.parameters()`` (what an optimizer sees) never contains them: only the pruner
@@ -90,14 +94,19 @@ class GatedStudent(nn.Module):
 
     ``mask`` (property): the gate buffer, float 0/1 per unit label. ``recording=True``
     makes each backward deposit ``dL/dgate`` (float64, [units]) in ``pending_grads``.
+    ``soft_mask``: None, or the learnable per-unit mask multiplied into the gates.
     """
 
-    def __init__(self, gated: GatedGraph, *, export: bool) -> None:
+    def __init__(self, gated: GatedGraph, *, export: bool, soft: bool = False) -> None:
         super().__init__()
         gm = gated.gm
         gates = gm._parameters.pop(GATES)
         gm.register_buffer(GATES, gates.detach().clone())
         self.gm = gm
+        self.sites = gated.sites
+        self.param_gates = gated.param_gates
+        # learnable, so student.parameters() (and DDP's gradient sync) include it
+        self.soft_mask = nn.Parameter(gates.detach().clone()) if soft else None
         self.export = export
         self.recording = False
         self.pending_grads: list[torch.Tensor] = []
@@ -129,6 +138,8 @@ class GatedStudent(nn.Module):
             if self.recording and torch.is_grad_enabled():
                 gates = gates.detach().clone().requires_grad_(True)
                 gates.register_hook(self._record)
+        if self.soft_mask is not None:
+            gates = gates * self.soft_mask.to(gates.dtype)
         params: dict[str, torch.Tensor] = {GATES: gates}
         for fqn, dim, index in self._specs:
             p = params.get(fqn, self.gm.get_parameter(fqn))

@@ -145,12 +145,25 @@ class GradualPruner:
     the optimizer). Criteria that need no data re-score the current weights (the
     masked ones score ``-inf``, so a weight once zeroed stays zeroed). ``pattern`` /
     ``scope`` / ``kinds`` / ``ignore`` as in :func:`fxprune.sparsify`.
+
+    Inside the distillation loop: the pruner is also a student/teacher pair, so
+    :func:`fxprune.distill.fit` drives it like the structured ``Pruner``::
+
+        pruner = GradualPruner(model, x, 0.9, begin=0, end=800, frequency=50)
+        fit(pruner, data, opt, steps=1000, loss="kd", alpha=0.7, temperature=4.0)
+        small = finalize(pruner.student)
+
+    ``pruner.student`` is ``pruner.model``; ``pruner.teacher`` is a frozen eval-mode deep
+    copy of ``teacher`` (default: the dense ``model``), so neither the user's model nor
+    their teacher is modified. ``step()`` without ``t`` counts its own calls (one per
+    optimizer step, the first is ``t = 0``).
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any, final: float, *, begin: int,
                  end: int, frequency: int = 1, initial: float = 0.0,
                  criterion: str = "magnitude", scope: str = "layer",
-                 kinds: Iterable[str] = ("linear", "conv"), ignore: Iterable[str] = ()) -> None:
+                 kinds: Iterable[str] = ("linear", "conv"), ignore: Iterable[str] = (),
+                 teacher: nn.Module | None = None) -> None:
         from fxprune.api import analyze
         from fxprune.importance import CRITERIA
         from fxprune.sparsity.api import plan_sparsity
@@ -171,15 +184,38 @@ class GradualPruner:
                                   analysis=self.analysis)
         self.model = attach_masks(model, self.plan)
         self.sparsity = initial
+        self.teacher = copy.deepcopy(model if teacher is None else teacher).eval()
+        self.teacher.requires_grad_(False)
+        self.closure = None  # fit's curvature hook: unused (data-free criteria only)
+        self._t = 0
 
-    def step(self, t: int) -> bool:
-        """Update the masks if ``t`` is a pruning step; True when they changed."""
+    @property
+    def student(self) -> nn.Module:
+        """The model being trained (``pruner.model``), as the distillation loop names it."""
+        return self.model
+
+    def penalty(self) -> torch.Tensor:
+        """No regulariser: 0 (the distillation loop adds it to every loss)."""
+        return torch.zeros(())
+
+    def budget_reached(self) -> float:
+        """Fraction of the final sparsity reached so far, in [0, 1]."""
+        return 1.0 if self.final == self.initial else \
+            (self.sparsity - self.initial) / (self.final - self.initial)
+
+    def step(self, t: int | None = None) -> dict | None:
+        """Update the masks if ``t`` (default: the number of earlier calls) is a pruning
+        step. Returns ``{"step", "sparsity", "budget_reached"}`` when the masks changed,
+        else None."""
+        if t is None:
+            t = self._t
+        self._t = t + 1
         if t < self.begin or t > self.end or (t - self.begin) % self.frequency and t != self.end:
-            return False
+            return None
         target = cubic_sparsity(t, self.final, begin=self.begin, end=self.end,
                                 initial=self.initial)
         if target <= self.sparsity:
-            return False
+            return None
         from fxprune.sparsity.api import plan_sparsity
 
         plain = finalize(self.model)  # current effective weights, masked ones at 0
@@ -189,7 +225,7 @@ class GradualPruner:
                                   previous=self.plan)
         update_masks(self.model, self.plan)
         self.sparsity = target
-        return True
+        return {"step": t + 1, "sparsity": target, "budget_reached": self.budget_reached()}
 
 
 class _Reanalysed:

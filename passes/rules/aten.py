@@ -13,10 +13,10 @@ import numpy as np
 import torch
 
 from passes.rules import dims as D
-from passes.rules.attention import scaled_dot_product_attention, set_sdpa_scale
+from passes.rules.attention import scaled_dot_product_attention, sdpa_contractions, set_sdpa_scale
 from passes.rules.elementwise import binary
 from passes.rules.linear import contract
-from passes.rules.registry import RuleContext, fixup, rule
+from passes.rules.registry import RuleContext, contractions, fixup, rule
 from passes.rules.shape import metadata
 
 # Export's guards and runtime checks: they read metadata, produce no channels.
@@ -30,6 +30,7 @@ FUSED_SDPA = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_produc
 
 rule(ASSERTIONS, torch._C._set_grad_enabled)(metadata)
 rule(DUNDER_BINARY)(binary)
+contractions(FUSED_SDPA)(sdpa_contractions)
 
 _INT_MAX = 2 ** 63 - 1
 

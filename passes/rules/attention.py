@@ -17,8 +17,8 @@ import torch.nn as nn
 
 from passes.rules.dims import broadcast_merge
 from passes.rules.linear import contract
-from passes.rules.registry import (MacContext, RewriteOptions, RuleContext, Terms, fixup, macs,
-                                   module_fixup, present, rule)
+from passes.rules.registry import (Contractions, MacContext, RewriteOptions, RuleContext, Terms,
+                                   contractions, fixup, macs, module_fixup, present, rule)
 
 
 def _head_units(ctx: RuleContext, rows: np.ndarray, cols: np.ndarray, heads: int) -> None:
@@ -128,6 +128,13 @@ def scaled_dot_product_attention(ctx: RuleContext) -> None:
     out.update(broadcast_merge(ctx, [(tuple(sq[:-2]), dq), (tuple(sk[:-2]), dk),
                                      (tuple(sv[:-2]), dv)] + mask, tuple(out_shape[:-2])))
     ctx.set(out)
+
+
+@contractions("scaled_dot_product_attention")
+def sdpa_contractions(ctx: MacContext) -> Contractions:
+    """q[..., e] with k[..., e] (the scores); k's and v's token dims (the weighted sum)."""
+    q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
+    return [((q, -1), (k, -1)), ((k, -2), (v, -2))]
 
 
 def _attention_mask(ctx: RuleContext, mask) -> list:

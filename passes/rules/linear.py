@@ -5,8 +5,8 @@ import numpy as np
 import torch.nn as nn
 
 from passes.rules.dims import broadcast_merge
-from passes.rules.registry import (Dims, MacContext, RuleContext, Terms, macs, module_fixup,
-                                   present, rule)
+from passes.rules.registry import (Contractions, Dims, MacContext, RuleContext, Terms,
+                                   contractions, macs, module_fixup, present, rule)
 
 
 def contract(ctx: RuleContext, a: np.ndarray | None, b: np.ndarray | None) -> None:
@@ -148,6 +148,41 @@ def einsum(ctx: RuleContext) -> None:
         if letter in rhs:
             out[rhs.index(letter)] = full[0]
     ctx.set(out)
+
+
+@contractions("linear")
+def linear_contractions(ctx: MacContext) -> Contractions:
+    """x[..., i] with weight[:, i] (a computed weight; a get_attr one owns its columns)."""
+    return [((ctx.arg(0, "input"), -1), (ctx.arg(1, "weight"), 1))]
+
+
+@contractions("matmul", "mm", "bmm")
+def matmul_contractions(ctx: MacContext) -> Contractions:
+    """a[..., k] with b[..., k, :] (b[k] for a vector; a[k] for a vector a)."""
+    a, b = ctx.arg(0), ctx.arg(1)
+    return [((a, -1), (b, 0 if len(ctx.shape(b)) == 1 else -2))]
+
+
+@contractions("addmm")
+def addmm_contractions(ctx: MacContext) -> Contractions:
+    """mat1[:, k] with mat2[k, :]."""
+    return [((ctx.arg(1, "mat1"), 1), (ctx.arg(2, "mat2"), 0))]
+
+
+@contractions("einsum")
+def einsum_contractions(ctx: MacContext) -> Contractions:
+    """Every letter absent from the output: the operand axes that carry it."""
+    operands = list(ctx.node.args[1:])
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    equation = expand_ellipsis(ctx.arg(0).replace(" ", ""),
+                               [len(ctx.shape(o) or ()) for o in operands])
+    lhs, _, rhs = equation.partition("->")
+    by_letter: dict[str, list] = {}
+    for term, op in zip(lhs.split(","), operands):
+        for axis, letter in enumerate(term):
+            by_letter.setdefault(letter, []).append((op, axis))
+    return [tuple(uses) for letter, uses in by_letter.items() if letter not in rhs]
 
 
 def expand_ellipsis(equation: str, ranks: list[int]) -> str:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch.nn as nn
 
-from passes.rules.registry import MacContext, RuleContext, Terms, macs, module_fixup, rule
+from passes.rules.registry import (Contractions, MacContext, RuleContext, Terms, contractions,
+                                   macs, module_fixup, rule)
 
 _GATES = {nn.RNN: 1, nn.GRU: 3, nn.LSTM: 4}
 
@@ -59,6 +60,13 @@ def recurrent(ctx: RuleContext) -> None:
     state = {len(out_shape[1][0] if isinstance(out_shape[1][0], tuple) else out_shape[1]) - 1: hidden}
     out = {last: np.tile(hidden, dirs)}
     ctx.set((out, (state, dict(state)) if isinstance(m, nn.LSTM) else state))
+
+
+@contractions(nn.RNN, nn.GRU, nn.LSTM)
+def recurrent_contractions(ctx: MacContext) -> Contractions:
+    """Input features with the layer-0 ih columns; the hidden units are consumed inside
+    (the recurrence, later layers), so they are gated on their rows."""
+    return [((ctx.arg(0, "input"), -1),)]
 
 
 def _tree_of_empty(shape):

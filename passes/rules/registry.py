@@ -31,6 +31,9 @@ Info = Any  # Dims | tuple[Info, ...] | None
 
 AnalysisRule = Callable[["RuleContext"], None]
 MacRule = Callable[["MacContext"], "Terms"]
+# (input, axis) operand pairs summed over together: ((q, -1), (k, -1)) for q.k^T
+Contractions = list[tuple[tuple[Any, int], ...]]
+ContractionRule = Callable[["MacContext"], Contractions]
 Terms = list[tuple[float, list[np.ndarray]]]  # (share, axes): share * prod(kept fraction)
 
 
@@ -43,6 +46,10 @@ class OpEntry:
     ``fixup``: the rewrite fixup, ``fn(fctx)``, for literal sizes after slicing.
     ``module_fixup``: re-derives module attributes (``in_channels``...) after slicing.
     ``macs``: the MAC scaling rule of the cost model, ``fn(MacContext) -> Terms``.
+    ``contractions``: the input axes the op sums over, ``fn(MacContext) -> Contractions``
+    (each a tuple of ``(input node, axis)`` operands summed together); a unit there is
+    consumed by this node even where the same units flow on through another input (a
+    fused qkv under the head_dim policy); ``passes/gates.py`` gates one operand of each.
     ``stop``: a stop op (creates a channel space from sliceable weights); every stop op
     must have a ``macs`` rule (``tests/rules/test_op_entries.py``).
     """
@@ -52,11 +59,12 @@ class OpEntry:
     fixup: Callable[..., Any] | None = None
     module_fixup: Callable[..., Any] | None = None
     macs: MacRule | None = None
+    contractions: ContractionRule | None = None
     stop: bool = False
 
 
 OPS: dict[Any, OpEntry] = {}
-_FIELDS = ("rule", "fixup", "module_fixup", "macs")
+_FIELDS = ("rule", "fixup", "module_fixup", "macs", "contractions")
 
 
 def op_entry(key: Any) -> OpEntry:
@@ -105,8 +113,9 @@ ANALYSIS_RULES: MutableMapping[Any, AnalysisRule] = _FieldView("rule")
 FIXUPS: MutableMapping[Any, Callable[..., Any]] = _FieldView("fixup")
 MODULE_FIXUPS: MutableMapping[type, Callable[..., Any]] = _FieldView("module_fixup")
 MAC_RULES: MutableMapping[Any, MacRule] = _FieldView("macs")
+CONTRACTION_RULES: MutableMapping[Any, ContractionRule] = _FieldView("contractions")
 _VIEWS = {"rule": ANALYSIS_RULES, "fixup": FIXUPS, "module_fixup": MODULE_FIXUPS,
-          "macs": MAC_RULES}
+          "macs": MAC_RULES, "contractions": CONTRACTION_RULES}
 
 # Namespaces whose functions are canonicalised by name ("relu", "add"...).
 _TORCH_NAMESPACES = (
@@ -173,6 +182,11 @@ def macs(*keys: Any) -> Callable[[MacRule], MacRule]:
     return _register("macs", keys)
 
 
+def contractions(*keys: Any) -> Callable[[ContractionRule], ContractionRule]:
+    """Register which input axes an op sums over: ``fn(MacContext) -> Contractions``."""
+    return _register("contractions", keys)
+
+
 def _register(field_name: str, keys: Iterable[Any], *, stop: bool = False) -> Callable:
     flat = _flatten_keys(keys)
 
@@ -214,12 +228,21 @@ class RewriteOptions:
         return 1.0 / math.sqrt(new_dim if self.attention_scale == "recompute" else old_dim)
 
 
-def call_module_fixup(fix: Callable[..., Any], module: torch.nn.Module, note: Any,
-                      options: RewriteOptions) -> Any:
-    """Call a module fixup as ``fix(module[, note][, options=options])``: the note only
-    when analysis left one, the options only when the fixup declares ``options``."""
+def apply_module_fixup(root: torch.nn.Module, path: str, note: Any,
+                       options: RewriteOptions) -> None:
+    """Re-derive the attributes of ``root``'s submodule ``path`` with its module fixup,
+    called as ``fix(module[, note][, options=options])`` (the note only when analysis left
+    one, the options only when the fixup declares ``options``); a fixup that returns a
+    new module replaces the old one in its parent. No fixup registered: nothing happens."""
+    module = root.get_submodule(path) if path else root
+    fix = find_module_entry(MODULE_FIXUPS, module)
+    if fix is None:
+        return
     kwargs = {"options": options} if "options" in inspect.signature(fix).parameters else {}
-    return fix(module, **kwargs) if note is None else fix(module, note, **kwargs)
+    replacement = fix(module, **kwargs) if note is None else fix(module, note, **kwargs)
+    if isinstance(replacement, torch.nn.Module) and replacement is not module:
+        parent_path, _, name = path.rpartition(".")
+        setattr(root.get_submodule(parent_path) if parent_path else root, name, replacement)
 
 
 def fixup(*keys: Any) -> Callable:
@@ -250,7 +273,7 @@ def entry_key(node: torch.fx.Node, gm: torch.nn.Module) -> Any:
 
 def lookup(node: torch.fx.Node, gm: torch.nn.Module, field_name: str) -> Any:
     """``field_name`` of the node's op entry (``rule``, ``fixup``, ``module_fixup``,
-    ``macs``), or None. A module type without the field inherits it from a base class
+    ``macs``, ``contractions``), or None. A module type without the field inherits it from a base class
     whose ``forward`` it keeps. No substring matching: one key per op."""
     if node.op == "call_module":
         return find_module_entry(_VIEWS[field_name], gm.get_submodule(node.target))
@@ -269,8 +292,8 @@ def lookup_rule(node: torch.fx.Node, gm: torch.fx.GraphModule) -> AnalysisRule |
 # What MAC rules see
 # ----------------------------------------------------------------------------------
 class MacContext:
-    """What a MAC rule sees: its node, the shapes, and the unit-label arrays of its axes
-    (global unit labels of a ``GroupAnalysis``, -1 where never pruned)."""
+    """What a MAC (or contraction) rule sees: its node, the shapes, and the unit-label
+    arrays of its axes (global unit labels of a ``GroupAnalysis``, -1 where never pruned)."""
 
     def __init__(self, analysis: Any, node: torch.fx.Node) -> None:
         self.analysis, self.node = analysis, node

@@ -11,7 +11,8 @@ import math
 
 import numpy as np
 
-from passes.rules.registry import (MacContext, RuleContext, Terms, fixup, macs, present, rule)
+from passes.rules.registry import (Contractions, MacContext, RuleContext, Terms, contractions,
+                                   fixup, macs, present, rule)
 
 try:
     from torchvision.models import swin_transformer as _swin
@@ -67,6 +68,12 @@ def window_attention_rule(ctx: RuleContext) -> None:
                                              "num_heads": heads,
                                              "head_dim": rows.shape[2]}
     ctx.set({last: out})
+
+
+def window_attention_contractions(ctx: MacContext) -> Contractions:
+    """x[..., c] with the qkv columns; heads are born and consumed inside (gated on rows),
+    so the per-head bias input is not a consumption edge."""
+    return [((ctx.arg(0), -1), (ctx.arg(1), 1))]
 
 
 def fix_window_attention(fctx) -> None:
@@ -129,5 +136,6 @@ if _swin is not None:
     rule(_swin.shifted_window_attention, stop=True)(window_attention_rule)
     fixup(_swin.shifted_window_attention)(fix_window_attention)
     macs(_swin.shifted_window_attention)(window_attention_macs)
+    contractions(_swin.shifted_window_attention)(window_attention_contractions)
     rule(_swin._patch_merging_pad)(patch_merging_pad_rule)
     rule(_swin._get_relative_position_bias)(relative_position_bias_rule)

@@ -315,6 +315,12 @@ def removal_sets(data, analysis):
     remove = {g.id: set(data.draw(st.lists(st.integers(0, g.size - 1), unique=True,
                                            max_size=g.size - 1), label=f"remove {g.name}"))
               for g in analysis.groups}
+    return give_back(analysis, remove)
+
+
+def give_back(analysis, remove: dict[int, set]) -> dict[int, list[int]]:
+    """``remove`` (group id -> unit indices) with units given back, smallest first, until
+    no tensor dim loses every index (``test_gate_oracle.py`` draws with numpy)."""
     while True:
         gone: dict[tuple[str, int], np.ndarray] = {}
         for g in analysis.groups:

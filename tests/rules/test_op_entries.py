@@ -33,6 +33,31 @@ def test_the_glossary_stop_ops_are_marked_stop():
     assert not OPS["relu"].stop and not OPS["add"].stop
 
 
+def contracting_ops_without_contractions(ops: dict) -> list:
+    """Entries whose analysis rule calls ``contract(`` (a summed-over axis pair) but that
+    declare no ``contractions`` rule: gates.py would not see the q.k-style consumption."""
+    import inspect
+
+    return [key for key, entry in ops.items() if entry.rule is not None
+            and entry.contractions is None and "contract(" in inspect.getsource(entry.rule)]
+
+
+def test_every_contracting_op_declares_its_contractions():
+    assert contracting_ops_without_contractions(OPS) == []
+    for key in ("matmul", "mm", "bmm", "linear", "addmm", "einsum",
+                "scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
+                nn.LSTM, nn.GRU, nn.RNN):
+        assert OPS[key].contractions is not None, key
+    fake = {"my_mm": OpEntry("my_mm", rule=_contracting_rule)}
+    assert contracting_ops_without_contractions(fake) == ["my_mm"]
+
+
+def _contracting_rule(ctx) -> None:
+    from passes.rules.linear import contract
+
+    contract(ctx, None, None)
+
+
 def test_a_stop_op_without_macs_is_reported():
     fake = {"my_conv": OpEntry("my_conv", rule=lambda ctx: None, stop=True)}
     assert stop_ops_without_macs(fake) == ["my_conv"]

@@ -158,7 +158,13 @@ def _same_model(gm: torch.fx.GraphModule, model: torch.nn.Module) -> bool:
         return True
     own = {id(p) for p in model.parameters()}
     theirs = {id(p) for p in gm.parameters()}
-    return bool(own) and own == theirs or (not own and not theirs)
+    if bool(own) and own == theirs or (not own and not theirs):
+        return True
+    # a graph that does not read every parameter (a recorded path skips a branch's
+    # modules): the same model when each of its tensors is the model's under that name
+    named = dict(model.named_parameters())
+    return bool(theirs) and get_meta(gm, "frontend") == "record" and \
+        all(named.get(n) is p for n, p in gm.named_parameters())
 
 
 # ----------------------------------------------------------------------------------

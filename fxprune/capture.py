@@ -178,7 +178,8 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None, *
         from fxprune.record import record_trace  # third fallback: one recorded path
         try:
             gm = record_trace(model, example_inputs, leaf_modules=leaf_modules,
-                              autowrap_functions=autowrap_functions)
+                              autowrap_functions=autowrap_functions,
+                              reason=" and ".join(errors) + " (data-dependent control flow)")
         except TraceError as exc2:
             raise TraceError("; ".join(errors) + f"; {exc2}" + _REMEDY) from exc
         set_meta(gm, "fallback_reason", "; ".join(errors))

@@ -5,9 +5,9 @@ not a silent miss). ``copy.deepcopy`` of a GraphModule copies it.
 Keys:
     ``frontend``: ``"fx"``, ``"export"`` or ``"record"``, the front-end that captured the graph
     (``fxprune.capture``).
-    ``specialised``: for ``"record"`` captures, one ``(kind, source line, value)`` per
-    point where Python read a traced value (``bool`` of a branch, ``.item()``, ``int``):
-    the graph holds that one path (``fxprune.record``).
+    ``specialised``: for ``"record"`` captures, one ``(kind, source line, value, node
+    name)`` per point where Python read a traced value (``bool`` of a branch, ``.item()``,
+    ``int``): the graph holds that one path (``fxprune.record``).
     ``fallback_reason``: why ``frontend="auto"`` fell back to export (the fx failure).
     ``masked_value``: ``{node name: name of its masked value}`` (``passes.mask``).
     ``tokens``: the ``TokenSchedule`` of a token-reduced graph (``passes.token_merge``).

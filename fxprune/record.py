@@ -405,7 +405,7 @@ def check_paths(model: torch.nn.Module, small: torch.nn.Module, plan: Any,
                     f"{where}, and the plan does not carry over to that path: {exc}. "
                     "Remedy: keep the channels that reach the branch whole (ignore= their "
                     "modules), or analyse with example inputs that take this path.") from exc
-        _check_shapes(small, pruned2, analysis2, keep, where)
+        _check_shapes(small, pruned2, analysis, analysis2, keep, where)
         a = _eval64(small)
         mine_path = specialised(record_trace(copy.deepcopy(a), _inputs64(x), warn=False))
         parted = _divergence(path, mine_path)
@@ -431,8 +431,21 @@ def check_paths(model: torch.nn.Module, small: torch.nn.Module, plan: Any,
                     "of the branch, or do not prune this model through a recorded path.")
 
 
-def _check_shapes(small: torch.nn.Module, pruned2: torch.fx.GraphModule, analysis2: Any,
-                  keep: dict, where: str) -> None:
+def _producers(analysis: Any, cut: Sequence[tuple[str, int]]) -> list[str]:
+    """The modules whose output channels start the recorded groups of ``cut``'s dims (a
+    name for ``ignore=``); the owners of ``cut`` when a group has no producer."""
+    found = set()
+    for fqn, dim in cut:
+        labels = analysis.tensor_labels.get((fqn, dim))
+        gids = set(analysis.group_of[labels[labels >= 0]].tolist()) if labels is not None \
+            else set()
+        outs = [m.fqn for g in gids for m in analysis.groups[g].members if m.role == "out"]
+        found.update(f.rpartition(".")[0] for f in (outs or [fqn]))
+    return sorted(found)
+
+
+def _check_shapes(small: torch.nn.Module, pruned2: torch.fx.GraphModule, analysis: Any,
+                  analysis2: Any, keep: dict, where: str) -> None:
     """Every tensor the other path reads has, in ``small``, that path's sliced shape."""
     own = dict(small.named_parameters())
     own.update(small.named_buffers())
@@ -445,8 +458,9 @@ def _check_shapes(small: torch.nn.Module, pruned2: torch.fx.GraphModule, analysi
         labels = analysis2.tensor_labels.get((fqn, dim))
         groups = set(analysis2.group_of[labels[labels >= 0]].tolist()) if labels is not None \
             else set()
-        cutters = sorted({m.fqn.rpartition(".")[0] for g in groups
-                          for m in analysis2.groups[g].members if (m.fqn, m.dim) in keep})
+        cut = [(m.fqn, m.dim) for g in groups for m in analysis2.groups[g].members
+               if (m.fqn, m.dim) in keep]
+        cutters = _producers(analysis, cut)
         raise ControlFlowError(
             f"{where}: that path reads {fqn} (dim {dim}: {t.shape[dim]} kept there, "
             f"{own[fqn].shape[dim]} in the pruned module), coupled with channels the plan "

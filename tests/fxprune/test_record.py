@@ -241,3 +241,40 @@ def test_train_mode_batchnorm_statistics_are_not_updated():
         fxprune.analyze(model, (x,), frontend="record")
     assert_untouched(model, before)
     assert torch.equal(x, X) and model.training
+
+
+class _Skip(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(8, 8, 1)
+
+    def forward(self, y, x):
+        if torch.any(x < 0):
+            return y
+        return torch.relu(self.c(y))
+
+
+class NestedSkip(nn.Module):
+    """A branch inside a submodule; the other path merges two groups of the recorded one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.inner, self.head = nn.Conv2d(3, 8, 1), _Skip(), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.inner(self.stem(x), x))
+
+
+def test_branch_in_a_submodule_that_merges_groups_elsewhere():
+    model = NestedSkip().eval()
+    an, msg = _analyze(model, X)
+    assert "if torch.any(x < 0):" in msg and len(an.groups) == 2
+    plan = fxprune.Plan.from_ratio(an, 0.5, criterion="random")
+    small = _compiled(model, an, plan, X)
+    fxprune.check_paths(model, small, plan, [(X * 2,)])
+    with pytest.raises(ControlFlowError, match=r"if torch\.any\(x < 0\): -> True.*does not "
+                       r"carry over.*Remedy"):
+        fxprune.check_paths(model, small, plan, [(-X,)])
+    one = fxprune.Plan.from_tensor_indices(an, {"inner.c.weight": list(range(5))})
+    with pytest.raises(ControlFlowError, match=r"inner\.c"):
+        fxprune.check_paths(model, fxprune.compile(model, one, output="module"), one, [(-X,)])

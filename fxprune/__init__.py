@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 
 # Every name loads on first use, so ``import fxprune`` (and ``fxprune --help``) does not
 # import torch. Errors import nothing heavy and load eagerly.
-from fxprune.errors import (BudgetError, FxpruneError, ImportanceError, OnnxExportError, SaveError,  # noqa: E402
+from fxprune.errors import (BudgetError, ControlFlowError, FxpruneError, ImportanceError, OnnxExportError, SaveError,  # noqa: E402
                             NonFiniteScoreError, PatternError, PlanError, RewriteError,
                             SharedWeightError, SparsityError, AttentionNotFoundError,
                             StaticShapeError, TokenReductionError, TokenScheduleError,
@@ -62,6 +62,7 @@ _EXPORTS = {
                      "token_schedule"], "fxprune.tokens"),
     **dict.fromkeys(["load_sliced_state_dict", "sliced_indices"], "fxprune.shards"),
     **dict.fromkeys(["save", "portable", "export_onnx"], "fxprune.deploy"),
+    "check_paths": "fxprune.record",
 }
 
 __all__ = [
@@ -81,6 +82,7 @@ __all__ += ["merge_tokens", "prune_tokens", "token_macs", "TokenCost", "token_sc
             "StaticShapeError"]
 __all__ += ["load_sliced_state_dict", "sliced_indices"]
 __all__ += ["save", "portable", "export_onnx", "SaveError", "OnnxExportError"]
+__all__ += ["ControlFlowError", "check_paths"]
 
 
 def __getattr__(name: str) -> Any:

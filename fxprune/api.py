@@ -13,7 +13,8 @@ import torch
 import torch.fx
 
 from fxprune.capture import trace
-from fxprune.errors import PlanError, RewriteError, ShapePropagationError, VerificationError
+from fxprune.errors import (ControlFlowError, PlanError, RewriteError, ShapePropagationError,
+                            VerificationError)
 from fxprune.graph_meta import get_meta
 from fxprune.pipeline import Step, run_steps
 from fxprune.groups import GroupAnalysis
@@ -96,6 +97,9 @@ def compile(model: torch.nn.Module | GroupAnalysis, plan: Plan, *,
     slicing (``passes.fold_bn``; ``passes.fold_bn.check_fold`` proves it in float64);
     graph output only.
 
+    A capture that specialised data-dependent control flow (``frontend="record"``)
+    compiles only with ``output="module"``; ``"graph"`` raises ``ControlFlowError``.
+
     ``model`` may be the analysed model (the plan's own analysis is reused when it was
     made for this model), a ``GroupAnalysis``, or a model plus ``example_inputs`` to
     re-analyse (for a plan loaded from JSON).
@@ -116,6 +120,15 @@ def compile(model: torch.nn.Module | GroupAnalysis, plan: Plan, *,
                          "with output='graph'")
     analysis = _analysis_for(model, plan, example_inputs)
     kept = plan.kept_labels(analysis)
+    points = get_meta(analysis.gm, "specialised")
+    if points and output == "graph":
+        from fxprune.record import describe
+        raise ControlFlowError(
+            f"compile: the graph of {type(model).__name__} holds the one path its example "
+            f"inputs took ({describe(points)}); as the result it would silently drop the "
+            "model's other branches. Remedy: compile(..., output='module') (the model's "
+            "own forward keeps its control flow), then fxprune.check_paths(model, small, "
+            "plan, [inputs, ...]) on inputs that take the other paths.")
 
     def checked(pruned: torch.fx.GraphModule) -> torch.fx.GraphModule:
         check_sliced(pruned, analysis, kept, analysis.example_inputs)
@@ -154,7 +167,13 @@ def _same_model(gm: torch.fx.GraphModule, model: torch.nn.Module) -> bool:
         return True
     own = {id(p) for p in model.parameters()}
     theirs = {id(p) for p in gm.parameters()}
-    return bool(own) and own == theirs or (not own and not theirs)
+    if bool(own) and own == theirs or (not own and not theirs):
+        return True
+    # a graph that does not read every parameter (a recorded path skips a branch's
+    # modules): the same model when each of its tensors is the model's under that name
+    named = dict(model.named_parameters())
+    return bool(theirs) and get_meta(gm, "frontend") == "record" and \
+        all(named.get(n) is p for n, p in gm.named_parameters())
 
 
 # ----------------------------------------------------------------------------------

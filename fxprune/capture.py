@@ -139,16 +139,22 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None, *
     """Capture ``model`` as a GraphModule.
 
     ``frontend``: "fx" (``torch.fx`` symbolic tracing with :class:`FxpruneTracer`),
-    "export" (``torch.export``, ATen-level, needs ``example_inputs``), or "auto" (fx, then
-    export when fx fails). ``leaf_modules`` / ``autowrap_functions`` are kept whole by
+    "export" (``torch.export``, ATen-level, needs ``example_inputs``), "record" (fx
+    tracing that runs ``example_inputs`` and specialises data-dependent control flow to
+    the path they take, ``fxprune.record``), or "auto" (fx, then export when fx fails,
+    then record when export fails on data-dependent control flow; each fallback warns). ``leaf_modules`` / ``autowrap_functions`` are kept whole by
     the fx tracer; a timm model also gets timm's own (``timm.layers.get_notrace_modules``,
     ``get_notrace_functions``), which it needs to trace. ``dynamic`` (export only): keep
     the batch and sequence dims dynamic where the model allows (default); ``False``
     specialises every size to the example inputs (passes that need a static token count).
     The model itself is not modified.
     """
-    if frontend not in ("auto", "fx", "export"):
-        raise ValueError("frontend must be 'auto', 'fx' or 'export'")
+    if frontend not in ("auto", "fx", "export", "record"):
+        raise ValueError("frontend must be 'auto', 'fx', 'export' or 'record'")
+    if frontend == "record":
+        from fxprune.record import record_trace
+        return record_trace(model, example_inputs, leaf_modules=leaf_modules,
+                            autowrap_functions=autowrap_functions)
     errors: list[str] = []
     if frontend in ("auto", "fx"):
         try:
@@ -167,7 +173,17 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None, *
         set_meta(gm, "frontend", "export")
     except Exception as exc:
         errors.append(f"torch.export failed: {_where(exc)}")
-        raise TraceError("; ".join(errors) + _REMEDY) from exc
+        if frontend == "export" or not _data_dependent(exc):
+            raise TraceError("; ".join(errors) + _REMEDY) from exc
+        from fxprune.record import record_trace  # third fallback: one recorded path
+        try:
+            gm = record_trace(model, example_inputs, leaf_modules=leaf_modules,
+                              autowrap_functions=autowrap_functions,
+                              reason=" and ".join(errors) + " (data-dependent control flow)")
+        except TraceError as exc2:
+            raise TraceError("; ".join(errors) + f"; {exc2}" + _REMEDY) from exc
+        set_meta(gm, "fallback_reason", "; ".join(errors))
+        return gm
     if errors:  # auto fell back: say why, once, where the user called from
         warnings.warn(f"fxprune: captured {type(model).__name__} with torch.export (ATen "
                       f"level) because {errors[0]}. Batch and sequence dims stay dynamic "
@@ -252,6 +268,20 @@ def _check_runs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> None
     args = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
     with torch.no_grad(), mode:
         gm(*args)
+
+
+def _data_dependent(exc: BaseException) -> bool:
+    """Whether export failed on a guard or value that depends on tensor data."""
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    chain = [exc]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        nxt = chain[-1].__cause__ or chain[-1].__context__
+        if nxt in chain:
+            break
+        chain.append(nxt)
+    return any(isinstance(e, GuardOnDataDependentSymNode) or "data-dependent" in str(e)
+               or "DataDependent" in type(e).__name__ for e in chain)
 
 
 def _export(model: torch.nn.Module, inputs: tuple, *, dynamic: bool = True) -> Any:

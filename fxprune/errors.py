@@ -146,6 +146,14 @@ class NonUniformPlanError(PlanError):
     ``save_pretrained``; says how to make the plan uniform."""
 
 
+class ControlFlowError(VerificationError):
+    """A model captured by recording one path of its data-dependent control flow
+    (``frontend="record"``) cannot be proven on another path: a check input takes a branch
+    whose pruned module differs from that path's own pruned graph, or uses pruned channels
+    in a way the recorded path did not show; or a one-path graph was asked for as the
+    result (``output="graph"``). Names the source lines of the branches."""
+
+
 class SaveError(FxpruneError):
     """A model could not be saved so that it loads with torch alone (nothing was written)."""
 

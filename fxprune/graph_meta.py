@@ -3,8 +3,11 @@
 not a silent miss). ``copy.deepcopy`` of a GraphModule copies it.
 
 Keys:
-    ``frontend``: ``"fx"`` or ``"export"``, the front-end that captured the graph
+    ``frontend``: ``"fx"``, ``"export"`` or ``"record"``, the front-end that captured the graph
     (``fxprune.capture``).
+    ``specialised``: for ``"record"`` captures, one ``(kind, source line, value, node
+    name)`` per point where Python read a traced value (``bool`` of a branch, ``.item()``,
+    ``int``): the graph holds that one path (``fxprune.record``).
     ``fallback_reason``: why ``frontend="auto"`` fell back to export (the fx failure).
     ``masked_value``: ``{node name: name of its masked value}`` (``passes.mask``).
     ``tokens``: the ``TokenSchedule`` of a token-reduced graph (``passes.token_merge``).
@@ -20,7 +23,7 @@ import torch
 __all__ = ["META_KEY", "KEYS", "get_meta", "set_meta"]
 
 META_KEY = "fxprune"
-KEYS = frozenset({"frontend", "fallback_reason", "masked_value", "tokens", "attention_scale"})
+KEYS = frozenset({"frontend", "specialised", "fallback_reason", "masked_value", "tokens", "attention_scale"})
 
 
 def _check(key: str) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from fxprune.errors import NonUniformPlanError
+from fxprune.graph_meta import get_meta
 from fxprune.groups import GroupAnalysis
 from fxprune.pipeline import Step
 from fxprune.plan import Plan
@@ -41,6 +42,9 @@ def module_steps(model: torch.nn.Module, analysis: GroupAnalysis, kept: np.ndarr
         if _is_hf(small):
             update_hf_config(small, model)
         if check:
+            if get_meta(analysis.gm, "specialised"):  # one recorded path: small must take it
+                from fxprune.record import check_recorded_path
+                check_recorded_path(model, small, analysis, kept)
             check_module_output(small, pruned, analysis)
         return small
 

@@ -195,8 +195,8 @@ def check_module_output(small: torch.nn.Module, pruned: torch.fx.GraphModule,
         _compare(got, want, "the example inputs", analysis, pruned, rtol, atol)
         doubled = tuple(torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() else t
                         for t in x)
-        if all(d is o for d, o in zip(doubled, x)):
-            return
+        if all(d is o for d, o in zip(doubled, x)) or get_meta(analysis.gm, "specialised"):
+            return  # a recorded path may not hold for another batch: fxprune.check_paths
         got2 = _flat(_run_small(a, doubled, analysis, pruned))
         halves = [g[:len(g) // 2] if g.dim() and w.dim() and g.shape[0] == 2 * w.shape[0]
                   else g for g, w in zip(got2, want)]

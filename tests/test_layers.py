@@ -23,7 +23,7 @@ LAYERS = {
     "passes.units": RULES, "passes.rules": RULES,
     "passes": PASSES,
     "fxprune.importance": PLANNING, "fxprune.planner": PLANNING, "fxprune.cost": PLANNING,
-    "fxprune.api": API, "fxprune.blocks": API, "fxprune.capture": API, "fxprune.cli": API, "fxprune.deploy": API, "fxprune.specs": API,
+    "fxprune.api": API, "fxprune.blocks": API, "fxprune.capture": API, "fxprune.record": API, "fxprune.cli": API, "fxprune.deploy": API, "fxprune.specs": API,
     "fxprune.__main__": API, "fxprune": API,
 }
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 import fxprune
+from fxprune.capture import FallbackWarning
 
 X = torch.randn(2, 3, 4, 4)
 
@@ -129,9 +130,13 @@ def test_auto_falls_back_to_export_and_reports_both_failures():
     assert a.gm.meta["fxprune"]["frontend"] == "export"
     assert [g.size for g in a.groups] == [6]
     with pytest.raises(fxprune.TraceError) as info:
-        fxprune.analyze(DataDependent(), X)
-    text = str(info.value)
-    assert "symbolic tracing failed" in text and "torch.export failed" in text
+        fxprune.analyze(DataDependent(), X, frontend="export")
+    assert "torch.export failed" in str(info.value)
+    # data-dependent control flow: auto records one path, naming both failures and the line
+    with pytest.warns(FallbackWarning, match=r"symbolic tracing failed.*torch\.export failed"
+                      r".*specialised.*if y\.sum\(\) > 0:") as rec:
+        a = fxprune.analyze(DataDependent(), X)
+    assert a.gm.meta["fxprune"]["frontend"] == "record" and rec[0].filename == __file__
 
 
 def test_export_without_inputs_is_a_trace_error():

@@ -26,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxprune
-from fxprune.importance import CRITERIA, Importance
-from fxprune.cost import compute_cost
+from fxprune.planning.importance import CRITERIA, Importance
+from fxprune.planning.cost import compute_cost
 
 
 # ----------------------------------------------------------------------------------

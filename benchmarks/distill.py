@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> dict:
         train(dense, Batches(xtr, ytr, args.batch, seed), args.pretrain, args.lr)
         dense.eval()
         analysis = fxprune.analyze(dense, (xtr[:2],))
-        from fxprune.cost import compute_cost
+        from fxprune.planning.cost import compute_cost
         cost = compute_cost(analysis)  # MACs of a batch of 2: halve for per sample
         dense_rows.append((accuracy(dense, xte, yte), cost.dense.macs / 2, count(dense),
                            latency_ms(dense, xte[:256], args.repeats)))

@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> dict:
         dense.eval()
         example = xtr[:2]
         analysis = fxprune.analyze(dense, (example,))
-        from fxprune.cost import compute_cost
+        from fxprune.planning.cost import compute_cost
         cost = compute_cost(analysis)  # MACs of a batch of 2: halve for per sample
         dense_rows.append(segmentation_scores(dense, xte, yte) + (
             cost.dense.macs / 2, distill.count(dense)))

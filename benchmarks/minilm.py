@@ -132,7 +132,7 @@ def info_nce(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def criteria(names: list[str] | None) -> list[str]:
     try:
-        from fxprune.importance import CRITERIA
+        from fxprune.planning.importance import CRITERIA
     except ImportError:
         available = ["l1", "l2", "random"]
     else:
@@ -144,7 +144,7 @@ def criteria(names: list[str] | None) -> list[str]:
 def plan_for(analysis, ratio: float, name: str, calibration) -> fxprune.Plan:
     if name in ("l1", "l2", "random"):
         return fxprune.Plan.from_ratio(analysis, ratio, criterion=name, seed=0)
-    from fxprune.importance import Importance
+    from fxprune.planning.importance import Importance
 
     imp = Importance(name, data=calibration, loss_fn=info_nce, batches=len(calibration),
                      seed=0) if Importance(name, closure=lambda m, i: None).needs_data \

@@ -5,25 +5,63 @@
     small = fxprune.compile(model, plan)                  # new, smaller GraphModule
     fxprune.verify(model, small, plan, example_inputs)    # slice == mask
 
-Layers, bottom up (``passes/README.md``; ``tests/test_layers.py`` checks them):
-core types (``errors``, ``groups``, ``plan``, ``pipeline``, ``report``, ``nn``,
-``functional``) <- op rules (``passes/rules``, ``passes/units.py``) <- passes
-(``passes/*.py``) <- planning (``importance``, ``planner``, ``cost/``) <- API and CLI
-(``api``, ``blocks``, ``capture``, ``cli``). The public names below are resolved lazily,
-so importing a core module (``fxprune.errors``) loads no pass.
+Layers, bottom up, one folder each (``passes/README.md``; ``tests/test_layers.py`` checks
+them): ``fxprune/core/`` (errors, groups, plan, pipeline, report, graph_meta, nn,
+functional) <- op rules (``passes/rules``, ``passes/units.py``) <- passes (``passes/*.py``)
+<- ``fxprune/planning/`` (importance, planner, cost) <- API and CLI (the rest of
+``fxprune/``). The public names below are resolved lazily, so importing a core module
+(``fxprune.core.errors``, or its old name ``fxprune.errors``) loads no pass.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
 import sys
 import types
 from typing import Any
 
 __version__ = "0.1.0"
 
+# The folder shows the layers: fxprune/core (layer 0) and fxprune/planning (layer 3).
+# The dotted names users already import (``fxprune.errors``, ``fxprune.importance``,
+# ``fxprune.cost.model``...) stay valid, lazily: importing one imports the module where it
+# now lives and registers it under the old name too (one module object, so classes,
+# registries and pickles are shared). Nothing is imported until such a name is used.
+_MOVED = {**{m: "fxprune.core." + m for m in ("errors", "groups", "plan", "pipeline", "report",
+                                              "nn", "functional", "graph_meta")},
+          **{m: "fxprune.planning." + m for m in ("importance", "planner", "cost")}}
+
+
+def _new_name(name: str) -> str | None:
+    """``fxprune.cost.model`` -> ``fxprune.planning.cost.model``; None if not moved."""
+    head, _, rest = name.partition(".")[2].partition(".")
+    if name.partition(".")[0] != "fxprune" or head not in _MOVED:
+        return None
+    return _MOVED[head] + ("." + rest if rest else "")
+
+
+class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Resolves the pre-layout dotted names to the modules' new homes (PEP 451 finder)."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        new = _new_name(name)
+        if new is None:
+            return None
+        return importlib.util.spec_from_loader(name, self, is_package=new.endswith(".cost"))
+
+    def create_module(self, spec: Any) -> types.ModuleType:
+        return importlib.import_module(_new_name(spec.name))
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        pass  # already executed under its new name
+
+
+sys.meta_path.insert(0, _MovedModuleFinder())
+
 # Every name loads on first use, so ``import fxprune`` (and ``fxprune --help``) does not
 # import torch. Errors import nothing heavy and load eagerly.
-from fxprune.errors import (BudgetError, ControlFlowError, FxpruneError, ImportanceError, OnnxExportError, SaveError,  # noqa: E402
+from fxprune.core.errors import (BudgetError, ControlFlowError, FxpruneError, ImportanceError, OnnxExportError, SaveError,  # noqa: E402
                             NonFiniteScoreError, PatternError, PlanError, RewriteError,
                             SharedWeightError, SparsityError, AttentionNotFoundError,
                             StaticShapeError, TokenReductionError, TokenScheduleError,
@@ -34,7 +72,7 @@ _PLAN_FUNCTION = "plan"  # ``fxprune.plan`` is the planner function, not the sub
 
 
 class _Package(types.ModuleType):
-    """Keeps ``fxprune.plan`` the function after ``import fxprune.plan`` (the submodule
+    """Keeps ``fxprune.plan`` the function after ``import fxprune.core.plan`` (the submodule
     stays in ``sys.modules``)."""
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -47,10 +85,10 @@ sys.modules[__name__].__class__ = _Package
 
 # name -> the module that defines it
 _EXPORTS = {
-    **dict.fromkeys(["ChannelGroup", "GroupAnalysis", "Member"], "fxprune.groups"),
-    **dict.fromkeys(["Plan", "magnitude_scores"], "fxprune.plan"),
-    **dict.fromkeys(["CRITERIA", "Importance", "importance_scores"], "fxprune.importance"),
-    "plan": "fxprune.planner",
+    **dict.fromkeys(["ChannelGroup", "GroupAnalysis", "Member"], "fxprune.core.groups"),
+    **dict.fromkeys(["Plan", "magnitude_scores"], "fxprune.core.plan"),
+    **dict.fromkeys(["CRITERIA", "Importance", "importance_scores"], "fxprune.planning.importance"),
+    "plan": "fxprune.planning.planner",
     **dict.fromkeys(["GroupCheck", "VerifyReport", "analyze", "compile", "verify"], "fxprune.api"),
     **dict.fromkeys(["FxpruneTracer", "trace"], "fxprune.capture"),
     **dict.fromkeys(["Block", "block_similarity", "find_blocks", "remove_blocks",
@@ -88,9 +126,11 @@ __all__ += ["ControlFlowError", "check_paths"]
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
+        if name in _MOVED and name != _PLAN_FUNCTION:  # ``fxprune.errors`` and the like
+            return importlib.import_module("fxprune." + name)
         raise AttributeError(f"module 'fxprune' has no attribute {name!r}")
-    if module == "fxprune.plan":  # plans resolve criterion names through the planning
-        importlib.import_module("fxprune.importance")  # layer's registry: install it first
+    if module == "fxprune.core.plan":  # plans resolve criterion names through the planning
+        importlib.import_module("fxprune.planning.importance")  # layer's registry: install it first
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # resolve once
     return value

@@ -13,12 +13,12 @@ import torch
 import torch.fx
 
 from fxprune.capture import trace
-from fxprune.errors import (ControlFlowError, PlanError, RewriteError, ShapePropagationError,
+from fxprune.core.errors import (ControlFlowError, PlanError, RewriteError, ShapePropagationError,
                             VerificationError)
-from fxprune.graph_meta import get_meta
-from fxprune.pipeline import Step, run_steps
-from fxprune.groups import GroupAnalysis
-from fxprune.plan import Plan
+from fxprune.core.graph_meta import get_meta
+from fxprune.core.pipeline import Step, run_steps
+from fxprune.core.groups import GroupAnalysis
+from fxprune.core.plan import Plan
 from passes.find_groups import find_groups
 from passes.mask import insert_masks
 from passes.fold_bn import fold_bn as fold_batchnorm

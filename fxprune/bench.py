@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from fxprune.errors import BackendUnavailableError, FxpruneError
+from fxprune.core.errors import BackendUnavailableError, FxpruneError
 
 __all__ = ["BACKENDS", "LatencyStats", "measure_model_latency", "bench_pruning",
            "BenchRow", "prepare_backend"]
@@ -218,7 +218,7 @@ def plan_for_measured_latency(model: torch.nn.Module, inputs: tuple, target_ms: 
     ``target_ms``; returns the closest plan found after ``max_iters`` otherwise (check the
     measured figure)."""
     import fxprune
-    from fxprune.errors import LatencyTargetError
+    from fxprune.core.errors import LatencyTargetError
 
     if target_ms <= 0:
         raise ValueError(f"target_ms must be > 0 ms, got {target_ms}")

@@ -18,8 +18,8 @@ import torch
 import torch.fx
 
 from fxprune.api import flat_tensors, run_recording
-from fxprune.errors import RewriteError, VerificationError
-from fxprune.groups import GroupAnalysis
+from fxprune.core.errors import RewriteError, VerificationError
+from fxprune.core.groups import GroupAnalysis
 from passes.find_blocks import Block
 from passes.find_blocks import find_blocks as _find_blocks
 from passes.mask import mask_blocks

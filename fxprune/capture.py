@@ -12,8 +12,8 @@ from typing import Any
 import torch
 import torch.fx
 
-from fxprune.errors import TraceError
-from fxprune.graph_meta import set_meta
+from fxprune.core.errors import TraceError
+from fxprune.core.graph_meta import set_meta
 
 __all__ = ["trace", "FxpruneTracer", "FallbackWarning"]
 

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from fxprune.errors import FxpruneError
+from fxprune.core.errors import FxpruneError
 from fxprune.specs import (DTYPES, InputSpecError, LoadedModel, ModelSpecError, load_model,
                            make_inputs, parse_input)
 
@@ -483,7 +483,7 @@ def _check_early(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     if args.uniform and args.plan:
         parser.error("--uniform shapes a new plan; a saved --plan is applied as it is "
                      "(re-plan with --uniform and --plan-out)")
-    from fxprune.importance import CRITERIA
+    from fxprune.planning.importance import CRITERIA
 
     spec = CRITERIA.get(args.criterion)
     if spec is None:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from fxprune.errors import OnnxExportError, SaveError
+from fxprune.core.errors import OnnxExportError, SaveError
 
 __all__ = ["save", "portable", "fxprune_references", "export_onnx", "onnx_exporter",
            "atomic_write"]

@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from fxprune.errors import NonUniformPlanError
-from fxprune.graph_meta import get_meta
-from fxprune.groups import GroupAnalysis
-from fxprune.pipeline import Step
-from fxprune.plan import Plan
+from fxprune.core.errors import NonUniformPlanError
+from fxprune.core.graph_meta import get_meta
+from fxprune.core.groups import GroupAnalysis
+from fxprune.core.pipeline import Step
+from fxprune.core.plan import Plan
 from passes.slice_module import check_module_output, slice_module
 
 __all__ = ["module_steps", "update_hf_config", "hf_sizes", "uniform_constraints"]

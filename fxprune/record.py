@@ -38,8 +38,8 @@ from torch.fx.node import map_aggregate
 
 from fxprune.capture import FallbackWarning, FxpruneTracer, _Proxy, _user_stacklevel, \
     library_leaves
-from fxprune.errors import ControlFlowError, FxpruneError, TraceError
-from fxprune.graph_meta import get_meta, set_meta
+from fxprune.core.errors import ControlFlowError, FxpruneError, TraceError
+from fxprune.core.graph_meta import get_meta, set_meta
 
 __all__ = ["RecordingTracer", "record_trace", "check_paths", "check_recorded_path",
            "path_of", "specialised", "describe"]
@@ -372,8 +372,8 @@ def check_paths(model: torch.nn.Module, small: torch.nn.Module, plan: Any,
     path's pruned graph in float64. Raises ``ControlFlowError`` naming the branch lines
     and a remedy where they disagree. Neither ``model`` nor ``small`` is modified."""
     from fxprune.api import analyze, flat_tensors
-    from fxprune.errors import PlanError
-    from fxprune.plan import Plan
+    from fxprune.core.errors import PlanError
+    from fxprune.core.plan import Plan
     from passes.slice_weights import check_sliced, slice_weights
 
     analysis = plan.analysis

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from fxprune.errors import PlanError, RewriteError
-from fxprune.groups import GroupAnalysis
-from fxprune.plan import Plan
+from fxprune.core.errors import PlanError, RewriteError
+from fxprune.core.groups import GroupAnalysis
+from fxprune.core.plan import Plan
 from passes.slice_weights import keep_mask
 
 __all__ = ["load_sliced_state_dict", "sliced_indices"]

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fxprune.errors import FxpruneError
+from fxprune.core.errors import FxpruneError
 
 __all__ = ["ModelSpecError", "LoadedModel", "load_model", "HF_ARCHS", "DTYPES", "make_inputs",
            "InputSpec", "parse_input", "InputSpecError"]

@@ -19,8 +19,8 @@ import torch
 import torch.fx
 
 from fxprune.capture import trace
-from fxprune.errors import TokenScheduleError
-from fxprune.graph_meta import get_meta
+from fxprune.core.errors import TokenScheduleError
+from fxprune.core.graph_meta import get_meta
 from passes.rules.registry import op_key
 from passes.shape_prop import propagate_shapes
 from passes.token_merge import TokenSchedule, find_token_layers, reduce_tokens
@@ -192,7 +192,7 @@ def token_macs(model: torch.nn.Module, example_inputs: Any, reduced: torch.fx.Gr
     ``FlopCounterMode`` agrees on the rewritten graph when attention runs its counted
     path (``sdpa_kernel(SDPBackend.MATH)``, grad enabled: see tests/tokens).
     """
-    from fxprune.cost import node_flops
+    from fxprune.planning.cost import node_flops
 
     inputs = _as_tuple(example_inputs)
     gm = _graph(model, inputs, frontend)

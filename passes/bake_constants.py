@@ -22,8 +22,8 @@ import copy
 
 import torch.fx
 
-from fxprune.errors import RewriteError
-from fxprune.pipeline import checked_pass, ensure_new_module
+from fxprune.core.errors import RewriteError
+from fxprune.core.pipeline import checked_pass, ensure_new_module
 
 __all__ = ["bake_constants", "CONSTANT_TYPES"]
 

@@ -22,8 +22,8 @@ import torch
 import torch.fx
 
 import passes.rules  # noqa: F401  (registers the rule families)
-from fxprune.errors import UnsupportedOpError, describe_node
-from fxprune.groups import ChannelGroup, GroupAnalysis, Member
+from fxprune.core.errors import UnsupportedOpError, describe_node
+from fxprune.core.groups import ChannelGroup, GroupAnalysis, Member
 from passes.rules.registry import AnalysisState, RuleContext, iter_units, lookup_rule
 from passes.shape_prop import tensor_shapes
 

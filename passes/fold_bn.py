@@ -32,8 +32,8 @@ import torch
 import torch.fx
 from torch.utils._pytree import tree_leaves
 
-from fxprune.errors import RewriteError, VerificationError
-from fxprune.pipeline import checked_pass, ensure_new_module
+from fxprune.core.errors import RewriteError, VerificationError
+from fxprune.core.pipeline import checked_pass, ensure_new_module
 
 __all__ = ["fold_bn", "find_bn_folds", "check_fold"]
 

@@ -40,9 +40,9 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from fxprune.groups import GroupAnalysis
-from fxprune.errors import RewriteError
-from fxprune.pipeline import checked_pass, ensure_new_module
+from fxprune.core.groups import GroupAnalysis
+from fxprune.core.errors import RewriteError
+from fxprune.core.pipeline import checked_pass, ensure_new_module
 from passes.rules.meta import tensor_shapes
 from passes.rules.registry import MacContext, iter_units, lookup
 

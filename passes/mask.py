@@ -23,10 +23,10 @@ import numpy as np
 import torch
 import torch.fx
 
-from fxprune.graph_meta import set_meta
-from fxprune.groups import GroupAnalysis
-from fxprune.errors import RewriteError
-from fxprune.pipeline import checked_pass, ensure_new_module
+from fxprune.core.graph_meta import set_meta
+from fxprune.core.groups import GroupAnalysis
+from fxprune.core.errors import RewriteError
+from fxprune.core.pipeline import checked_pass, ensure_new_module
 from passes.slice_weights import keep_mask, requires_kept_labels
 
 __all__ = ["insert_masks", "mask_blocks"]

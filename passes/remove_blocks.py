@@ -23,8 +23,8 @@ from collections.abc import Iterable
 import torch
 import torch.fx
 
-from fxprune.errors import RewriteError
-from fxprune.pipeline import checked_pass, ensure_new_module
+from fxprune.core.errors import RewriteError
+from fxprune.core.pipeline import checked_pass, ensure_new_module
 from passes.find_blocks import Block
 
 __all__ = ["remove_blocks"]

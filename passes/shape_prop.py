@@ -16,7 +16,7 @@ import torch.fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from fxprune.errors import ShapePropagationError, describe_node
+from fxprune.core.errors import ShapePropagationError, describe_node
 from passes.rules.meta import tensor_shapes  # noqa: F401  (re-exported: part of this pass's API)
 
 __all__ = ["propagate_shapes", "tensor_shapes", "output_shape"]

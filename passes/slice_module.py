@@ -26,9 +26,9 @@ import numpy as np
 import torch
 import torch.fx
 
-from fxprune.errors import LiteralSizeError, ModuleOutputError, RewriteError, source_line
-from fxprune.groups import GroupAnalysis
-from fxprune.graph_meta import get_meta
+from fxprune.core.errors import LiteralSizeError, ModuleOutputError, RewriteError, source_line
+from fxprune.core.groups import GroupAnalysis
+from fxprune.core.graph_meta import get_meta
 from passes.rules.registry import (MODULE_FIXUPS, RewriteOptions, apply_module_fixup,
                                    find_module_entry)
 

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 import torch.fx
 
-from fxprune.errors import RewriteError, describe_node
-from fxprune.graph_meta import set_meta
-from fxprune.groups import GroupAnalysis
-from fxprune.pipeline import checked_pass, ensure_new_module
+from fxprune.core.errors import RewriteError, describe_node
+from fxprune.core.graph_meta import set_meta
+from fxprune.core.groups import GroupAnalysis
+from fxprune.core.pipeline import checked_pass, ensure_new_module
 from passes.rules.registry import (MODULE_FIXUPS, NUMPY_ALIASES, RewriteOptions,
                                    apply_module_fixup, find_module_entry, lookup,
                                    normalized_call)

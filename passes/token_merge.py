@@ -41,9 +41,9 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from fxprune.errors import (AttentionNotFoundError, StaticShapeError, TokenReductionError,
+from fxprune.core.errors import (AttentionNotFoundError, StaticShapeError, TokenReductionError,
                             TokenScheduleError, describe_node)
-from fxprune.graph_meta import set_meta
+from fxprune.core.graph_meta import set_meta
 from passes.find_blocks import Block, find_blocks
 from passes.rules.registry import op_key
 from passes.record import record_values

@@ -26,11 +26,11 @@ import torch
 # prepended by pytest) ``import fxprune`` would find that folder as a namespace package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fxprune  # noqa: E402
-from fxprune.groups import GroupAnalysis  # noqa: E402
+from fxprune.core.groups import GroupAnalysis  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
-# Every pass's requires/ensures checks run in the suite (fxprune/pipeline.py), also for
+# Every pass's requires/ensures checks run in the suite (fxprune/core/pipeline.py), also for
 # passes called directly; a test that wants them off deletes the variable with monkeypatch.
 os.environ.setdefault("FXPRUNE_DEBUG", "1")
 

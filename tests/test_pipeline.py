@@ -1,4 +1,4 @@
-"""fxprune/pipeline.py: checked passes run their requires/ensures in debug mode only, and
+"""fxprune/core/pipeline.py: checked passes run their requires/ensures in debug mode only, and
 a failing check names the pass and the check."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import fxprune
-from fxprune.errors import RewriteError
-from fxprune.pipeline import Pass, checked_pass, debug_enabled
+from fxprune.core.errors import RewriteError
+from fxprune.core.pipeline import Pass, checked_pass, debug_enabled
 from passes.gates import insert_gates
 from passes.mask import insert_masks
 from passes.remove_blocks import remove_blocks

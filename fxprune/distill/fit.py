@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from fxprune.distill.losses import cwd_loss, feature_loss, kd_loss
 from fxprune.distill.pruner import Pruner
-from fxprune.errors import DistillError
+from fxprune.core.errors import DistillError
 
 __all__ = ["fit", "distillation_loss", "LOSSES", "PruningLoop"]
 
@@ -45,7 +45,7 @@ def distillation_loss(kind: str | Callable, s: Any, t: Any, y: Any, *, alpha: fl
     if kind in ("mse", "cosine"):
         return feature_loss(s, t, kind=kind)
     if not 0.0 <= alpha <= 1.0:
-        from fxprune.errors import DistillLossError
+        from fxprune.core.errors import DistillLossError
         raise DistillLossError(f"alpha must lie in [0, 1] (weight of the KD term), got {alpha!r}")
     soft = kd_loss(s, t, temperature=temperature, dim=1) if kind == "kd" else \
         cwd_loss(s, t, temperature=temperature)

@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fxprune.errors import DistillLossError
+from fxprune.core.errors import DistillLossError
 
 __all__ = ["kd_loss", "mixed_kd_loss", "cwd_loss", "feature_loss", "check_pair"]
 

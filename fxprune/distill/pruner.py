@@ -64,12 +64,12 @@ from torch.utils._pytree import tree_flatten
 
 import fxprune
 from fxprune.distill.student import GatedStudent, set_graph_training
-from fxprune.errors import (BudgetError, CheckpointMismatchError, DistillError, GateTamperError,
+from fxprune.core.errors import (BudgetError, CheckpointMismatchError, DistillError, GateTamperError,
                             ImportanceError)
-from fxprune.graph_meta import get_meta
-from fxprune.importance import CRITERIA, Importance, ScoreContext
-from fxprune.planner import SCHEDULES as PLANNER_SCHEDULES
-from fxprune.planner import cubic_schedule, linear_schedule
+from fxprune.core.graph_meta import get_meta
+from fxprune.planning.importance import CRITERIA, Importance, ScoreContext
+from fxprune.planning.planner import SCHEDULES as PLANNER_SCHEDULES
+from fxprune.planning.planner import cubic_schedule, linear_schedule
 from fxprune.distill.soft import find_soft_folds
 from passes.gates import GATES, apply_gate, insert_gates
 
@@ -224,7 +224,7 @@ class Pruner:
         self.teacher = teacher.requires_grad_(False)
         self._check_teacher(inputs)
 
-        from fxprune.cost import compute_cost
+        from fxprune.planning.cost import compute_cost
         self.cost = compute_cost(self.analysis)
         self.budget_kind, self.target = self._budget(target_macs, target_params,
                                                      target_latency, latency)
@@ -290,7 +290,7 @@ class Pruner:
                                f"target_latency= (got {sorted(given) or 'none'})")
         kind, value = next(iter(given.items()))
         if kind == "latency":
-            from fxprune.cost import measure_latency
+            from fxprune.planning.cost import measure_latency
             self.latency = latency if latency is not None else measure_latency(self.cost)
         else:
             self.latency = None
@@ -358,7 +358,7 @@ class Pruner:
     def _norm_scales(self) -> list[str]:
         if self._scales is None:
             ctx = ScoreContext(self.live, self.importance)
-            from fxprune.importance import is_norm_scale  # one definition of "a norm's gamma"
+            from fxprune.planning.importance import is_norm_scale  # one definition of "a norm's gamma"
             self._scales = sorted({m.fqn for g in self.analysis.groups for m in g.members
                                    if is_norm_scale(ctx, m)})
         return self._scales

@@ -30,8 +30,8 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxprune.errors import SoftMaskFoldError, describe_node
-from fxprune.groups import GroupAnalysis
+from fxprune.core.errors import SoftMaskFoldError, describe_node
+from fxprune.core.groups import GroupAnalysis
 
 __all__ = ["SoftFold", "find_soft_folds"]
 

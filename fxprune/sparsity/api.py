@@ -20,8 +20,8 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from fxprune.errors import ImportanceError, SharedWeightError, SparsityError, VerificationError
-from fxprune.importance import CRITERIA, Importance
+from fxprune.core.errors import ImportanceError, SharedWeightError, SparsityError, VerificationError
+from fxprune.planning.importance import CRITERIA, Importance
 from fxprune.sparsity.criteria import WeightContext, weight_criteria, weight_scores
 from fxprune.sparsity.masks import (check_fraction, check_nm, nm_mask, parse_pattern,
                                     unstructured_masks)

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from fxprune.errors import ImportanceError
-from fxprune.importance import Importance, ScoreContext, weight_criterion
+from fxprune.core.errors import ImportanceError
+from fxprune.planning.importance import Importance, ScoreContext, weight_criterion
 
 __all__ = ["WeightContext", "weight_scores"]
 
@@ -194,8 +194,8 @@ def _stat_of(ctx: WeightContext, name: str, fqn: str, w: torch.Tensor) -> torch.
 
 def weight_scores(ctx: WeightContext, name: str, fqn: str, w: torch.Tensor) -> torch.Tensor:
     """The registered weight rule of ``name`` on ``w`` (float64, shape of ``w``)."""
-    from fxprune.importance import CRITERIA
-    from fxprune.errors import NonFiniteScoreError
+    from fxprune.planning.importance import CRITERIA
+    from fxprune.core.errors import NonFiniteScoreError
 
     spec = CRITERIA[name]
     if spec.weight_fn is None:
@@ -212,6 +212,6 @@ def weight_scores(ctx: WeightContext, name: str, fqn: str, w: torch.Tensor) -> t
 
 def weight_criteria() -> list[str]:
     """Names in the registry that have a weight-level rule."""
-    from fxprune.importance import CRITERIA
+    from fxprune.planning.importance import CRITERIA
 
     return sorted(n for n, c in CRITERIA.items() if c.weight_fn is not None)

@@ -18,7 +18,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from fxprune.errors import SparsityError
+from fxprune.core.errors import SparsityError
 from fxprune.sparsity.plan import SparsityPlan
 
 __all__ = ["semi_structured_support", "to_semi_structured", "storage_bytes"]

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from fxprune.errors import PatternError, SparsityError
+from fxprune.core.errors import PatternError, SparsityError
 
 __all__ = ["parse_pattern", "unstructured_masks", "nm_mask", "runs_view", "check_nm",
            "reduction_dim"]

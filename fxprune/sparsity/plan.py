@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fxprune.errors import PlanError, SparsityError
+from fxprune.core.errors import PlanError, SparsityError
 
 __all__ = ["PackedMask", "SparsityPlan", "SPARSITY_PLAN_VERSION"]
 

@@ -46,7 +46,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxprune.errors import ImportanceError, SparsityError
+from fxprune.core.errors import ImportanceError, SparsityError
 from fxprune.sparsity.masks import check_fraction, parse_pattern, runs_view
 from fxprune.sparsity.plan import PackedMask, SparsityPlan
 

@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from fxprune.errors import SparsityError
-from fxprune.planner import cubic_schedule
+from fxprune.core.errors import SparsityError
+from fxprune.planning.planner import cubic_schedule
 from fxprune.sparsity.masks import check_fraction
 from fxprune.sparsity.plan import PackedMask, SparsityPlan
 
@@ -165,7 +165,7 @@ class GradualPruner:
                  kinds: Iterable[str] = ("linear", "conv"), ignore: Iterable[str] = (),
                  teacher: nn.Module | None = None) -> None:
         from fxprune.api import analyze
-        from fxprune.importance import CRITERIA
+        from fxprune.planning.importance import CRITERIA
         from fxprune.sparsity.api import plan_sparsity
 
         spec = CRITERIA.get(criterion)

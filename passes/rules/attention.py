@@ -93,7 +93,7 @@ def fix_multihead_attention(m: nn.MultiheadAttention, note: dict | None = None, 
                             options: RewriteOptions = RewriteOptions()):
     """Replace by PrunedMultiheadAttention with the kept heads/head_dim (softmax scale:
     ``RewriteOptions.softmax_scale``, the original one unless asked to recompute it)."""
-    from fxprune.nn import PrunedMultiheadAttention
+    from fxprune.core.nn import PrunedMultiheadAttention
 
     note = note or {"policy": "inner", "num_heads": m.num_heads, "head_dim": m.head_dim}
     inner = m.in_proj_weight.shape[0] // 3 if m._qkv_same_embed_dim else \

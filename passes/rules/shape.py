@@ -550,7 +550,7 @@ def _size_read(n: torch.fx.Node) -> tuple[torch.fx.Node, int] | None:
 def _fix_computed_sizes(fctx, sizes: torch.fx.Node, new: tuple) -> None:
     """A shape computed as one value (``x.shape[:-1] + (-1,)``) gets its channel entries
     replaced at run time by ``fxprune.functional.with_sizes``."""
-    from fxprune.functional import with_sizes
+    from fxprune.core.functional import with_sizes
 
     node = fctx.node
     updates = {axis: n for axis, n in enumerate(new) if fctx.kept(node, axis) is not None}

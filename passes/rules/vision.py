@@ -79,7 +79,7 @@ def window_attention_contractions(ctx: MacContext) -> Contractions:
 def fix_window_attention(fctx) -> None:
     """Call fxprune's window attention with the kept heads/head_dim and
     ``fctx.options.softmax_scale``."""
-    from fxprune.functional import window_attention
+    from fxprune.core.functional import window_attention
 
     node = fctx.node
     note = fctx.analysis.module_notes[node.name]

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from fxprune.distill import Pruner, fit
-from fxprune.errors import (BudgetError, CheckpointMismatchError, DistillError, FxpruneError,
+from fxprune.core.errors import (BudgetError, CheckpointMismatchError, DistillError, FxpruneError,
                             GateTamperError)
 
 from tests.distill._distill_models import ResNetlet, batches

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fxprune.distill.losses import cwd_loss, feature_loss, kd_loss, mixed_kd_loss
-from fxprune.errors import DistillLossError, FxpruneError
+from fxprune.core.errors import DistillLossError, FxpruneError
 
 
 def _kl(p, q):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fxprune.distill import Pruner, cubic_schedule, fit, linear_schedule, mixed_kd_loss
-from fxprune.importance import CRITERIA
+from fxprune.planning.importance import CRITERIA
 
 from tests.distill._distill_models import ResNetlet, batches
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import fxprune
 from fxprune.distill import Pruner, fit, load_checkpoint, save_checkpoint
-from fxprune.errors import CheckpointMismatchError, DistillError, SoftMaskFoldError
+from fxprune.core.errors import CheckpointMismatchError, DistillError, SoftMaskFoldError
 
 from tests.distill._distill_models import ResNetlet, batches
 

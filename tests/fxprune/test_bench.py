@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from fxprune.bench import bench_pruning, measure_model_latency, prepare_backend, rows_table
-from fxprune.errors import BackendUnavailableError
+from fxprune.core.errors import BackendUnavailableError
 
 
 def _tiny(width):
@@ -66,7 +66,7 @@ def test_cli_bench_on_a_tiny_model(capsys):
 
 def test_latency_target_below_the_floor_gives_both_figures():
     from fxprune.bench import plan_for_measured_latency
-    from fxprune.errors import LatencyTargetError
+    from fxprune.core.errors import LatencyTargetError
 
     with pytest.raises(LatencyTargetError, match=r"1e-06|0\.000 ms.*floor model measures \([0-9.]+ ms"):
         plan_for_measured_latency(_tiny(8), (torch.randn(1, 3, 16, 16),), 1e-6, repeats=2)

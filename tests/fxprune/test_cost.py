@@ -1,4 +1,4 @@
-"""fxprune/cost/: MACs agree with FlopCounterMode before and after pruning, parameters
+"""fxprune/planning/cost/: MACs agree with FlopCounterMode before and after pruning, parameters
 and activation memory are exact, per-unit savings are what removing one unit saves."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import fxprune
-from fxprune.cost import compute_cost, measure_latency, node_flops, uniform_kept
+from fxprune.planning.cost import compute_cost, measure_latency, node_flops, uniform_kept
 from passes.shape_prop import tensor_shapes
 
 

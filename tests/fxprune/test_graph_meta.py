@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import fxprune
-from fxprune.graph_meta import KEYS, get_meta, set_meta
+from fxprune.core.graph_meta import KEYS, get_meta, set_meta
 
 
 def test_one_namespace_that_survives_deepcopy():

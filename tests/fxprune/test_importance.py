@@ -1,4 +1,4 @@
-"""fxprune/importance.py: every criterion against values computed by hand on tiny models
+"""fxprune/planning/importance.py: every criterion against values computed by hand on tiny models
 (a BN chain, a grouped conv, a residual group, an attention q/k group, a linear
 network whose gradients and curvature have closed forms)."""
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxprune
-from fxprune.errors import ImportanceError, NonFiniteScoreError
-from fxprune.importance import CRITERIA, Importance, importance_scores
+from fxprune.core.errors import ImportanceError, NonFiniteScoreError
+from fxprune.planning.importance import CRITERIA, Importance, importance_scores
 
 
 def _set(param: torch.Tensor, values) -> None:
@@ -115,7 +115,7 @@ def test_random_is_seeded_uniform(bn_chain):
 
 def test_normalize_divides_by_the_unit_saving():
     """normalize='macs'|'params'|'memory' divides by what removing the unit saves."""
-    from fxprune.cost import compute_cost
+    from fxprune.planning.cost import compute_cost
 
     model = BnChain()
     a = fxprune.analyze(model, (torch.randn(1, 2, 4, 4),))

@@ -1,4 +1,4 @@
-"""Inspection (fxprune/report.py, groups.py): tables, networkx graphs, DOT, provenance."""
+"""Inspection (fxprune/core/report.py, groups.py): tables, networkx graphs, DOT, provenance."""
 from __future__ import annotations
 
 import networkx as nx

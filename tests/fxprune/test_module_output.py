@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fxprune
-from fxprune.errors import LiteralSizeError, ModuleOutputError
+from fxprune.core.errors import LiteralSizeError, ModuleOutputError
 
 
 def _prune(model, inputs, ratio=0.3, seed=0, **kw):

@@ -5,8 +5,8 @@ import torch.nn as nn
 
 import fxprune
 from fxprune.cli import build_parser
-from fxprune.errors import ImportanceError, PlanError
-from fxprune.importance import CRITERIA
+from fxprune.core.errors import ImportanceError, PlanError
+from fxprune.planning.importance import CRITERIA
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Plans (fxprune/plan.py): construction, validation, JSON, fingerprints, criteria."""
+"""Plans (fxprune/core/plan.py): construction, validation, JSON, fingerprints, criteria."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import fxprune
-from fxprune.plan import magnitude_scores
+from fxprune.core.plan import magnitude_scores
 
 
 class Net(nn.Module):
@@ -245,7 +245,7 @@ def test_l1_and_l2_scores_are_hand_computed():
 
 
 def test_l2_is_the_standard_norm_and_unknown_names_raise():
-    from fxprune.errors import ImportanceError
+    from fxprune.core.errors import ImportanceError
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4, bias=False), nn.ReLU(), nn.Linear(4, 2, bias=False))

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import fxprune
-from fxprune.errors import BudgetError, PlanError
-from fxprune.importance import Importance
-from fxprune.cost import compute_cost, measure_latency, uniform_kept
+from fxprune.core.errors import BudgetError, PlanError
+from fxprune.planning.importance import Importance
+from fxprune.planning.cost import compute_cost, measure_latency, uniform_kept
 
 
 def cost_floor_kept(analysis) -> np.ndarray:

@@ -15,7 +15,7 @@ import torch.nn as nn
 import fxprune
 from conftest import assert_untouched, snapshot
 from fxprune.capture import FallbackWarning
-from fxprune.errors import ControlFlowError, TraceError
+from fxprune.core.errors import ControlFlowError, TraceError
 from passes.mask import insert_masks
 
 torch.manual_seed(0)

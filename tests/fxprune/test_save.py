@@ -87,8 +87,8 @@ def test_plain_torch_save_of_compile_result_has_no_fxprune_reference(tmp_path):
 def test_references_detects_fxprune_class():
     import pickle
 
-    from fxprune.errors import PlanError
-    assert fxprune_references(pickle.dumps(PlanError)) == ["fxprune.errors.PlanError"]
+    from fxprune.core.errors import PlanError
+    assert fxprune_references(pickle.dumps(PlanError)) == ["fxprune.core.errors.PlanError"]
     assert fxprune_references(pickle.dumps(torch.nn.Linear)) == []
 
 
@@ -162,7 +162,7 @@ class Holder(torch.nn.Module):
 
 
 def test_save_refuses_pickle_that_needs_fxprune(tmp_path):
-    with pytest.raises(fxprune.SaveError, match="fxprune.errors.PlanError"):
+    with pytest.raises(fxprune.SaveError, match="fxprune.core.errors.PlanError"):
         fxprune.save(Holder(), tmp_path / "h.pt")
     assert os.listdir(tmp_path) == []
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fxprune
-from fxprune.errors import RewriteError
+from fxprune.core.errors import RewriteError
 
 safetensors = pytest.importorskip("safetensors.torch")
 

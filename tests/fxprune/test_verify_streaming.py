@@ -5,7 +5,7 @@ import torch
 
 import fxprune
 import fxprune.api as api
-from fxprune.errors import VerificationError
+from fxprune.core.errors import VerificationError
 
 
 class ConvNet(torch.nn.Module):

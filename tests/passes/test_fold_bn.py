@@ -4,7 +4,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from fxprune.errors import RewriteError, VerificationError
+from fxprune.core.errors import RewriteError, VerificationError
 from passes.fold_bn import check_fold, find_bn_folds, fold_bn
 from passes.shape_prop import propagate_shapes
 

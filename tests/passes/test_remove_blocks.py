@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxprune
-from fxprune.errors import RewriteError
+from fxprune.core.errors import RewriteError
 from passes.find_blocks import find_blocks as find_blocks_pass
 from passes.remove_blocks import remove_blocks as remove_blocks_pass
 

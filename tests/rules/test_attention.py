@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxprune
-from fxprune.nn import PrunedMultiheadAttention
+from fxprune.core.nn import PrunedMultiheadAttention
 
 
 class Block(nn.Module):

@@ -130,7 +130,7 @@ class ConvBN(nn.Module):
 def test_batch_norm_shape_fast_path_keeps_the_kernel_checks():
     """Shape propagation skips eval BatchNorm's fake-tensor decomposition (half of an
     EfficientNet's analysis time) but still rejects what the kernel would reject."""
-    from fxprune.errors import ShapePropagationError
+    from fxprune.core.errors import ShapePropagationError
     from passes.shape_prop import propagate_shapes, tensor_shapes
 
     model = ConvBN().eval()

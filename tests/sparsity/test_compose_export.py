@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fxprune
-from fxprune.errors import SparsityError
+from fxprune.core.errors import SparsityError
 from fxprune.sparsity import semi_structured_support, storage_bytes, to_semi_structured
 
 from _sparse_models import cnn_inputs, small_cnn

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxprune
-from fxprune.errors import ImportanceError, SparsityError
+from fxprune.core.errors import ImportanceError, SparsityError
 from fxprune.sparsity.masks import check_nm
 from fxprune.sparsity.sparsegpt import layer_error, obs_prune
 

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import fxprune
-from fxprune.errors import ImportanceError, VerificationError
-from fxprune.importance import CRITERIA, Importance
+from fxprune.core.errors import ImportanceError, VerificationError
+from fxprune.planning.importance import CRITERIA, Importance
 from fxprune.sparsity import SparsityPlan, select_weights, sparsity_table, weight_criteria
 from fxprune.sparsity.masks import check_nm, unstructured_masks
 

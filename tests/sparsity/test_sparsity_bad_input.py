@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import fxprune
-from fxprune.errors import (ImportanceError, PatternError, SharedWeightError, SparsityError)
+from fxprune.core.errors import (ImportanceError, PatternError, SharedWeightError, SparsityError)
 
 from _sparse_models import cnn_data, cnn_inputs, small_cnn
 

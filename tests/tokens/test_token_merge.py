@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import fxprune
-from fxprune.errors import (AttentionNotFoundError, StaticShapeError, TokenReductionError,
+from fxprune.core.errors import (AttentionNotFoundError, StaticShapeError, TokenReductionError,
                             TokenScheduleError)
 from passes.shape_prop import propagate_shapes
 from passes.token_merge import bipartite_merge, find_token_layers

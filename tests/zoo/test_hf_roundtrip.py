@@ -8,7 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import fxprune  # noqa: E402
-from fxprune.errors import NonUniformPlanError  # noqa: E402
+from fxprune.core.errors import NonUniformPlanError  # noqa: E402
 
 B, N, V = 2, 8, 64
 SMALL = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

@@ -18,8 +18,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import fxprune  # noqa: E402
-from fxprune.errors import NonUniformPlanError, PlanError  # noqa: E402
-from fxprune.planner import group_kind  # noqa: E402
+from fxprune.core.errors import NonUniformPlanError, PlanError  # noqa: E402
+from fxprune.planning.planner import group_kind  # noqa: E402
 
 B, N, V = 2, 8, 64
 SMALL = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

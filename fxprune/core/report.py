@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from fxprune.groups import ChannelGroup, GroupAnalysis, Pin
+    from fxprune.core.groups import ChannelGroup, GroupAnalysis, Pin
 
 
 def analysis_table(analysis: "GroupAnalysis", *, max_members: int = 4,
@@ -109,7 +109,7 @@ def find_pins(analysis: "GroupAnalysis") -> tuple["Pin", ...]:
     """
     import numpy as np
 
-    from fxprune.groups import Pin
+    from fxprune.core.groups import Pin
 
     gm = analysis.gm
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -158,8 +158,8 @@ def _reader(gm, fqn: str):
 
 def _pin(fqn: str, dim: int, pinned: int, size: int, reasons: tuple[str, ...],
          nodes: dict) -> "Pin":
-    from fxprune.errors import source_line
-    from fxprune.groups import Pin
+    from fxprune.core.errors import source_line
+    from fxprune.core.groups import Pin
 
     first = reasons[0]
     name, _, why = first.partition(": ")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.fx
 
-from fxprune.cost.model import Cost, CostModel, uniform_kept
+from fxprune.planning.cost.model import Cost, CostModel, uniform_kept
 
 __all__ = ["LatencyTable", "measure_latency"]
 

@@ -93,18 +93,18 @@ class ChannelGroup:
 
     def to_networkx(self):
         """The group's channel space as a DiGraph: FX nodes, data edges, parameter slices."""
-        from fxprune.report import group_graph
+        from fxprune.core.report import group_graph
 
         return group_graph(self)
 
     def to_dot(self) -> str:
-        from fxprune.report import group_dot
+        from fxprune.core.report import group_dot
 
         return group_dot(self)
 
     def why(self) -> str:
         """Which coupling nodes merged this group's spaces (the answer to "why coupled?")."""
-        from fxprune.report import explain
+        from fxprune.core.report import explain
 
         return explain(self)
 
@@ -185,22 +185,22 @@ class GroupAnalysis:
         return int(len(self.group_of))
 
     def table(self, *, max_members: int = 4, tablefmt: str = "simple") -> str:
-        from fxprune.report import analysis_table
+        from fxprune.core.report import analysis_table
 
         return analysis_table(self, max_members=max_members, tablefmt=tablefmt)
 
     def pins(self) -> tuple[Pin, ...]:
         """Every parameter dim left (partly) whole, with its reason, node and source line."""
-        from fxprune.report import find_pins
+        from fxprune.core.report import find_pins
 
         return find_pins(self)
 
     def pins_table(self, *, tablefmt: str = "simple") -> str:
-        from fxprune.report import pins_table
+        from fxprune.core.report import pins_table
 
         return pins_table(self, tablefmt=tablefmt)
 
     def to_networkx(self):
-        from fxprune.report import analysis_graph
+        from fxprune.core.report import analysis_graph
 
         return analysis_graph(self)

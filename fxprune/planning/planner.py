@@ -39,10 +39,10 @@ from typing import Any
 
 import numpy as np
 
-from fxprune.errors import BudgetError, PlanError
-from fxprune.groups import ChannelGroup, GroupAnalysis
-from fxprune.importance import Importance
-from fxprune.plan import DimGuard, Plan, resolve_ignore
+from fxprune.core.errors import BudgetError, PlanError
+from fxprune.core.groups import ChannelGroup, GroupAnalysis
+from fxprune.planning.importance import Importance
+from fxprune.core.plan import DimGuard, Plan, resolve_ignore
 
 __all__ = ["plan", "Budget", "SCHEDULES", "TOLERANCE", "group_kind", "check_uniform"]
 
@@ -394,7 +394,7 @@ def plan(analysis: GroupAnalysis, importance: str | Importance | Callable = "l1"
         whole = tuple(analysis.uniform_whole)
 
     if cost is None and (kind != "ratio" or imp.cost_kind is not None):
-        from fxprune.cost import compute_cost
+        from fxprune.planning.cost import compute_cost
 
         cost = compute_cost(analysis)
     cost_fn = _cost_fn(kind, cost, latency)
@@ -467,7 +467,7 @@ def _cost_fn(kind: str, cost: Any, latency: Any) -> CostFn | None:
         return None
     if kind == "latency":
         if latency is None:
-            from fxprune.cost import measure_latency
+            from fxprune.planning.cost import measure_latency
 
             latency = measure_latency(cost)
         return _LatencyCost(latency, cost)

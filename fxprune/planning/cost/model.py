@@ -28,10 +28,10 @@ import numpy as np
 import torch
 import torch.fx
 
-from fxprune.groups import ChannelGroup, GroupAnalysis
+from fxprune.core.groups import ChannelGroup, GroupAnalysis
 import passes.rules  # noqa: F401  (registers the op entries, MAC rules included)
 from passes.rules.registry import MacContext, MacRule, Terms, lookup
-from fxprune.cost.flops import node_flops
+from fxprune.planning.cost.flops import node_flops
 from passes.shape_prop import tensor_shapes
 
 __all__ = ["Cost", "CostTerm", "CostModel", "compute_cost", "node_flops", "uniform_kept",

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from fxprune.errors import FxpruneError
+from fxprune.core.errors import FxpruneError
 
 __all__ = ["Step", "run_steps", "Pass", "CheckedPass", "checked_pass", "debug_enabled",
            "ensure_new_module"]

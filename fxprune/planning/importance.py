@@ -49,11 +49,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from fxprune.errors import ImportanceError, NonFiniteScoreError
-from fxprune.groups import ChannelGroup, GroupAnalysis, Member
-import fxprune.plan  # noqa: F401  (the submodule: ``fxprune.plan`` is the planner function)
+from fxprune.core.errors import ImportanceError, NonFiniteScoreError
+from fxprune.core.groups import ChannelGroup, GroupAnalysis, Member
+import fxprune.core.plan  # noqa: F401  (the submodule: ``fxprune.plan`` is the planner function)
 
-plan_module = sys.modules["fxprune.plan"]
+plan_module = sys.modules["fxprune.core.plan"]
 
 __all__ = ["Importance", "CriterionSpec", "CRITERIA", "STATISTICS", "criterion",
            "weight_criterion",
@@ -235,7 +235,7 @@ class ScoreContext:
     @property
     def cost(self) -> Any:
         if self._cost is None:
-            from fxprune.cost import compute_cost
+            from fxprune.planning.cost import compute_cost
 
             self._cost = compute_cost(self.analysis)
         return self._cost

@@ -7,9 +7,9 @@
 * ``fxprune.cost.latency`` — per-node latency tables measured on a device
   (``measure_latency``, :class:`LatencyTable`).
 """
-from fxprune.cost.flops import node_flops
-from fxprune.cost.latency import LatencyTable, measure_latency
-from fxprune.cost.model import COST_KINDS, Cost, CostModel, CostTerm, compute_cost, uniform_kept
+from fxprune.planning.cost.flops import node_flops
+from fxprune.planning.cost.latency import LatencyTable, measure_latency
+from fxprune.planning.cost.model import COST_KINDS, Cost, CostModel, CostTerm, compute_cost, uniform_kept
 
 __all__ = ["Cost", "CostTerm", "CostModel", "compute_cost", "node_flops", "uniform_kept",
            "LatencyTable", "measure_latency", "COST_KINDS"]

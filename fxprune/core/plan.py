@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fxprune.errors import PlanError
-from fxprune.groups import ChannelGroup, GroupAnalysis
+from fxprune.core.errors import PlanError
+from fxprune.core.groups import ChannelGroup, GroupAnalysis
 
 __all__ = ["Plan", "magnitude_scores"]
 
@@ -447,7 +447,7 @@ def resolve_criterion(analysis: GroupAnalysis, criterion: Any) -> Any:
     if callable(criterion) or criterion in _MAGNITUDE_P or criterion == "random":
         return criterion
     raise PlanError(f"criterion {criterion!r}: the criterion registry is not loaded (use "
-                    "fxprune.Plan, or import fxprune.importance first); 'l1', 'l2', "
+                    "fxprune.Plan, or import fxprune.planning.importance first); 'l1', 'l2', "
                     "'random' and callables work without it")
 
 

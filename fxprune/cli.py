@@ -272,17 +272,22 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     loaded, inputs = _load(args)
     model = loaded.model
-    names = ["analyze", "plan", "compile"] + ([] if args.no_verify else ["verify"]) + \
+    names = ["analyze", "plan", "compile"] + \
+        ([] if args.no_verify or args.output == "module" else ["verify"]) + \
         ["count MACs"] + (["save"] if args.out else []) + (["onnx"] if args.onnx else [])
     stages = _Stages(names, f"fxprune prune {args.model}", quiet=args.quiet)
     try:
         analysis = stages.run("analyze", lambda: _analyze(args, loaded, inputs))
         plan = stages.run("plan", lambda: _make_plan(args, analysis))
-        source = analysis if args.plan else model  # a JSON plan carries no analysis
+        if args.plan and args.output == "module":  # the model's own class: bind the
+            plan = fxprune.Plan.from_indices(analysis, plan.keep)  # plan to this analysis
+        # a JSON plan carries no analysis: compile the analysis (graph output)
+        source = analysis if args.plan and args.output == "graph" else model
         small = stages.run("compile", lambda: fxprune.compile(
-            source, plan, attention_scale=args.attention_scale)).eval()
+            source, plan, attention_scale=args.attention_scale,
+            output=args.output)).eval()
         report = None
-        if not args.no_verify:
+        if not args.no_verify and args.output == "graph":
             report = stages.run("verify", lambda: fxprune.verify(
                 source, small, plan, inputs, raise_on_failure=False))
         macs = stages.run("count MACs", lambda: (count_macs(model, inputs),
@@ -324,6 +329,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
               f"{report.nodes_checked} activations checked, worst relative err "
               f"{report.max_node_rel_error:.3g}; {exact} groups checked exactly, "
               f"{shape} inexact groups by shape")
+    elif args.output == "module":
+        print(f"output: the model's own class {type(small).__name__}, proven equal to the "
+              "pruned GraphModule in float64 by compile (slice == mask is proven there on "
+              "the GraphModule)")
     else:
         print("verify: skipped (--no-verify)")
     if args.plan_out:
@@ -382,8 +391,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                    "input of forward; repeat; positional ones first; integer masks are ones)")
     p.add_argument("--dtype", choices=DTYPES, help="input dtype (integer ones draw token ids "
                    "below the vocabulary; default float32, int64 for hf:)")
-    p.add_argument("--frontend", choices=["auto", "fx", "export"], default="auto",
-                   help="capture: torch.fx tracing, torch.export, or auto (default)")
+    p.add_argument("--frontend", choices=["auto", "fx", "export", "record"], default="auto",
+                   help="capture: torch.fx tracing, torch.export, record (one path of "
+                   "data-dependent control flow, on the example inputs; prune needs "
+                   "--output module), or auto (default)")
     p.add_argument("--split-policy", choices=["head_dim", "heads", "inner", "outer"],
                    default="head_dim", help="attention units: one index of every head "
                    "(head_dim, default) or whole heads (heads)")
@@ -415,6 +426,9 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
     budget.add_argument("--target-latency", type=_fraction, metavar="F",
                         help="keep this fraction of the measured latency")
     budget.add_argument("--plan", metavar="PLAN.json", help="apply a saved plan (--plan-out)")
+    p.add_argument("--output", choices=["graph", "module"], default="graph",
+                   help="graph: a new GraphModule (default); module: a copy of the model's "
+                   "own class with sliced weights and attributes, proven equal to it")
     p.add_argument("--global", dest="global_", action="store_true",
                    help="rank units across groups (default: the same ratio in each group)")
     p.add_argument("--uniform", action="store_true",

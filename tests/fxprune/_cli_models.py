@@ -94,3 +94,23 @@ class TinyText(nn.Module):
 
 def tiny_text() -> nn.Module:
     return TinyText()
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow: ``if x.sum() > 0`` picks one of two convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        h = self.a(h) if x.sum() > 0 else self.b(h)
+        return self.head(torch.relu(h).mean((2, 3)))
+
+
+def branchy() -> nn.Module:
+    return Branchy().eval()

@@ -165,3 +165,25 @@ def test_prune_attention_scale_option(mode, scale, tmp_path, capsys):
     scales = [n.kwargs.get("scale") for n in program.graph.nodes
               if "scaled_dot_product" in str(n.target)]
     assert scales and all(s == pytest.approx(scale) for s in scales)
+
+
+def test_prune_output_module_keeps_the_class_and_a_json_plan_reapplies(tmp_path, capsys):
+    plan_path = tmp_path / "plan.json"
+    assert main(["prune", "_cli_models:tiny_resnet", "--ratio", "0.5", "--input-shape",
+                 "1,3,16,16", "--output", "module", "--plan-out", str(plan_path)]) == 0
+    text = capsys.readouterr().out
+    assert "output: the model's own class TinyResNet, proven equal" in text
+    assert main(["prune", "_cli_models:tiny_resnet", "--plan", str(plan_path),
+                 "--input-shape", "1,3,16,16", "--output", "module", "--quiet"]) == 0
+    assert "params 2,637 -> " in capsys.readouterr().out
+
+
+def test_prune_record_frontend_needs_the_module_output(capsys):
+    args = ["prune", "_cli_models:branchy", "--ratio", "0.5", "--input-shape", "1,3,8,8",
+            "--frontend", "record", "--quiet"]
+    with pytest.warns(UserWarning, match="control flow"):
+        assert main(args) == 2  # a GraphModule would drop the other branch
+    assert "output='module'" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="control flow"):
+        assert main(args + ["--output", "module"]) == 0
+    assert "output: the model's own class Branchy" in capsys.readouterr().out

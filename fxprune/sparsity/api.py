@@ -424,59 +424,43 @@ def verify_sparsity(model: nn.Module, sparse: nn.Module, plan: SparsityPlan, inp
         plan.check(analyze(model, inputs).fingerprint)
     layers = sparsity_table(sparse, plan)
     method = (plan.meta.get("reconstruction") or {}).get("method")
+    pattern_ok = all(r.masked_nonzero == 0 and r.nm_violations == 0 for r in layers)
+    bad = [r.fqn for r in layers if r.masked_nonzero or r.nm_violations]
     reference = copy.deepcopy(model).double().eval()
     ref_params = dict(reference.named_parameters(remove_duplicate=False))
-    if method:
-        return _verify_reconstructed(model, sparse, plan, reference, as_inputs=inputs,
-                                     layers=layers, method=method,
-                                     raise_on_failure=raise_on_failure)
     with torch.no_grad():
-        for fqn, packed in plan.masks.items():
-            ref_params[fqn].mul_(packed.tensor().to(ref_params[fqn].device).double())
+        if not method:  # SparseGPT re-fitted the kept weights: no dense*mask reference
+            for fqn, packed in plan.masks.items():
+                ref_params[fqn].mul_(packed.tensor().to(ref_params[fqn].device).double())
         candidate = copy.deepcopy(sparse).double().eval()
         as64 = tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
                      for x in inputs)
         want, got = _flat(reference(*as64)), _flat(candidate(*as64))
     err = max((float((a - b).abs().max()) for a, b in zip(got, want) if a.numel()), default=0.0)
+    pattern = plan.meta.get("pattern", "unstructured")
+    if method:
+        # masked weights exactly 0, the pattern, every tensor outside the plan untouched
+        dense = model.state_dict()
+        changed = tuple(k for k, v in sparse.state_dict().items()
+                        if k not in plan.masks and (k not in dense or v.shape != dense[k].shape
+                                                    or not torch.equal(v, dense[k])))
+        ok = not changed and len(got) == len(want) and pattern_ok
+        report = SparsityReport(ok, err, float("inf"), layers, pattern, method, changed)
+        if raise_on_failure and not ok:
+            raise VerificationError(f"{method} result: weights with masked non-zeros or N:M "
+                                    f"violations {bad[:8]}; tensors changed outside the plan "
+                                    f"{list(changed)[:8]}. Re-run fxprune.sparsify; do not "
+                                    "train it without the masks attached (attach_masks).")
+        return report
     scale = max((float(b.abs().max()) for b in want if b.numel()), default=1.0)
     tol = rtol * max(scale, 1.0)
-    ok = (len(got) == len(want) and err <= tol
-          and all(r.masked_nonzero == 0 and r.nm_violations == 0 for r in layers))
-    report = SparsityReport(ok, err, tol, layers, plan.meta.get("pattern", "unstructured"))
+    ok = len(got) == len(want) and err <= tol and pattern_ok
+    report = SparsityReport(ok, err, tol, layers, pattern)
     if raise_on_failure and not ok:
-        bad = [r.fqn for r in layers if r.masked_nonzero or r.nm_violations]
         raise VerificationError(f"sparse != dense*mask: output max |err| {err:.3g} (tol "
                                 f"{tol:.3g}); weights with masked non-zeros or N:M violations: "
                                 f"{bad[:8]}. Re-apply the plan (apply_sparsity) or, after "
                                 "training, keep the masks attached (attach_masks).")
-    return report
-
-
-def _verify_reconstructed(model: nn.Module, sparse: nn.Module, plan: SparsityPlan,
-                          reference: nn.Module, *, as_inputs: tuple, layers: tuple,
-                          method: str, raise_on_failure: bool) -> SparsityReport:
-    """A plan whose kept weights were re-fitted (SparseGPT): masked weights exactly 0, the
-    pattern, and every parameter and buffer outside the plan bit-identical to ``model``'s."""
-    dense = dict(model.state_dict(keep_vars=False))
-    changed = tuple(k for k, v in sparse.state_dict().items()
-                    if k not in plan.masks and (k not in dense or v.shape != dense[k].shape
-                                                or not torch.equal(v, dense[k])))
-    with torch.no_grad():
-        candidate = copy.deepcopy(sparse).double().eval()
-        as64 = tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
-                     for x in as_inputs)
-        want, got = _flat(reference(*as64)), _flat(candidate(*as64))
-    err = max((float((a - b).abs().max()) for a, b in zip(got, want) if a.numel()), default=0.0)
-    ok = (not changed and len(got) == len(want)
-          and all(r.masked_nonzero == 0 and r.nm_violations == 0 for r in layers))
-    report = SparsityReport(ok, err, float("inf"), layers,
-                            plan.meta.get("pattern", "unstructured"), method, changed)
-    if raise_on_failure and not ok:
-        bad = [r.fqn for r in layers if r.masked_nonzero or r.nm_violations]
-        raise VerificationError(f"{method} result: weights with masked non-zeros or N:M "
-                                f"violations {bad[:8]}; tensors changed outside the plan "
-                                f"{list(changed)[:8]}. Re-run fxprune.sparsify; do not train "
-                                "it without the masks attached (attach_masks).")
     return report
 
 

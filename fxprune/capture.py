@@ -194,10 +194,16 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None, *
     return gm
 
 
+_CONSTANT_DEFAULTS = (type(None), bool, int, float, str)
+
+
 def _none_args(model: torch.nn.Module, example_inputs: Sequence[Any] | None) -> dict:
-    """Optional parameters the example inputs leave at None (passed as None, or not passed
-    with a None default): fixed to None while tracing, as the inputs say, rather than
-    traced as tensors (``if mask is not None`` would be taken for every input)."""
+    """Optional parameters the example inputs leave at a constant: passed as None, or not
+    passed with a None/bool/int/float/str default (timm's ``attn_mask=None,
+    is_causal=False``). They are fixed to that value while tracing, as the inputs say,
+    rather than traced as tensors (``if mask is not None`` would be taken for every
+    input), so the graph takes only the inputs given (and the ONNX exporters see no
+    ``None`` inputs)."""
     if example_inputs is None:
         return {}
     import inspect
@@ -210,8 +216,14 @@ def _none_args(model: torch.nn.Module, example_inputs: Sequence[Any] | None) -> 
     inputs = tuple(example_inputs)
     if len(inputs) > len(params):
         return {}
-    return {p.name: None for i, p in enumerate(params)
-            if (inputs[i] is None if i < len(inputs) else p.default is None)}
+    out = {}
+    for i, p in enumerate(params):
+        if i < len(inputs):
+            if inputs[i] is None:
+                out[p.name] = None
+        elif p.default is not p.empty and type(p.default) in _CONSTANT_DEFAULTS:
+            out[p.name] = p.default
+    return out
 
 
 def _fx_trace(model: torch.nn.Module, example_inputs: Sequence[Any] | None,

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import re
 import signal
 import sys
 import time
@@ -206,7 +207,8 @@ def _wrapped(exc: BaseException) -> BaseException | None:
     while isinstance(exc.__cause__, FxpruneError):
         exc = exc.__cause__
     cause = exc.__cause__
-    if cause is not None and f"{type(cause).__name__}: " in str(exc).split("): ", 1)[-1][:80]:
+    if cause is not None and re.search(r"failed \(after: [^)]*\): " + type(cause).__name__ + ": ",
+                                       str(exc)):
         return cause
     return None
 

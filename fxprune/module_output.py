@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fxprune.errors import NonUniformPlanError
+from fxprune.errors import ModuleOutputError, NonUniformPlanError
 from fxprune.groups import GroupAnalysis
 from fxprune.pipeline import Step
 from fxprune.plan import Plan
@@ -160,6 +160,13 @@ def hf_sizes(model: torch.nn.Module, original: torch.nn.Module) -> list[dict[str
             continue
         if q % hd0 == 0 and k % hd0 == 0:
             heads, kv, hd = q // hd0, k // hd0, hd0  # whole heads removed (or none)
+        elif q % heads0 or k % kv0:  # head_dim units kept unevenly across the heads
+            raise ModuleOutputError(
+                f"compile(output=\"module\"): {path} ({type(m).__name__}) would keep {q} "
+                f"query / {k} key features over {heads0} / {kv0} heads: a different "
+                f"head_dim in different heads, which its one head_dim cannot describe. Use "
+                f"output=\"graph\" (the GraphModule), or prune whole heads "
+                f"(analyze(..., split_policy=\"heads\")).")
         else:
             heads, kv, hd = heads0, kv0, q // heads0  # head_dim shrank in every head
         # an ambiguous reading (q a multiple of both) is caught by check_module_output

@@ -224,3 +224,22 @@ def test_user_norm_subclass_attributes_follow():
     small = _module_equals_graph(BnNet().eval(), torch.randn(2, 3, 8, 8),
                                  torch.randn(3, 3, 12, 12), ratio=0.5)
     assert small.bn.num_features == small.bn.weight.shape[0] < 8
+
+
+@pytest.mark.slow
+def test_uneven_head_dim_is_refused_naming_the_attention_module():
+    """GPT-2 with head_dim units kept unevenly across heads: GPT2Attention has one
+    head_dim, so the module output refuses, naming the layer (was a LiteralSizeError
+    blaming layer_norm's shape, from a ValueError in c_attn's split)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4,
+                                  n_positions=16, n_inner=48, use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    analysis = fxprune.analyze(model, (ids,), frontend="export")
+    attn = next(g for g in analysis.groups if "c_attn" in g.name)
+    # one unit fewer: 22 query features over 4 heads, not a multiple of the head count
+    plan = fxprune.Plan.from_indices(analysis, {attn.name: range(attn.size - 1)})
+    with pytest.raises(ModuleOutputError, match=r"transformer\.h\.0\.attn.*split_policy"):
+        fxprune.compile(model, plan, output="module")

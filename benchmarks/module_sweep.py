@@ -196,8 +196,10 @@ def _train(small: torch.nn.Module, x: tuple) -> str:
 
 
 def _first(exc: BaseException) -> str:
+    """The first line, without the pipeline's and compile's prefixes."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return (lines[0] if lines else "")[:160]
+    text = re.sub(r"^.*?step '[^']*' failed \(after: [^)]*\): ", "", lines[0] if lines else "")
+    return text.replace('compile(output="module"): ', "")[:200]
 
 
 def _wrapped(exc: BaseException) -> BaseException | None:

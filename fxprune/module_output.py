@@ -192,7 +192,7 @@ def update_hf_config(small: torch.nn.Module, original: torch.nn.Module) -> None:
     values = {"num_attention_heads": {l["heads"] for l in layers},
               "num_key_value_heads": {l["kv_heads"] for l in layers},
               "head_dim": {l["head_dim"] for l in layers}, "intermediate_size": mlp,
-              "hidden_size": {emb.weight.shape[1]} if emb is not None else set()}
+              "hidden_size": _embedding_width(emb)}
     spread = {k: sorted(v) for k, v in values.items() if len(v) > 1}
     cfg = small.config
     derived = getattr(cfg, "head_dim", None) is None  # BERT, GPT-2: head_dim = hidden // heads
@@ -225,6 +225,19 @@ def update_hf_config(small: torch.nn.Module, original: torch.nn.Module) -> None:
     if rejected:  # e.g. a hidden size that is no multiple of the head count
         small.save_pretrained = functools.partial(
             _refuse_save, f"{type(cfg).__name__} rejects the pruned sizes: {rejected}")
+
+
+def _embedding_width(emb: torch.nn.Module | None) -> set[int]:
+    """The hidden size an input embedding produces: ``nn.Embedding``'s columns, or the
+    output features of a patch embedding's projection (HF ViT's ``ViTPatchEmbeddings``
+    holds no ``weight`` of its own); nothing for other modules."""
+    weight = getattr(emb, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return {weight.shape[1]}
+    proj = getattr(emb, "projection", None)
+    if isinstance(proj, (torch.nn.Conv2d, torch.nn.Linear)):
+        return {proj.weight.shape[0]}
+    return set()
 
 
 def _set_attention_attributes(m: torch.nn.Module, layer: dict[str, int]) -> None:

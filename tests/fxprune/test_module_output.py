@@ -243,3 +243,22 @@ def test_uneven_head_dim_is_refused_naming_the_attention_module():
     plan = fxprune.Plan.from_indices(analysis, {attn.name: range(attn.size - 1)})
     with pytest.raises(ModuleOutputError, match=r"transformer\.h\.0\.attn.*split_policy"):
         fxprune.compile(model, plan, output="module")
+
+
+def test_hf_vit_patch_embedding_width():
+    """HF ViT's input embedding (ViTPatchEmbeddings) holds no weight of its own: the
+    config's hidden size is read from its projection (an AttributeError crash before)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                 num_attention_heads=4, image_size=16, patch_size=8,
+                                 num_labels=5)
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(cfg).eval()
+    x = torch.randn(2, 3, 16, 16)
+    analysis = fxprune.analyze(model, (x,), frontend="export", split_policy="heads")
+    plan = fxprune.Plan.from_ratio(analysis, 0.3, criterion="random", seed=0)
+    gm = fxprune.compile(model, plan)
+    small = fxprune.compile(model, plan, output="module")
+    assert isinstance(small, transformers.ViTForImageClassification)
+    torch.testing.assert_close(small(x).logits, gm(x)[0] if isinstance(gm(x), (tuple, list))
+                               else gm(x).logits)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fxprune.core.errors import NonUniformPlanError
+from fxprune.core.errors import ModuleOutputError, NonUniformPlanError
 from fxprune.core.graph_meta import get_meta
 from fxprune.core.groups import GroupAnalysis
 from fxprune.core.pipeline import Step
@@ -164,6 +164,13 @@ def hf_sizes(model: torch.nn.Module, original: torch.nn.Module) -> list[dict[str
             continue
         if q % hd0 == 0 and k % hd0 == 0:
             heads, kv, hd = q // hd0, k // hd0, hd0  # whole heads removed (or none)
+        elif q % heads0 or k % kv0:  # head_dim units kept unevenly across the heads
+            raise ModuleOutputError(
+                f"compile(output=\"module\"): {path} ({type(m).__name__}) would keep {q} "
+                f"query / {k} key features over {heads0} / {kv0} heads: a different "
+                f"head_dim in different heads, which its one head_dim cannot describe. Use "
+                f"output=\"graph\" (the GraphModule), or prune whole heads "
+                f"(analyze(..., split_policy=\"heads\")).")
         else:
             heads, kv, hd = heads0, kv0, q // heads0  # head_dim shrank in every head
         # an ambiguous reading (q a multiple of both) is caught by check_module_output
@@ -189,7 +196,7 @@ def update_hf_config(small: torch.nn.Module, original: torch.nn.Module) -> None:
     values = {"num_attention_heads": {l["heads"] for l in layers},
               "num_key_value_heads": {l["kv_heads"] for l in layers},
               "head_dim": {l["head_dim"] for l in layers}, "intermediate_size": mlp,
-              "hidden_size": {emb.weight.shape[1]} if emb is not None else set()}
+              "hidden_size": _embedding_width(emb)}
     spread = {k: sorted(v) for k, v in values.items() if len(v) > 1}
     cfg = small.config
     derived = getattr(cfg, "head_dim", None) is None  # BERT, GPT-2: head_dim = hidden // heads
@@ -222,6 +229,19 @@ def update_hf_config(small: torch.nn.Module, original: torch.nn.Module) -> None:
     if rejected:  # e.g. a hidden size that is no multiple of the head count
         small.save_pretrained = functools.partial(
             _refuse_save, f"{type(cfg).__name__} rejects the pruned sizes: {rejected}")
+
+
+def _embedding_width(emb: torch.nn.Module | None) -> set[int]:
+    """The hidden size an input embedding produces: ``nn.Embedding``'s columns, or the
+    output features of a patch embedding's projection (HF ViT's ``ViTPatchEmbeddings``
+    holds no ``weight`` of its own); nothing for other modules."""
+    weight = getattr(emb, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return {weight.shape[1]}
+    proj = getattr(emb, "projection", None)
+    if isinstance(proj, (torch.nn.Conv2d, torch.nn.Linear)):
+        return {proj.weight.shape[0]}
+    return set()
 
 
 def _set_attention_attributes(m: torch.nn.Module, layer: dict[str, int]) -> None:

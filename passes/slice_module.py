@@ -53,7 +53,8 @@ def slice_module(model: torch.nn.Module, analysis: GroupAnalysis, kept: np.ndarr
     for path in sorted(touched | parents | {""}, key=lambda p: (-p.count("."), p)):
         # torch modules re-derive their attributes (in_channels, num_features...); other
         # modules keep theirs, and a stale one shows up in check_module_output
-        apply_module_fixup(small, path, analysis.module_notes.get(path), options)
+        apply_module_fixup(small, path, analysis.module_notes.get(path), options,
+                           inherited=True)
     changes = _size_changes(model, small)
     for path in sorted(parents | {""} | touched):
         _follow_sizes(small, path, changes)

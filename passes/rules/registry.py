@@ -229,18 +229,28 @@ class RewriteOptions:
 
 
 def apply_module_fixup(root: torch.nn.Module, path: str, note: Any,
-                       options: RewriteOptions) -> None:
+                       options: RewriteOptions, *, inherited: bool = False) -> None:
     """Re-derive the attributes of ``root``'s submodule ``path`` with its module fixup,
     called as ``fix(module[, note][, options=options])`` (the note only when analysis left
     one, the options only when the fixup declares ``options``); a fixup that returns a
-    new module replaces the old one in its parent. No fixup registered: nothing happens."""
+    new module replaces the old one in its parent. No fixup registered: nothing happens.
+
+    ``inherited=True``: a subclass that overrides ``forward`` (torchvision's and timm's
+    ``LayerNorm2d(nn.LayerNorm)``) still holds its base's attributes, which its forward
+    reads (``self.normalized_shape``): the nearest base's fixup re-derives them, but a
+    replacement module it returns is dropped (it would lose the subclass's forward). For
+    the module output only, where ``check_module_output`` proves the result."""
     module = root.get_submodule(path) if path else root
     fix = find_module_entry(MODULE_FIXUPS, module)
+    own = fix is not None
+    if fix is None and inherited:
+        fix = next((MODULE_FIXUPS[b] for b in type(module).__mro__[1:] if b in MODULE_FIXUPS),
+                   None)
     if fix is None:
         return
     kwargs = {"options": options} if "options" in inspect.signature(fix).parameters else {}
     replacement = fix(module, **kwargs) if note is None else fix(module, note, **kwargs)
-    if isinstance(replacement, torch.nn.Module) and replacement is not module:
+    if own and isinstance(replacement, torch.nn.Module) and replacement is not module:
         parent_path, _, name = path.rpartition(".")
         setattr(root.get_submodule(parent_path) if parent_path else root, name, replacement)
 

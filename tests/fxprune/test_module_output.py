@@ -164,3 +164,101 @@ def test_keep_all_module_equals_model():
     plan = fxprune.Plan.from_ratio(analysis, 0.0)
     small = fxprune.compile(model, plan, output="module")
     torch.testing.assert_close(small(x), model(x), rtol=0, atol=0)
+
+
+def _module_equals_graph(model, x, y, ratio=0.3):
+    analysis = fxprune.analyze(model, x)
+    plan = fxprune.Plan.from_ratio(analysis, ratio, criterion="random", seed=0)
+    gm = fxprune.compile(model, plan)
+    small = fxprune.compile(model, plan, output="module")
+    assert type(small) is type(model)
+    torch.testing.assert_close(small(y), gm(y))
+    return small
+
+
+def test_torchvision_layer_norm_2d_follows_its_weight():
+    """torchvision's LayerNorm2d(nn.LayerNorm) overrides forward and reads
+    self.normalized_shape: the nn.LayerNorm fixup re-derives it (it crashed before)."""
+    tv = pytest.importorskip("torchvision")
+    from torchvision.models.convnext import CNBlockConfig
+
+    model = tv.models.ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)],
+                               num_classes=10).eval()
+    small = _module_equals_graph(model, torch.randn(2, 3, 64, 64), torch.randn(3, 3, 48, 48))
+    norm = small.features[0][1]
+    assert norm.normalized_shape == tuple(norm.weight.shape) and norm.weight.shape[0] < 16
+
+
+def test_timm_layer_norm_2d_follows_its_weight():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("convnext_atto", pretrained=False, num_classes=10).eval()
+    small = _module_equals_graph(model, torch.randn(2, 3, 32, 32), torch.randn(3, 3, 48, 48))
+    norm = small.stem[1]
+    assert norm.normalized_shape == tuple(norm.weight.shape) and norm.weight.shape[0] < 40
+
+
+class ScaledBatchNorm(torch.nn.BatchNorm2d):
+    """A user's BatchNorm subclass with its own forward reading ``num_features``."""
+
+    def forward(self, x):
+        y = torch.nn.functional.batch_norm(x, self.running_mean, self.running_var,
+                                           self.weight, self.bias, False, 0.0, self.eps)
+        pooled = y.reshape(y.shape[0], self.num_features, -1).mean(-1)  # per channel
+        return y + pooled.reshape(y.shape[0], self.num_features, 1, 1)
+
+
+class BnNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = ScaledBatchNorm(8)
+        self.head = torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))))
+
+
+def test_user_norm_subclass_attributes_follow():
+    torch.manual_seed(0)
+    small = _module_equals_graph(BnNet().eval(), torch.randn(2, 3, 8, 8),
+                                 torch.randn(3, 3, 12, 12), ratio=0.5)
+    assert small.bn.num_features == small.bn.weight.shape[0] < 8
+
+
+@pytest.mark.slow
+def test_uneven_head_dim_is_refused_naming_the_attention_module():
+    """GPT-2 with head_dim units kept unevenly across heads: GPT2Attention has one
+    head_dim, so the module output refuses, naming the layer (was a LiteralSizeError
+    blaming layer_norm's shape, from a ValueError in c_attn's split)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4,
+                                  n_positions=16, n_inner=48, use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    analysis = fxprune.analyze(model, (ids,), frontend="export")
+    attn = next(g for g in analysis.groups if "c_attn" in g.name)
+    # one unit fewer: 22 query features over 4 heads, not a multiple of the head count
+    plan = fxprune.Plan.from_indices(analysis, {attn.name: range(attn.size - 1)})
+    with pytest.raises(ModuleOutputError, match=r"transformer\.h\.0\.attn.*split_policy"):
+        fxprune.compile(model, plan, output="module")
+
+
+def test_hf_vit_patch_embedding_width():
+    """HF ViT's input embedding (ViTPatchEmbeddings) holds no weight of its own: the
+    config's hidden size is read from its projection (an AttributeError crash before)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                 num_attention_heads=4, image_size=16, patch_size=8,
+                                 num_labels=5)
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(cfg).eval()
+    x = torch.randn(2, 3, 16, 16)
+    analysis = fxprune.analyze(model, (x,), frontend="export", split_policy="heads")
+    plan = fxprune.Plan.from_ratio(analysis, 0.3, criterion="random", seed=0)
+    gm = fxprune.compile(model, plan)
+    small = fxprune.compile(model, plan, output="module")
+    assert isinstance(small, transformers.ViTForImageClassification)
+    torch.testing.assert_close(small(x).logits, gm(x)[0] if isinstance(gm(x), (tuple, list))
+                               else gm(x).logits)

@@ -10,35 +10,8 @@ transformers = pytest.importorskip("transformers")
 import fxprune  # noqa: E402
 from fxprune.core.errors import NonUniformPlanError  # noqa: E402
 
-B, N, V = 2, 8, 64
-SMALL = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-             num_attention_heads=4, max_position_embeddings=32)
-
-
-def _ids(b=B, n=N, seed=0):
-    return torch.randint(3, V, (b, n), generator=torch.Generator().manual_seed(seed))
-
-
-def llama():
-    cfg = transformers.LlamaConfig(**SMALL, num_key_value_heads=2, use_cache=False)
-    return transformers.LlamaForCausalLM(cfg).eval(), (_ids(),), transformers.AutoModelForCausalLM
-
-
-def qwen2():
-    cfg = transformers.Qwen2Config(**SMALL, num_key_value_heads=2, use_cache=False)
-    return transformers.Qwen2ForCausalLM(cfg).eval(), (_ids(),), transformers.AutoModelForCausalLM
-
-
-def gpt2():
-    cfg = transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=32,
-                                  n_inner=48, use_cache=False, bos_token_id=0, eos_token_id=0)
-    return transformers.GPT2LMHeadModel(cfg).eval(), (_ids(),), transformers.AutoModelForCausalLM
-
-
-def bert():
-    cfg = transformers.BertConfig(**SMALL, type_vocab_size=2)
-    return (transformers.BertForMaskedLM(cfg).eval(), (_ids(), torch.ones(B, N, dtype=torch.long)),
-            transformers.AutoModelForMaskedLM)
+from _hf_tiny import B, N, V, bert, gpt2, llama, qwen2  # noqa: E402
+from _hf_tiny import ids as _ids  # noqa: E402
 
 
 def _uniform_plan(analysis, ratio=0.5):
@@ -51,6 +24,7 @@ def _uniform_plan(analysis, ratio=0.5):
 def test_module_output_and_roundtrip(make, tmp_path):
     torch.manual_seed(0)
     model, inputs, auto = make()
+    auto = getattr(transformers, auto)
     analysis = fxprune.analyze(model, inputs, frontend="export", split_policy="heads")
     plan = _uniform_plan(analysis)
     gm = fxprune.compile(model, plan)

@@ -272,9 +272,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     loaded, inputs = _load(args)
     model = loaded.model
+    if args.save_pretrained:
+        if not (hasattr(model, "save_pretrained") and hasattr(model, "config")):
+            raise FxpruneError(f"--save-pretrained needs a Hugging Face model (hf:ARCH or "
+                               f"hf:DIR); {args.model} is a {type(model).__name__}: use --out")
     names = ["analyze", "plan", "compile"] + \
         ([] if args.no_verify or args.output == "module" else ["verify"]) + \
-        ["count MACs"] + (["save"] if args.out else []) + (["onnx"] if args.onnx else [])
+        ["count MACs"] + (["save"] if args.out else []) + (["onnx"] if args.onnx else []) + \
+        (["save_pretrained"] if args.save_pretrained else [])
     stages = _Stages(names, f"fxprune prune {args.model}", quiet=args.quiet)
     try:
         analysis = stages.run("analyze", lambda: _analyze(args, loaded, inputs))
@@ -299,6 +304,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
                                             example_inputs=None if pickled else inputs))
         if args.onnx and ok:
             stages.run("onnx", lambda: export_onnx(small, inputs, args.onnx))
+        if args.save_pretrained:  # a non-uniform plan raises NonUniformPlanError, unwritten
+            stages.run("save_pretrained", lambda: small.save_pretrained(args.save_pretrained))
     finally:
         stages.close()
     if args.plan_out:
@@ -347,6 +354,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"saved {args.out} ({how})")
     if args.onnx:
         print(f"saved {args.onnx} (ONNX; onnxruntime.InferenceSession(path))")
+    if args.save_pretrained:
+        print(f"saved {args.save_pretrained} ({type(small).__name__}.from_pretrained(dir) "
+              f"or AutoModel*.from_pretrained(dir); fxprune not needed)")
     return 0
 
 
@@ -369,6 +379,19 @@ def _fraction(text: str) -> float:
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"target must be a fraction in (0, 1], got {text}")
     return value
+
+
+def _new_dir(text: str) -> str:
+    """A directory ``save_pretrained`` may write: absent (its parent writable) or empty."""
+    path = os.path.abspath(text)
+    parent = os.path.dirname(path)
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise argparse.ArgumentTypeError(f"cannot save into {text!r}: it exists and is "
+                                         "not an empty directory")
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot save into {text!r}: its parent is not "
+                                         "an existing, writable directory")
+    return text
 
 
 def _writable(text: str) -> str:
@@ -426,7 +449,7 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
     budget.add_argument("--target-latency", type=_fraction, metavar="F",
                         help="keep this fraction of the measured latency")
     budget.add_argument("--plan", metavar="PLAN.json", help="apply a saved plan (--plan-out)")
-    p.add_argument("--output", choices=["graph", "module"], default="graph",
+    p.add_argument("--output", choices=["graph", "module"], default=None,
                    help="graph: a new GraphModule (default); module: a copy of the model's "
                    "own class with sliced weights and attributes, proven equal to it")
     p.add_argument("--global", dest="global_", action="store_true",
@@ -445,6 +468,10 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=_writable, help="save the pruned model: .pt2 (torch.export,"
                    " default) or .pt (pickle); both load without fxprune")
     p.add_argument("--onnx", type=_writable, metavar="OUT.onnx", help="also export ONNX")
+    p.add_argument("--save-pretrained", type=_new_dir, metavar="DIR",
+                   help="Hugging Face models: save with the model's own save_pretrained "
+                   "(implies --output module; needs a plan a config describes: --uniform); "
+                   "loads with AutoModel*.from_pretrained(DIR), no fxprune needed")
     p.add_argument("--plan-out", type=_writable, help="write the plan as JSON here")
     p.add_argument("--no-verify", action="store_true", help="skip slice == mask")
     p.add_argument("--attention-scale", choices=["original", "recompute"],
@@ -494,6 +521,11 @@ def _check_early(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     _check_inputs(parser, args)
     if getattr(args, "func", None) is not cmd_prune:
         return
+    if args.save_pretrained and args.output == "graph":
+        parser.error("--save-pretrained saves the model's own class: use --output module "
+                     "(the default with --save-pretrained), or --out for the graph")
+    # the model's own class carries save_pretrained and config
+    args.output = args.output or ("module" if args.save_pretrained else "graph")
     if args.uniform and args.plan:
         parser.error("--uniform shapes a new plan; a saved --plan is applied as it is "
                      "(re-plan with --uniform and --plan-out)")

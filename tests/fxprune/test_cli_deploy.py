@@ -111,3 +111,48 @@ def test_help_and_version_do_not_import_torch():
     assert done.returncode == 0, done.stderr
     assert "fxprune 0.1.0" in done.stdout and "--target-macs" not in done.stdout
     assert time.perf_counter() - start < 10  # generous: the 1 s target is measured with `time`
+
+
+def test_save_pretrained_round_trip_loads_in_transformers(tmp_path, capsys):
+    """``--save-pretrained`` writes the model's own save_pretrained folder; transformers
+    loads it into its own class, and it computes what the Python API's pruned model does."""
+    import torch
+    import transformers
+
+    import fxprune
+    from fxprune.specs import load_model, make_inputs
+
+    out, plan_path = tmp_path / "small", tmp_path / "plan.json"
+    assert main(["prune", "hf:llama", "--ratio", "0.25", "--uniform", "--quiet",
+                 "--save-pretrained", str(out), "--plan-out", str(plan_path)]) == 0
+    assert f"saved {out}" in capsys.readouterr().out
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(reloaded).__name__ == "LlamaForCausalLM"
+
+    torch.manual_seed(0)  # the CLI's --seed: the same random init and token inputs
+    loaded = load_model("hf:llama")
+    inputs = make_inputs(loaded, None, None, None)
+    analysis = fxprune.analyze(loaded.model, inputs, frontend="export")
+    plan = fxprune.Plan.from_indices(analysis, fxprune.Plan.from_json(plan_path.read_text()).keep)
+    small = fxprune.compile(loaded.model, plan, output="module").eval()
+    assert reloaded.config.intermediate_size == small.config.intermediate_size < 128
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(*inputs).logits, small(*inputs).logits,
+                                   rtol=0, atol=1e-6)
+
+
+def test_save_pretrained_refusals_exit_2_and_write_nothing(tmp_path, capsys):
+    out = tmp_path / "small"
+    assert main(["prune", "hf:llama", "--ratio", "0.4", "--global", "--quiet",
+                 "--save-pretrained", str(out)]) == 2  # layers keep different widths
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # torch.export may warn first
+    assert last.startswith("fxprune: error: save_pretrained:") and "--uniform" in last
+    assert not out.exists() or not any(out.iterdir())
+    assert main(["prune", *TINY, "--ratio", "0.5", "--save-pretrained", str(out)]) == 2
+    assert "needs a Hugging Face model" in capsys.readouterr().err
+    assert main(["prune", "hf:llama", "--ratio", "0.5", "--output", "graph",
+                 "--save-pretrained", str(out)]) == 2
+    (out / "x").parent.mkdir(exist_ok=True)
+    (out / "x").write_text("")
+    assert main(["prune", "hf:llama", "--ratio", "0.5", "--save-pretrained", str(out)]) == 2
+    assert "not an empty directory" in capsys.readouterr().err

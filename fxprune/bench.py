@@ -203,10 +203,27 @@ def rows_table(rows: Sequence[BenchRow]) -> str:
                               "MAC reduction", "speedup/MACs"])
 
 
+def measure_rounding(backend: str = "eager", **kwargs: Any) -> Any:
+    """``fxprune.cost.rounding.measure_rounding`` on ``backend`` (``BACKENDS``): the
+    channel-count multiple each op kind runs fastest there, measured on this machine.
+    Raises ``BackendUnavailableError`` for a backend that is not installed."""
+    from fxprune.planning.cost.rounding import measure_rounding as measure
+
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if backend == "compile":  # one torch.compile per op kind and width: minutes
+        raise ValueError("measure_rounding does not run on 'compile' (a compile per width); "
+                         "measure 'eager' (the kernels inductor calls for convs and matmuls) "
+                         "or 'onnxruntime'")
+    return measure(backend=backend, runner=lambda layer, inputs: prepare_backend(
+        backend, layer, inputs), **kwargs)
+
+
 def plan_for_measured_latency(model: torch.nn.Module, inputs: tuple, target_ms: float, *,
                               backend: str = "eager", tolerance: float = 0.05,
                               max_iters: int = 5, repeats: int = 10, scope: str = "global",
-                              round_to: int = 1, criterion: str = "l1") -> tuple[Any, Any, float]:
+                              round_to: int | str = "auto",
+                              criterion: str = "l1") -> tuple[Any, Any, float]:
     """(plan, pruned model, measured ms): a plan whose *measured* latency on ``backend``
     is within ``tolerance`` (relative) of ``target_ms`` (milliseconds, one forward of
     ``inputs``).
@@ -216,7 +233,8 @@ def plan_for_measured_latency(model: torch.nn.Module, inputs: tuple, target_ms: 
     fraction by target / measured. Raises ``LatencyTargetError`` with both figures in ms
     when the floor model (every group at one unit or its minimum) measures above
     ``target_ms``; returns the closest plan found after ``max_iters`` otherwise (check the
-    measured figure)."""
+    measured figure). ``round_to="auto"`` (default) rounds kept counts to the multiples
+    ``backend`` runs fastest, measured here (``measure_rounding``)."""
     import fxprune
     from fxprune.core.errors import LatencyTargetError
 
@@ -234,9 +252,10 @@ def plan_for_measured_latency(model: torch.nn.Module, inputs: tuple, target_ms: 
             f"({floor_ms:.3f} ms on '{backend}'; dense {dense_ms:.3f} ms); raise the target "
             f"or use a faster backend")
     fraction, best = min(target_ms / dense_ms, 1.0), None
+    rounding = measure_rounding(backend) if round_to == "auto" else None
     for _ in range(max_iters):
         plan = fxprune.plan(analysis, criterion, target_latency=fraction, scope=scope,
-                            round_to=round_to)
+                            round_to=round_to, rounding=rounding)
         pruned = fxprune.compile(model, plan).eval()
         ms = measure_model_latency({"dense": model, "pruned": pruned}, inputs, backend=backend,
                                    repeats=repeats)["pruned"].median_ms

@@ -244,7 +244,7 @@ def _make_plan(args: argparse.Namespace, analysis: Any) -> Any:
                                "re-plan with the same model, inputs and --split-policy")
         return plan
     if args.ratio is not None and not args.global_ and not args.target_latency and \
-            not args.uniform:
+            not args.uniform and args.round_to != "auto":
         return fxprune.Plan.from_ratio(analysis, args.ratio, criterion=args.criterion,
                                        round_to=args.round_to, ignore=args.ignore,
                                        include_softmax=args.include_softmax)
@@ -381,6 +381,18 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _round_to(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--round-to takes an integer >= 1 or auto, got {text}")
+    return value
+
+
 def _new_dir(text: str) -> str:
     """A directory ``save_pretrained`` may write: absent (its parent writable) or empty."""
     path = os.path.abspath(text)
@@ -464,7 +476,9 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
                    help="module or parameter name prefix whose groups stay whole (repeat)")
     p.add_argument("--include-softmax", action="store_true",
                    help="also prune groups whose units a softmax normalises")
-    p.add_argument("--round-to", type=int, default=1, help="kept counts are multiples of it")
+    p.add_argument("--round-to", type=_round_to, default=None, metavar="N|auto",
+                   help="kept counts are multiples of N; auto: of what each op kind runs "
+                   "fastest here, measured (default: auto for --target-latency, else 1)")
     p.add_argument("--out", type=_writable, help="save the pruned model: .pt2 (torch.export,"
                    " default) or .pt (pickle); both load without fxprune")
     p.add_argument("--onnx", type=_writable, metavar="OUT.onnx", help="also export ONNX")
@@ -541,8 +555,8 @@ def _check_early(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     if spec.needs_data:
         parser.error(f"criterion {args.criterion!r} needs calibration data: use the Python "
                      "API (fxprune.Importance(..., data=...)) or a data-free criterion")
-    if args.round_to < 1:
-        parser.error(f"--round-to must be >= 1, got {args.round_to}")
+    if args.round_to is None:
+        args.round_to = "auto" if args.target_latency else 1
 
 
 def _check_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -30,8 +30,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     inputs = make_inputs(loaded, args.input_shape, args.dtype, args.input)
     analysis = fxprune.analyze(model, inputs, frontend=args.frontend if args.frontend != "auto"
                                else loaded.frontend, split_policy=args.split_policy)
-    plan = fxprune.Plan.from_ratio(analysis, args.ratio, criterion=args.criterion,
-                                   round_to=args.round_to)
+    if args.round_to == "auto":  # measured on the first backend benched
+        from fxprune.bench import measure_rounding
+
+        first = (args.backend or ["eager"])[0]
+        rounding = measure_rounding("eager" if first == "compile" else first)
+        plan = fxprune.plan(analysis, args.criterion, ratio=args.ratio, round_to="auto",
+                            rounding=rounding)
+    else:
+        plan = fxprune.Plan.from_ratio(analysis, args.ratio, criterion=args.criterion,
+                                       round_to=args.round_to)
     small = fxprune.compile(model, plan, fold_bn=args.fold_bn).eval()
     reference = fxprune.compile(model, fxprune.Plan.from_ratio(analysis, 0.0),
                                 fold_bn=True).eval() if args.fold_bn else model
@@ -56,7 +64,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--ratio", type=float, default=0.5, help="fraction of units to remove")
     p.add_argument("--criterion", default="l1")
-    p.add_argument("--round-to", type=int, default=1)
+    from fxprune.cli import _round_to
+
+    p.add_argument("--round-to", type=_round_to, default=1, metavar="N|auto",
+                   help="kept counts are multiples of N, or of what each op kind runs "
+                   "fastest on the (first) backend, measured")
     p.add_argument("--backend", action="append", choices=BACKENDS,
                    help="repeat for several (default: eager)")
     p.add_argument("--batch", type=int, action="append", help="batch sizes (default 1 and 8)")

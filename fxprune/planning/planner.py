@@ -155,24 +155,26 @@ def _override_for(group: ChannelGroup, overrides: Mapping[str, float]) -> float 
     return float(overrides[max(hits, key=len)]) if hits else None
 
 
-def _bounds(analysis: GroupAnalysis, scores: Mapping[str, np.ndarray], *, round_to: int,
+def _bounds(analysis: GroupAnalysis, scores: Mapping[str, np.ndarray], *,
+            round_to: int | Mapping[str, int],
             max_ratio: float, ignore: tuple[str, ...], overrides: Mapping[str, float],
             include_softmax: bool = False, whole: tuple[str, ...] = ()) -> list[_Bounds]:
     out = []
     for g in analysis.groups:
         if g.name in whole:
             continue  # a uniform plan leaves it whole (the analysis says why)
-        if any(_matches(m.fqn, p) for m in g.members for p in ignore) or g.size < round_to:
+        multiple = round_to.get(g.name, 1) if isinstance(round_to, Mapping) else round_to
+        if any(_matches(m.fqn, p) for m in g.members for p in ignore) or g.size < multiple:
             continue
         if "softmax" in g.inexact_kinds and not include_softmax:
             continue  # a distribution over the units: whole unless the user opts in
         removable = int((~np.isposinf(scores[g.name])).sum())  # +inf: never removed
-        cap = min(int(math.floor(max_ratio * g.size + 1e-9)), g.size - round_to, removable)
+        cap = min(int(math.floor(max_ratio * g.size + 1e-9)), g.size - multiple, removable)
         fixed = _override_for(g, overrides)
         if cap <= 0:
             continue
         out.append(_Bounds(g.name, g.size, np.flatnonzero(analysis.group_of == g.id), cap,
-                           round_to, fixed))
+                           multiple, fixed))
     return out
 
 
@@ -344,7 +346,8 @@ CostFn = Callable[[np.ndarray], float]
 def plan(analysis: GroupAnalysis, importance: str | Importance | Callable = "l1", *,
          ratio: float | None = None, target_macs: float | None = None,
          target_params: float | None = None, target_latency: float | None = None,
-         scope: str = "local", max_ratio_per_group: float = 1.0, round_to: int = 1,
+         scope: str = "local", max_ratio_per_group: float = 1.0,
+         round_to: int | str | None = None, rounding: Any = None,
          ignore: Iterable[str] = (), overrides: Mapping[str, float] | None = None,
          steps: int = 1, schedule: str | Callable[[int, int], float] = "linear",
          cost: Any = None, latency: Any = None, tolerance: float = TOLERANCE,
@@ -378,8 +381,18 @@ def plan(analysis: GroupAnalysis, importance: str | Importance | Callable = "l1"
         raise PlanError(f"scope must be one of {SCOPES}, got {scope!r}")
     if not 0.0 < max_ratio_per_group <= 1.0:
         raise PlanError(f"max_ratio_per_group must lie in (0, 1], got {max_ratio_per_group}")
-    if not isinstance(round_to, int) or round_to < 1:
-        raise PlanError(f"round_to must be an integer >= 1, got {round_to!r}")
+    if round_to is None:
+        round_to = "auto" if kind == "latency" else 1
+    multiples: int | dict[str, int]
+    if round_to == "auto":
+        from fxprune.planning.cost.rounding import auto_round_to, measure_rounding
+
+        multiples = auto_round_to(analysis, rounding if rounding is not None
+                                  else measure_rounding())
+    elif isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise PlanError(f"round_to must be an integer >= 1 or \"auto\", got {round_to!r}")
+    else:
+        multiples = round_to
     if not isinstance(steps, int) or steps < 1:
         raise PlanError(f"steps must be an integer >= 1, got {steps!r}")
     overrides = dict(overrides or {})
@@ -408,7 +421,7 @@ def plan(analysis: GroupAnalysis, importance: str | Importance | Callable = "l1"
         if not 0.0 <= fraction <= 1.0:
             raise PlanError(f"schedule gave {fraction} at step {step}; fractions lie in [0, 1]")
         scores = _rescored(imp, analysis, kept, cost)
-        bounds = _bounds(analysis, scores, round_to=round_to, max_ratio=max_ratio_per_group,
+        bounds = _bounds(analysis, scores, round_to=multiples, max_ratio=max_ratio_per_group,
                          ignore=ignore, overrides=overrides, include_softmax=include_softmax,
                          whole=whole)
         ties = links = None
@@ -421,6 +434,8 @@ def plan(analysis: GroupAnalysis, importance: str | Importance | Callable = "l1"
     assert search is not None
     meta = {"criterion": imp.name, "scope": scope, "budget": kind, "requested": value,
             "steps": steps, "round_to": round_to, "uniform": bool(uniform)}
+    if isinstance(multiples, dict):
+        meta["round_to_groups"] = {n: m for n, m in multiples.items() if m > 1}
     if cost is not None:
         achieved = cost.evaluate(kept)
         meta.update({"macs": achieved.macs, "params": achieved.params,

@@ -32,7 +32,8 @@ from fxprune.core.graph_meta import get_meta
 from passes.rules.registry import (MODULE_FIXUPS, RewriteOptions, apply_module_fixup,
                                    find_module_entry)
 
-__all__ = ["slice_module", "literal_rewrites", "check_module_output"]
+__all__ = ["slice_module", "literal_rewrites", "check_module_output", "uneven_chunks",
+           "check_unrun_modules"]
 
 
 def slice_module(model: torch.nn.Module, analysis: GroupAnalysis, kept: np.ndarray,
@@ -60,6 +61,7 @@ def slice_module(model: torch.nn.Module, analysis: GroupAnalysis, kept: np.ndarr
         _follow_sizes(small, path, changes)
     if check:
         check_module_output(small, pruned, analysis, rtol=rtol, atol=atol)
+        check_unrun_modules(model, small, analysis, pruned)
     return small
 
 
@@ -182,6 +184,14 @@ def check_module_output(small: torch.nn.Module, pruned: torch.fx.GraphModule,
     originals are untouched): on the example inputs, and on the example batch doubled
     (``[x; x]``: each half of ``small``'s output must equal ``pruned(x)``, so a batch size
     the graph was not captured for is checked too)."""
+    uneven = uneven_chunks(analysis, pruned)
+    if uneven:  # the forward's chunk makes equal pieces: the module cannot follow the plan
+        raise LiteralSizeError(
+            f"compile(output=\"module\"): the plan keeps different counts in the pieces of "
+            f"a chunk: {'; '.join(uneven[:3])}{' ...' if len(uneven) > 3 else ''}. The "
+            f"forward's chunk cuts equal pieces, so the module cannot take these sizes. "
+            f"Use output=\"graph\" (the GraphModule), a plan that keeps the same count in "
+            f"every piece (Plan.from_indices), or keep those channels (ignore=[...]).")
     inputs = analysis.example_inputs
     a, b = _double(small), _double(pruned)
     x = tuple(_to_double(t) for t in inputs)
@@ -205,6 +215,95 @@ def check_module_output(small: torch.nn.Module, pruned: torch.fx.GraphModule,
                   else g for g, w in zip(got2, want)]
         _compare(halves, want, "a doubled batch (first half)", analysis, pruned, rtol, atol)
         _compare(second, want, "a doubled batch (second half)", analysis, pruned, rtol, atol)
+
+
+def uneven_chunks(analysis: GroupAnalysis, pruned: torch.fx.GraphModule) -> list[str]:
+    """``chunk`` nodes whose pieces the rewrite made unequal (the graph's ``split`` sizes
+    are not what ``chunk`` cuts from the kept count): source line and sizes of each."""
+    new = {n.name: n for n in pruned.graph.nodes}
+    out = []
+    for node in analysis.gm.graph.nodes:
+        if node.op not in ("call_function", "call_method") or \
+                getattr(node.target, "__name__", node.target) not in ("chunk", "unsafe_chunk"):
+            continue
+        after = new.get(node.name)
+        if after is None or after.target in (node.target,) or len(after.args) < 2 or \
+                not isinstance(after.args[1], (list, tuple)):
+            continue  # not rewritten: its dim kept its size
+        sizes = [int(s) for s in after.args[1]]
+        chunks = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks")
+        if not isinstance(chunks, int):
+            continue
+        step = -(-sum(sizes) // chunks)  # torch.chunk: pieces of ceil(n / chunks)
+        cut = [min(step, sum(sizes) - k * step) for k in range(-(-sum(sizes) // step))]
+        if cut != sizes:
+            where = source_line(node)
+            out.append(f"{node.name} (chunk({chunks}) of {sum(sizes)} kept channels: the "
+                       f"plan keeps {sizes}, chunk cuts {cut})" + (f" at {where}" if where else ""))
+    return out
+
+
+def check_unrun_modules(model: torch.nn.Module, small: torch.nn.Module,
+                        analysis: GroupAnalysis, pruned: torch.fx.GraphModule) -> None:
+    """Submodules with parameters that the captured graph never ran (GoogLeNet's and
+    Inception-v3's auxiliary heads run only in training) were not sliced: where their
+    input comes from a pruned layer, ``small`` crashes in that mode. Proven by running
+    ``small.train()`` where the original runs in train mode on the example inputs; where
+    it does not, an unrun module whose input width is a width the plan changed is refused.
+    Raises ``ModuleOutputError`` naming the modules and the remedies."""
+    unrun = _unrun_modules(small, pruned)
+    if not unrun:
+        return
+    x = tuple(analysis.example_inputs)
+    with torch.no_grad():
+        try:
+            copy.deepcopy(model).train()(*x)
+        except Exception:
+            changed = {old for pairs in _size_changes(model, small).values() for old, _ in pairs}
+            hazards = [p for p in unrun if _input_width(small.get_submodule(p)) in changed]
+            if hazards:
+                raise _unrun_error(hazards, "its input width is one the plan changes "
+                                   "(train mode could not be run on the example inputs "
+                                   "to prove otherwise)")
+            return
+        try:
+            copy.deepcopy(small).train()(*x)
+        except Exception as exc:
+            raise _unrun_error(unrun, f"the sliced model crashes in train mode "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+                               ) from exc
+
+
+def _unrun_modules(small: torch.nn.Module, pruned: torch.fx.GraphModule) -> list[str]:
+    """Outermost submodules of ``small`` none of whose parameters the graph holds."""
+    used = {f for f, _ in pruned.named_parameters(remove_duplicate=False)}
+    out: list[str] = []
+    for path, m in small.named_modules():
+        params = [f"{path}.{n}" if path else n for n, _ in m.named_parameters(remove_duplicate=False)]
+        if not path or not params or any(p in used for p in params):
+            continue
+        if not any(path.startswith(o + ".") for o in out):
+            out.append(path)
+    return out
+
+
+def _input_width(m: torch.nn.Module) -> int | None:
+    """The input channel count of the first weight in ``m`` (conv / linear / norm)."""
+    for sub in m.modules():
+        w = getattr(sub, "weight", None)
+        if isinstance(w, torch.Tensor) and w.dim() >= 1:
+            return int(w.shape[1] * getattr(sub, "groups", 1)) if w.dim() >= 2 else int(w.shape[0])
+    return None
+
+
+def _unrun_error(paths: list[str], why: str) -> ModuleOutputError:
+    shown = ", ".join(paths[:4]) + (" ..." if len(paths) > 4 else "")
+    return ModuleOutputError(
+        f"compile(output=\"module\"): submodules with parameters that the captured graph "
+        f"never ran (they run only in another mode, e.g. auxiliary heads in training) were "
+        f"not sliced: {shown}; {why}. Keep the channels that feed them (ignore=[...]), "
+        f"remove them before pruning (e.g. torchvision GoogLeNet/Inception3: "
+        f"aux_logits=False), or use output=\"graph\" (the GraphModule, eval mode).")
 
 
 def _double(m: torch.nn.Module) -> torch.nn.Module:

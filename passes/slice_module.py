@@ -59,6 +59,7 @@ def slice_module(model: torch.nn.Module, analysis: GroupAnalysis, kept: np.ndarr
     changes = _size_changes(model, small)
     for path in sorted(parents | {""} | touched):
         _follow_sizes(small, path, changes)
+    _follow_size_tuples(small, analysis, pruned)
     if check:
         check_module_output(small, pruned, analysis, rtol=rtol, atol=atol)
         check_unrun_modules(model, small, analysis, pruned)
@@ -155,6 +156,59 @@ def _follow_sizes(small: torch.nn.Module, path: str, changes: dict[str, list]) -
     for name, value in list(vars(module).items()):
         if type(value) is int and value in votes and name in WIDTH_ATTRIBUTES:
             setattr(module, name, max(votes[value].items(), key=lambda kv: kv[1])[0])
+
+
+def _follow_size_tuples(small: torch.nn.Module, analysis: GroupAnalysis,
+                        pruned: torch.fx.GraphModule) -> None:
+    """A split's sections or a view's shape held as an int tuple/list attribute of the
+    module that runs the op (timm InceptionNeXt ``split_indexes``, FocalNet
+    ``input_split``, PoolFormer's layer scale ``shape``) takes the sizes the rewrite gave
+    that op, where every op of the module that held the old value got the same new one
+    (otherwise it is left, and ``check_module_output`` refuses)."""
+    new_nodes = {n.name: n for n in pruned.graph.nodes}
+    wanted: dict[tuple[str, str], set] = {}
+    for node in analysis.gm.graph.nodes:
+        after = new_nodes.get(node.name)
+        stack = node.meta.get("nn_module_stack")
+        if after is None or not stack or node.op not in ("call_function", "call_method"):
+            continue
+        for old, new in _changed_sequences(node, after):
+            for path, _ in reversed(list(stack.values())):
+                try:
+                    module = small.get_submodule(path) if path else small
+                except AttributeError:
+                    continue
+                names = [k for k, v in vars(module).items() if _int_seq(v) and list(v) == old]
+                for k in names:
+                    wanted.setdefault((path, k), set()).add(tuple(new))
+                if names:
+                    break
+    for (path, name), values in wanted.items():
+        if len(values) == 1:
+            module = small.get_submodule(path) if path else small
+            value = getattr(module, name)
+            setattr(module, name, type(value)(next(iter(values))))
+
+
+def _int_seq(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and bool(v) and all(type(i) is int for i in v)
+
+
+def _changed_sequences(before: torch.fx.Node, after: torch.fx.Node) -> list[tuple[list, list]]:
+    """(old, new) int sequences at the same argument position that the rewrite changed."""
+    pairs = []
+    olds = list(before.args[1:]) + [before.kwargs.get(k) for k in
+                                    ("split_size_or_sections", "split_size", "shape", "size")]
+    news = list(after.args[1:]) + [after.kwargs.get(k) for k in
+                                   ("split_size_or_sections", "split_size", "shape", "size")]
+    for old in olds:
+        if not _int_seq(old):
+            continue
+        for new in news:
+            if _int_seq(new) and len(new) == len(old) and list(new) != list(old):
+                pairs.append((list(old), list(new)))
+                break
+    return pairs
 
 
 def literal_rewrites(analysis: GroupAnalysis, pruned: torch.fx.GraphModule) -> list[str]:

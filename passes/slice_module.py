@@ -169,11 +169,11 @@ def _follow_size_tuples(small: torch.nn.Module, analysis: GroupAnalysis,
     wanted: dict[tuple[str, str], set] = {}
     for node in analysis.gm.graph.nodes:
         after = new_nodes.get(node.name)
-        stack = node.meta.get("nn_module_stack")
-        if after is None or not stack or node.op not in ("call_function", "call_method"):
+        if after is None or node.op not in ("call_function", "call_method"):
             continue
+        stack = [v[0] for v in (node.meta.get("nn_module_stack") or {}).values()]
         for old, new in _changed_sequences(node, after):
-            for path, _ in reversed(list(stack.values())):
+            for path in [*reversed(stack), ""]:  # innermost first; the root has no entry
                 try:
                     module = small.get_submodule(path) if path else small
                 except AttributeError:

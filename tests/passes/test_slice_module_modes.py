@@ -79,3 +79,34 @@ def test_even_chunk_follows():
     small = fxprune.compile(m, plan, output="module")
     x2 = torch.randn(5, 3, 8, 8)
     torch.testing.assert_close(small(x2), gm(x2))
+
+
+class SplitNet(nn.Module):
+    """Sections held in an attribute (as timm InceptionNeXt's split_indexes)."""
+
+    def __init__(self, literal=False):
+        super().__init__()
+        self.conv, self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(5, 4, 1), nn.Conv2d(3, 4, 1)
+        self.sections, self.literal = (5, 3), literal
+
+    def forward(self, x):
+        x1, x2 = torch.split(self.conv(x), [5, 3] if self.literal else self.sections, dim=1)
+        return torch.cat([self.a(x1), self.b(x2)], 1)
+
+
+def test_split_sections_attribute_follows():
+    m, x = SplitNet().eval(), torch.randn(2, 3, 8, 8)
+    a = fxprune.analyze(m, (x,))
+    plan = Plan.from_indices(a, {"conv.weight[0]": [0, 2, 3, 6]})  # 3 / 1
+    small = fxprune.compile(m, plan, output="module")
+    assert small.sections == (3, 1) and m.sections == (5, 3)
+    x2 = torch.randn(3, 3, 8, 8)
+    torch.testing.assert_close(small(x2), fxprune.compile(m, plan)(x2))
+
+
+def test_split_sections_literal_refused_with_line():
+    m, x = SplitNet(literal=True).eval(), torch.randn(2, 3, 8, 8)
+    a = fxprune.analyze(m, (x,))
+    plan = Plan.from_indices(a, {"conv.weight[0]": [0, 2, 3, 6]})
+    with pytest.raises(LiteralSizeError, match=r"test_slice_module_modes.py.*\[5, 3\] if self"):
+        fxprune.compile(m, plan, output="module")

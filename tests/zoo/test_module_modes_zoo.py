@@ -45,3 +45,25 @@ def test_googlenet_without_aux_heads_trains():
     out = small.float().train()(x)
     out.logits.sum().backward() if hasattr(out, "logits") else out.sum().backward()
     assert all(p.grad is not None for p in small.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name,size,attr,kw", [
+    ("inception_next_atto", 32, "split_indexes", {"depths": (1, 1, 1, 1)}),
+    ("focalnet_tiny_srf", 32, "input_split", {}),
+    ("poolformer_s12", 32, "shape", {})])
+def test_timm_size_tuple_attributes_follow(name, size, attr, kw):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    m = timm.create_model(name, pretrained=False, num_classes=10, **kw).eval()
+    x = torch.randn(2, 3, size, size)
+    a = fxprune.analyze(m, (x,))
+    plan = Plan.from_ratio(a, 0.3, criterion="random", seed=0)
+    gm = fxprune.compile(m, plan)
+    small = fxprune.compile(m, plan, output="module")
+    old = [v for mod in m.modules() for k, v in vars(mod).items() if k == attr]
+    new = [v for mod in small.modules() for k, v in vars(mod).items() if k == attr]
+    assert old and old != new and type(old[0]) is type(new[0])  # the attribute followed
+    x3 = torch.randn(3, 3, size, size, dtype=torch.float64)
+    torch.testing.assert_close(small.double()(x3), gm.double()(x3))
+    small.float().train()(x).sum().backward()
+    assert all(p.grad is not None for p in small.parameters() if p.requires_grad)

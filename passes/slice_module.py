@@ -20,6 +20,7 @@ Before/after (ResNet-18, 25% of layer1.0.conv1's channels removed)::
 from __future__ import annotations
 
 import copy
+import operator
 from typing import Any
 
 import numpy as np
@@ -178,16 +179,19 @@ def _follow_size_tuples(small: torch.nn.Module, analysis: GroupAnalysis,
                     module = small.get_submodule(path) if path else small
                 except AttributeError:
                     continue
-                names = [k for k, v in vars(module).items() if _int_seq(v) and list(v) == old]
+                names = [k for k, v in vars(module).items()
+                         if (_int_seq(v) and isinstance(old, list) and list(v) == old)
+                         or (type(v) is int and type(old) is int and v == old)]
                 for k in names:
-                    wanted.setdefault((path, k), set()).add(tuple(new))
+                    wanted.setdefault((path, k), set()).add(
+                        tuple(new) if isinstance(new, list) else new)
                 if names:
                     break
     for (path, name), values in wanted.items():
         if len(values) == 1:
             module = small.get_submodule(path) if path else small
-            value = getattr(module, name)
-            setattr(module, name, type(value)(next(iter(values))))
+            value, new = getattr(module, name), next(iter(values))
+            setattr(module, name, type(value)(new) if isinstance(value, (list, tuple)) else new)
 
 
 def _int_seq(v: Any) -> bool:
@@ -195,8 +199,15 @@ def _int_seq(v: Any) -> bool:
 
 
 def _changed_sequences(before: torch.fx.Node, after: torch.fx.Node) -> list[tuple[list, list]]:
-    """(old, new) int sequences at the same argument position that the rewrite changed."""
-    pairs = []
+    """(old, new) int sequences at the same argument position that the rewrite changed,
+    and (old, new) slice bounds of a getitem (``x[:, :self.num_1x1_c]``)."""
+    pairs: list = []
+    if before.target is operator.getitem and after.target is operator.getitem:
+        for a, b in zip(_slices(before.args[1]), _slices(after.args[1])):
+            for u, v in ((a.start, b.start), (a.stop, b.stop)):
+                if type(u) is int and type(v) is int and u != v:
+                    pairs.append((u, v))
+        return pairs
     olds = list(before.args[1:]) + [before.kwargs.get(k) for k in
                                     ("split_size_or_sections", "split_size", "shape", "size")]
     news = list(after.args[1:]) + [after.kwargs.get(k) for k in
@@ -209,6 +220,11 @@ def _changed_sequences(before: torch.fx.Node, after: torch.fx.Node) -> list[tupl
                 pairs.append((list(old), list(new)))
                 break
     return pairs
+
+
+def _slices(index: Any) -> list[slice]:
+    items = index if isinstance(index, tuple) else (index,)
+    return [i if isinstance(i, slice) else slice(None) for i in items]
 
 
 def literal_rewrites(analysis: GroupAnalysis, pruned: torch.fx.GraphModule) -> list[str]:

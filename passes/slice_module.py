@@ -258,8 +258,8 @@ def check_module_output(small: torch.nn.Module, pruned: torch.fx.GraphModule,
     if uneven:  # the forward's chunk makes equal pieces: the module cannot follow the plan
         raise LiteralSizeError(
             f"compile(output=\"module\"): the plan keeps different counts in the pieces of "
-            f"a chunk: {'; '.join(uneven[:3])}{' ...' if len(uneven) > 3 else ''}. The "
-            f"forward's chunk cuts equal pieces, so the module cannot take these sizes. "
+            f"a chunk or split: {'; '.join(uneven[:3])}{' ...' if len(uneven) > 3 else ''}. The "
+            f"forward cuts equal pieces, so the module cannot take these sizes. "
             f"Use output=\"graph\" (the GraphModule), a plan that keeps the same count in "
             f"every piece (Plan.from_indices), or keep those channels (ignore=[...]).")
     inputs = analysis.example_inputs
@@ -293,23 +293,28 @@ def uneven_chunks(analysis: GroupAnalysis, pruned: torch.fx.GraphModule) -> list
     new = {n.name: n for n in pruned.graph.nodes}
     out = []
     for node in analysis.gm.graph.nodes:
+        kind = getattr(node.target, "__name__", node.target)
         if node.op not in ("call_function", "call_method") or \
-                getattr(node.target, "__name__", node.target) not in ("chunk", "unsafe_chunk"):
+                kind not in ("chunk", "unsafe_chunk", "split", "unsafe_split"):
             continue
         after = new.get(node.name)
-        if after is None or after.target in (node.target,) or len(after.args) < 2 or \
+        if after is None or len(after.args) < 2 or \
                 not isinstance(after.args[1], (list, tuple)):
             continue  # not rewritten: its dim kept its size
         sizes = [int(s) for s in after.args[1]]
-        chunks = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks")
-        if not isinstance(chunks, int):
-            continue
-        step = -(-sum(sizes) // chunks)  # torch.chunk: pieces of ceil(n / chunks)
-        cut = [min(step, sum(sizes) - k * step) for k in range(-(-sum(sizes) // step))]
+        arg = node.args[1] if len(node.args) > 1 else node.kwargs.get(
+            "chunks", node.kwargs.get("split_size", node.kwargs.get("split_size_or_sections")))
+        if type(arg) is not int:
+            continue  # sections as a list: an attribute may follow (_follow_size_tuples)
+        total = sum(sizes)
+        # torch.chunk: pieces of ceil(n / chunks); split(int): pieces of one size, whichever
+        step = -(-total // arg) if "chunk" in kind else max(sizes[0], 1)
+        cut = [min(step, total - k * step) for k in range(-(-total // step))]
         if cut != sizes:
             where = source_line(node)
-            out.append(f"{node.name} (chunk({chunks}) of {sum(sizes)} kept channels: the "
-                       f"plan keeps {sizes}, chunk cuts {cut})" + (f" at {where}" if where else ""))
+            out.append(f"{node.name} ({kind}({arg}) of {total} kept channels: the plan keeps "
+                       f"{sizes}, {kind} cuts {cut if 'chunk' in kind else 'equal pieces'})"
+                       + (f" at {where}" if where else ""))
     return out
 
 

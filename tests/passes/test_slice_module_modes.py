@@ -110,3 +110,18 @@ def test_split_sections_literal_refused_with_line():
     plan = Plan.from_indices(a, {"conv.weight[0]": [0, 2, 3, 6]})
     with pytest.raises(LiteralSizeError, match=r"test_slice_module_modes.py.*\[5, 3\] if self"):
         fxprune.compile(m, plan, output="module")
+
+
+class SplitIntNet(ChunkNet):
+    def forward(self, x):
+        x1, x2 = self.conv(x).split(4, dim=1)
+        return torch.cat([self.a(x1), self.b(x2)], 1)
+
+
+def test_uneven_split_int_refused_with_line():
+    m, x = SplitIntNet().eval(), torch.randn(2, 3, 8, 8)
+    a = fxprune.analyze(m, (x,))
+    plan = Plan.from_indices(a, {"conv.weight[0]": [0, 1, 4, 5, 6]})  # pieces keep 2 / 3
+    with pytest.raises(LiteralSizeError, match=r"split\(4\) of 5 kept channels: the plan keeps "
+                       r"\[2, 3\].*test_slice_module_modes.py"):
+        fxprune.compile(m, plan, output="module")

@@ -6,7 +6,11 @@ Ensures: the result is a deep copy of ``model`` (same class; ``model`` is untouc
 parameters and buffers are the pruned GraphModule's tensors (no second slicing algorithm:
 every tensor whose shape changed is copied from ``pruned`` under the same FQN); torch
 module attributes are re-derived by the module fixups of ``passes.rules`` (the same table
-``slice_weights`` uses); attributes of other modules are left alone (a stale one is caught by the check); the copy's outputs equal ``pruned``'s in float64 on the example inputs and on a
+``slice_weights`` uses); of other modules, only attributes that held a size the rewrite
+changed follow (width names, a split's sections or a view's shape, slice bounds), the
+rest are left alone (a stale one is caught by the check); a chunk or split(int) whose
+pieces the plan keeps unevenly, and parametrised submodules the graph never ran whose
+input is sliced (train-only heads), are refused; the copy's outputs equal ``pruned``'s in float64 on the example inputs and on a
 doubled batch (float32 for a torch.export graph, which is specialised to its dtype),
 or ``ModuleOutputError`` / ``LiteralSizeError`` is raised.
 

@@ -49,7 +49,7 @@ def test_googlenet_without_aux_heads_trains():
 
 @pytest.mark.parametrize("name,size,attr,kw", [
     ("inception_next_atto", 32, "split_indexes", {"depths": (1, 1, 1, 1)}),
-    ("focalnet_tiny_srf", 32, "input_split", {}),
+    pytest.param("focalnet_tiny_srf", 32, "input_split", {}, marks=pytest.mark.slow),  # 6-10 s
     ("poolformer_s12", 32, "shape", {})])
 def test_timm_size_tuple_attributes_follow(name, size, attr, kw):
     timm = pytest.importorskip("timm")

@@ -22,7 +22,7 @@ from fxprune.core.graph_meta import get_meta
 from fxprune.core.groups import GroupAnalysis
 from fxprune.core.pipeline import Step
 from fxprune.core.plan import Plan
-from passes.slice_module import check_module_output, slice_module
+from passes.slice_module import check_module_output, check_unrun_modules, slice_module
 
 __all__ = ["module_steps", "update_hf_config", "hf_sizes", "uniform_constraints"]
 
@@ -46,6 +46,7 @@ def module_steps(model: torch.nn.Module, analysis: GroupAnalysis, kept: np.ndarr
                 from fxprune.record import check_recorded_path
                 check_recorded_path(model, small, analysis, kept)
             check_module_output(small, pruned, analysis)
+            check_unrun_modules(model, small, analysis, pruned)
         return small
 
     return [Step("slice_module", sliced_module)]

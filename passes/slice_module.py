@@ -6,7 +6,11 @@ Ensures: the result is a deep copy of ``model`` (same class; ``model`` is untouc
 parameters and buffers are the pruned GraphModule's tensors (no second slicing algorithm:
 every tensor whose shape changed is copied from ``pruned`` under the same FQN); torch
 module attributes are re-derived by the module fixups of ``passes.rules`` (the same table
-``slice_weights`` uses); attributes of other modules are left alone (a stale one is caught by the check); the copy's outputs equal ``pruned``'s in float64 on the example inputs and on a
+``slice_weights`` uses); of other modules, only attributes that held a size the rewrite
+changed follow (width names, a split's sections or a view's shape, slice bounds), the
+rest are left alone (a stale one is caught by the check); a chunk or split(int) whose
+pieces the plan keeps unevenly, and parametrised submodules the graph never ran whose
+input is sliced (train-only heads), are refused; the copy's outputs equal ``pruned``'s in float64 on the example inputs and on a
 doubled batch (float32 for a torch.export graph, which is specialised to its dtype),
 or ``ModuleOutputError`` / ``LiteralSizeError`` is raised.
 
@@ -20,6 +24,7 @@ Before/after (ResNet-18, 25% of layer1.0.conv1's channels removed)::
 from __future__ import annotations
 
 import copy
+import operator
 from typing import Any
 
 import numpy as np
@@ -32,7 +37,8 @@ from fxprune.core.graph_meta import get_meta
 from passes.rules.registry import (MODULE_FIXUPS, RewriteOptions, apply_module_fixup,
                                    find_module_entry)
 
-__all__ = ["slice_module", "literal_rewrites", "check_module_output"]
+__all__ = ["slice_module", "literal_rewrites", "check_module_output", "uneven_chunks",
+           "check_unrun_modules"]
 
 
 def slice_module(model: torch.nn.Module, analysis: GroupAnalysis, kept: np.ndarray,
@@ -58,8 +64,10 @@ def slice_module(model: torch.nn.Module, analysis: GroupAnalysis, kept: np.ndarr
     changes = _size_changes(model, small)
     for path in sorted(parents | {""} | touched):
         _follow_sizes(small, path, changes)
+    _follow_size_tuples(small, analysis, pruned)
     if check:
         check_module_output(small, pruned, analysis, rtol=rtol, atol=atol)
+        check_unrun_modules(model, small, analysis, pruned)
     return small
 
 
@@ -155,6 +163,74 @@ def _follow_sizes(small: torch.nn.Module, path: str, changes: dict[str, list]) -
             setattr(module, name, max(votes[value].items(), key=lambda kv: kv[1])[0])
 
 
+def _follow_size_tuples(small: torch.nn.Module, analysis: GroupAnalysis,
+                        pruned: torch.fx.GraphModule) -> None:
+    """A split's sections or a view's shape held as an int tuple/list attribute of the
+    module that runs the op (timm InceptionNeXt ``split_indexes``, FocalNet
+    ``input_split``, PoolFormer's layer scale ``shape``) takes the sizes the rewrite gave
+    that op, where every op of the module that held the old value got the same new one
+    (otherwise it is left, and ``check_module_output`` refuses)."""
+    new_nodes = {n.name: n for n in pruned.graph.nodes}
+    wanted: dict[tuple[str, str], set] = {}
+    for node in analysis.gm.graph.nodes:
+        after = new_nodes.get(node.name)
+        if after is None or node.op not in ("call_function", "call_method"):
+            continue
+        stack = [v[0] for v in (node.meta.get("nn_module_stack") or {}).values()]
+        for old, new in _changed_sequences(node, after):
+            for path in [*reversed(stack), ""]:  # innermost first; the root has no entry
+                try:
+                    module = small.get_submodule(path) if path else small
+                except AttributeError:
+                    continue
+                names = [k for k, v in vars(module).items()
+                         if (_int_seq(v) and isinstance(old, list) and list(v) == old)
+                         or (type(v) is int and type(old) is int and v == old)]
+                for k in names:
+                    wanted.setdefault((path, k), set()).add(
+                        tuple(new) if isinstance(new, list) else new)
+                if names:
+                    break
+    for (path, name), values in wanted.items():
+        if len(values) == 1:
+            module = small.get_submodule(path) if path else small
+            value, new = getattr(module, name), next(iter(values))
+            setattr(module, name, type(value)(new) if isinstance(value, (list, tuple)) else new)
+
+
+def _int_seq(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and bool(v) and all(type(i) is int for i in v)
+
+
+def _changed_sequences(before: torch.fx.Node, after: torch.fx.Node) -> list[tuple[list, list]]:
+    """(old, new) int sequences at the same argument position that the rewrite changed,
+    and (old, new) slice bounds of a getitem (``x[:, :self.num_1x1_c]``)."""
+    pairs: list = []
+    if before.target is operator.getitem and after.target is operator.getitem:
+        for a, b in zip(_slices(before.args[1]), _slices(after.args[1])):
+            for u, v in ((a.start, b.start), (a.stop, b.stop)):
+                if type(u) is int and type(v) is int and u != v:
+                    pairs.append((u, v))
+        return pairs
+    olds = list(before.args[1:]) + [before.kwargs.get(k) for k in
+                                    ("split_size_or_sections", "split_size", "shape", "size")]
+    news = list(after.args[1:]) + [after.kwargs.get(k) for k in
+                                   ("split_size_or_sections", "split_size", "shape", "size")]
+    for old in olds:
+        if not _int_seq(old):
+            continue
+        for new in news:
+            if _int_seq(new) and len(new) == len(old) and list(new) != list(old):
+                pairs.append((list(old), list(new)))
+                break
+    return pairs
+
+
+def _slices(index: Any) -> list[slice]:
+    items = index if isinstance(index, tuple) else (index,)
+    return [i if isinstance(i, slice) else slice(None) for i in items]
+
+
 def literal_rewrites(analysis: GroupAnalysis, pruned: torch.fx.GraphModule) -> list[str]:
     """Source lines of nodes whose literal arguments the rewrite changed (a reshape's
     sizes, a split's sections): each is a size the user's forward may hold as a literal."""
@@ -182,6 +258,14 @@ def check_module_output(small: torch.nn.Module, pruned: torch.fx.GraphModule,
     originals are untouched): on the example inputs, and on the example batch doubled
     (``[x; x]``: each half of ``small``'s output must equal ``pruned(x)``, so a batch size
     the graph was not captured for is checked too)."""
+    uneven = uneven_chunks(analysis, pruned)
+    if uneven:  # the forward's chunk makes equal pieces: the module cannot follow the plan
+        raise LiteralSizeError(
+            f"compile(output=\"module\"): the plan keeps different counts in the pieces of "
+            f"a chunk or split: {'; '.join(uneven[:3])}{' ...' if len(uneven) > 3 else ''}. The "
+            f"forward cuts equal pieces, so the module cannot take these sizes. "
+            f"Use output=\"graph\" (the GraphModule), a plan that keeps the same count in "
+            f"every piece (Plan.from_indices), or keep those channels (ignore=[...]).")
     inputs = analysis.example_inputs
     a, b = _double(small), _double(pruned)
     x = tuple(_to_double(t) for t in inputs)
@@ -205,6 +289,100 @@ def check_module_output(small: torch.nn.Module, pruned: torch.fx.GraphModule,
                   else g for g, w in zip(got2, want)]
         _compare(halves, want, "a doubled batch (first half)", analysis, pruned, rtol, atol)
         _compare(second, want, "a doubled batch (second half)", analysis, pruned, rtol, atol)
+
+
+def uneven_chunks(analysis: GroupAnalysis, pruned: torch.fx.GraphModule) -> list[str]:
+    """``chunk`` nodes whose pieces the rewrite made unequal (the graph's ``split`` sizes
+    are not what ``chunk`` cuts from the kept count): source line and sizes of each."""
+    new = {n.name: n for n in pruned.graph.nodes}
+    out = []
+    for node in analysis.gm.graph.nodes:
+        kind = getattr(node.target, "__name__", node.target)
+        if node.op not in ("call_function", "call_method") or \
+                kind not in ("chunk", "unsafe_chunk", "split", "unsafe_split"):
+            continue
+        after = new.get(node.name)
+        if after is None or len(after.args) < 2 or \
+                not isinstance(after.args[1], (list, tuple)):
+            continue  # not rewritten: its dim kept its size
+        sizes = [int(s) for s in after.args[1]]
+        arg = node.args[1] if len(node.args) > 1 else node.kwargs.get(
+            "chunks", node.kwargs.get("split_size", node.kwargs.get("split_size_or_sections")))
+        if type(arg) is not int:
+            continue  # sections as a list: an attribute may follow (_follow_size_tuples)
+        total = sum(sizes)
+        # torch.chunk: pieces of ceil(n / chunks); split(int): pieces of one size, whichever
+        step = -(-total // arg) if "chunk" in kind else max(sizes[0], 1)
+        cut = [min(step, total - k * step) for k in range(-(-total // step))]
+        if cut != sizes:
+            where = source_line(node)
+            out.append(f"{node.name} ({kind}({arg}) of {total} kept channels: the plan keeps "
+                       f"{sizes}, {kind} cuts {cut if 'chunk' in kind else 'equal pieces'})"
+                       + (f" at {where}" if where else ""))
+    return out
+
+
+def check_unrun_modules(model: torch.nn.Module, small: torch.nn.Module,
+                        analysis: GroupAnalysis, pruned: torch.fx.GraphModule) -> None:
+    """Submodules with parameters that the captured graph never ran (GoogLeNet's and
+    Inception-v3's auxiliary heads run only in training) were not sliced: where their
+    input comes from a pruned layer, ``small`` crashes in that mode. Proven by running
+    ``small.train()`` where the original runs in train mode on the example inputs; where
+    it does not, an unrun module whose input width is a width the plan changed is refused.
+    Raises ``ModuleOutputError`` naming the modules and the remedies."""
+    unrun = _unrun_modules(small, pruned)
+    if not unrun:
+        return
+    x = tuple(analysis.example_inputs)
+    with torch.no_grad():
+        try:
+            copy.deepcopy(model).train()(*x)
+        except Exception:
+            changed = {old for pairs in _size_changes(model, small).values() for old, _ in pairs}
+            hazards = [p for p in unrun if _input_width(small.get_submodule(p)) in changed]
+            if hazards:
+                raise _unrun_error(hazards, "its input width is one the plan changes "
+                                   "(train mode could not be run on the example inputs "
+                                   "to prove otherwise)")
+            return
+        try:
+            copy.deepcopy(small).train()(*x)
+        except Exception as exc:
+            raise _unrun_error(unrun, f"the sliced model crashes in train mode "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+                               ) from exc
+
+
+def _unrun_modules(small: torch.nn.Module, pruned: torch.fx.GraphModule) -> list[str]:
+    """Outermost submodules of ``small`` none of whose parameters the graph holds."""
+    used = {f for f, _ in pruned.named_parameters(remove_duplicate=False)}
+    out: list[str] = []
+    for path, m in small.named_modules():
+        params = [f"{path}.{n}" if path else n for n, _ in m.named_parameters(remove_duplicate=False)]
+        if not path or not params or any(p in used for p in params):
+            continue
+        if not any(path.startswith(o + ".") for o in out):
+            out.append(path)
+    return out
+
+
+def _input_width(m: torch.nn.Module) -> int | None:
+    """The input channel count of the first weight in ``m`` (conv / linear / norm)."""
+    for sub in m.modules():
+        w = getattr(sub, "weight", None)
+        if isinstance(w, torch.Tensor) and w.dim() >= 1:
+            return int(w.shape[1] * getattr(sub, "groups", 1)) if w.dim() >= 2 else int(w.shape[0])
+    return None
+
+
+def _unrun_error(paths: list[str], why: str) -> ModuleOutputError:
+    shown = ", ".join(paths[:4]) + (" ..." if len(paths) > 4 else "")
+    return ModuleOutputError(
+        f"compile(output=\"module\"): submodules with parameters that the captured graph "
+        f"never ran (they run only in another mode, e.g. auxiliary heads in training) were "
+        f"not sliced: {shown}; {why}. Keep the channels that feed them (ignore=[...]), "
+        f"remove them before pruning (e.g. torchvision GoogLeNet/Inception3: "
+        f"aux_logits=False), or use output=\"graph\" (the GraphModule, eval mode).")
 
 
 def _double(m: torch.nn.Module) -> torch.nn.Module:

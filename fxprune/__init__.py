@@ -66,7 +66,7 @@ from fxprune.core.errors import (BudgetError, ControlFlowError, FxpruneError, Im
                             SharedWeightError, SparsityError, AttentionNotFoundError,
                             StaticShapeError, TokenReductionError, TokenScheduleError,
                             ShapePropagationError, TraceError, UnsupportedOpError,
-                            VerificationError)
+                            VerificationError, UnprovenBranchWarning)
 
 _PLAN_FUNCTION = "plan"  # ``fxprune.plan`` is the planner function, not the submodule
 
@@ -120,6 +120,7 @@ __all__ += ["merge_tokens", "prune_tokens", "token_macs", "TokenCost", "token_sc
             "StaticShapeError"]
 __all__ += ["load_sliced_state_dict", "sliced_indices"]
 __all__ += ["save", "portable", "export_onnx", "SaveError", "OnnxExportError"]
+__all__ += ["UnprovenBranchWarning"]
 __all__ += ["ControlFlowError", "check_paths"]
 
 

@@ -249,7 +249,11 @@ def verify(model: torch.nn.Module | GroupAnalysis, pruned: torch.nn.Module, plan
                               g.size, ("exact" if g.exact else "shape")
                               if g.name in plan.keep else "untouched")
                    for g in analysis.groups)
-    report = VerifyReport(ok, err, tol, shapes_equal, _count(analysis.gm), _count(pruned),
+    # a module output keeps every submodule of the user's model (a recorded path's graph
+    # lacks the other branches'): count it against the model; a graph against the graph
+    before = _count(model if isinstance(model, torch.nn.Module) and
+                    not isinstance(pruned, torch.fx.GraphModule) else analysis.gm)
+    report = VerifyReport(ok, err, tol, shapes_equal, before, _count(pruned),
                           checks, checked, node_err, worst)
     if raise_on_failure and not ok:
         raise VerificationError(

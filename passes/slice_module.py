@@ -24,6 +24,7 @@ Before/after (ResNet-18, 25% of layer1.0.conv1's channels removed)::
 from __future__ import annotations
 
 import copy
+import warnings
 import operator
 from typing import Any
 
@@ -31,7 +32,8 @@ import numpy as np
 import torch
 import torch.fx
 
-from fxprune.core.errors import LiteralSizeError, ModuleOutputError, RewriteError, source_line
+from fxprune.core.errors import (LiteralSizeError, ModuleOutputError, RewriteError,
+                                 UnprovenBranchWarning, source_line)
 from fxprune.core.groups import GroupAnalysis
 from fxprune.core.graph_meta import get_meta
 from passes.rules.registry import (MODULE_FIXUPS, RewriteOptions, apply_module_fixup,
@@ -329,9 +331,26 @@ def check_unrun_modules(model: torch.nn.Module, small: torch.nn.Module,
     input comes from a pruned layer, ``small`` crashes in that mode. Proven by running
     ``small.train()`` where the original runs in train mode on the example inputs; where
     it does not, an unrun module whose input width is a width the plan changed is refused.
-    Raises ``ModuleOutputError`` naming the modules and the remedies."""
+    A graph recorded on one path of data-dependent control flow (``frontend="record"``)
+    leaves the other branches' modules unrun: the width rule picks those that may crash
+    and ``UnprovenBranchWarning`` names them (``fxprune.check_paths`` proves or refutes:
+    a coinciding width is no proof). Raises ``ModuleOutputError`` naming the modules and the remedies."""
     unrun = _unrun_modules(small, pruned)
     if not unrun:
+        return
+    if get_meta(analysis.gm, "specialised"):  # frontend="record": one recorded path
+        changed = {old for pairs in _size_changes(model, small).values() for old, _ in pairs}
+        hazards = [p for p in unrun if _input_width(small.get_submodule(p)) in changed]
+        if hazards:  # train mode takes the same recorded path: it proves nothing, and
+            # the width may coincide, so warn; fxprune.check_paths proves or refuses
+            shown = ", ".join(hazards[:4]) + (" ..." if len(hazards) > 4 else "")
+            warnings.warn(
+                f"compile(output=\"module\"): modules {shown} lie on a branch the recorded path did "
+                f"not take (frontend=\"record\") and were not sliced, and their input width "
+                f"is one the plan changes: that branch may crash. Prove it with "
+                f"fxprune.check_paths(model, small, plan, [inputs that take it]), which "
+                f"names the remedy (ignore=[...]) if it does.", UnprovenBranchWarning,
+                stacklevel=2)
         return
     x = tuple(analysis.example_inputs)
     with torch.no_grad():

@@ -170,3 +170,9 @@ class BackendUnavailableError(FxpruneError):
 class LatencyTargetError(BudgetError):
     """A latency target is below what the floor model (every group at its minimum)
     measures; the message gives both figures in milliseconds."""
+
+
+class UnprovenBranchWarning(UserWarning):
+    """``compile(output="module")`` of a graph recorded on one path (``frontend="record"``)
+    left modules on another branch unsliced whose input width the plan changes: that
+    branch may crash. ``fxprune.check_paths`` proves it or names the remedy."""

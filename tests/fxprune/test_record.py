@@ -154,6 +154,11 @@ def test_sum_branch_refuses_channels_that_reach_the_other_branch():
     with pytest.raises(ControlFlowError, match=r"test_record\.py:\d+: if x\.sum\(\) > 0:.*"
                        r"b\.weight.*ignore=\['s2'\]"):
         fxprune.check_paths(model, small, plan, [(-X,)])
+    # compile says so too: b, on the other branch, reads a width the plan changed
+    with pytest.warns(fxprune.UnprovenBranchWarning, match=r"modules b lie on a branch"):
+        fxprune.compile(model, plan, output="module")
+    report = fxprune.verify(model, small, plan, (X,))  # counts the model, b included
+    assert report.params_before == sum(p.numel() for p in model.parameters())
     # the remedy works: with s2 protected nothing crosses the branch
     plan2 = fxprune.Plan.from_ratio(an, 0.5, criterion="random", ignore=["s2", "a"])
     small2 = _compiled(model, an, plan2, X)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -41,7 +42,7 @@ def _input_spec(text: str) -> Any:
 def parse_shape(text: str) -> tuple[int, ...]:
     """``"1,3,224,224"`` (or ``1x3x224x224``) -> ``(1, 3, 224, 224)``."""
     try:
-        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
+        shape = tuple(int(s) for s in re.split(r"[,x]", text.strip()))  # no empty parts
     except ValueError:
         shape = ()
     if not shape or any(d < 1 for d in shape):
@@ -400,7 +401,7 @@ def _new_dir(text: str) -> str:
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
         raise argparse.ArgumentTypeError(f"cannot save into {text!r}: it exists and is "
                                          "not an empty directory")
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+    if not os.path.isdir(parent) or not _can_create_in(parent):
         raise argparse.ArgumentTypeError(f"cannot save into {text!r}: its parent is not "
                                          "an existing, writable directory")
     return text
@@ -408,9 +409,41 @@ def _new_dir(text: str) -> str:
 
 def _writable(text: str) -> str:
     folder = os.path.dirname(os.path.abspath(text))
-    if os.path.isdir(text) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+    if os.path.isdir(text) or not os.path.isdir(folder) or not _can_create_in(folder):
         raise argparse.ArgumentTypeError(f"cannot write {text!r}: choose a file in an "
                                          "existing, writable directory")
+    return text
+
+
+def _can_create_in(folder: str) -> bool:
+    """Whether a file can be created in ``folder`` (tried, then removed: ``os.access``
+    says yes for root on read-only mounts such as /proc)."""
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".fxprune-probe-"):
+            return True
+    except OSError:
+        return False
+
+
+def _model_out(text: str) -> str:
+    if not text.endswith((".pt2", ".pt", ".pth")):
+        raise argparse.ArgumentTypeError(f"cannot save {text!r}: name it .pt2 (torch.export "
+                                         "program) or .pt/.pth (pickle)")
+    return _writable(text)
+
+
+def _onnx_out(text: str) -> str:
+    if not text.endswith(".onnx"):
+        raise argparse.ArgumentTypeError(f"cannot save {text!r} as ONNX: name it .onnx")
+    return _writable(text)
+
+
+def _readable(text: str) -> str:
+    if not os.path.isfile(text) or not os.access(text, os.R_OK):
+        raise argparse.ArgumentTypeError(f"cannot read {text!r}: no such file (write one "
+                                         "with --plan-out)")
     return text
 
 
@@ -460,7 +493,8 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
                         help="keep this fraction of the parameters")
     budget.add_argument("--target-latency", type=_fraction, metavar="F",
                         help="keep this fraction of the measured latency")
-    budget.add_argument("--plan", metavar="PLAN.json", help="apply a saved plan (--plan-out)")
+    budget.add_argument("--plan", metavar="PLAN.json", type=_readable,
+                        help="apply a saved plan (--plan-out)")
     p.add_argument("--output", choices=["graph", "module"], default=None,
                    help="graph: a new GraphModule (default); module: a copy of the model's "
                    "own class with sliced weights and attributes, proven equal to it")
@@ -479,9 +513,9 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--round-to", type=_round_to, default=None, metavar="N|auto",
                    help="kept counts are multiples of N; auto: of what each op kind runs "
                    "fastest here, measured (default: auto for --target-latency, else 1)")
-    p.add_argument("--out", type=_writable, help="save the pruned model: .pt2 (torch.export,"
+    p.add_argument("--out", type=_model_out, help="save the pruned model: .pt2 (torch.export,"
                    " default) or .pt (pickle); both load without fxprune")
-    p.add_argument("--onnx", type=_writable, metavar="OUT.onnx", help="also export ONNX")
+    p.add_argument("--onnx", type=_onnx_out, metavar="OUT.onnx", help="also export ONNX")
     p.add_argument("--save-pretrained", type=_new_dir, metavar="DIR",
                    help="Hugging Face models: save with the model's own save_pretrained "
                    "(implies --output module; needs a plan a config describes: --uniform); "

@@ -590,8 +590,9 @@ def _unreachable(search: _Search, budget: Budget, floor: float, cost_fn: CostFn)
     nothing = np.zeros(search.analysis.num_units, dtype=bool)
     fixed = cost_fn(nothing)
     return (f"{budget.kind} target {budget.value:,.6g} (requested {budget.requested:g}) cannot "
-            f"be met: the smallest plan allowed costs {floor:,.6g} (dense {budget.dense:,.6g}); "
-            f"the unprunable part alone (every group emptied) costs {fixed:,.6g}. Raise the "
+            f"be met: the smallest plan allowed costs {floor:,.6g} (dense {budget.dense:,.6g}; "
+            f"every group keeps at least one unit, or round_to, and ignored/capped groups "
+            f"stay; of that floor, {fixed:,.6g} does not depend on any group). Raise the "
             "target, or relax max_ratio_per_group / round_to / ignore / overrides"
             + (f" (uniform=True leaves {len(search.analysis.uniform_whole)} groups whole "
                "where the model's config must describe the result, e.g. "

@@ -41,6 +41,12 @@ def test_model_spec_typos_suggest(spec, message, capsys):
     (["--ratio", "0.5", "--criterion", "fgpm"], "unknown criterion 'fgpm'; did you mean fpgm"),
     (["--ratio", "0.5", "--criterion", "taylor"], "needs calibration data"),
     (["--ratio", "0.5", "--target-macs", "0.5"], "not allowed with argument"),
+    (["--ratio", "0.5", "--input-shape", "1,3,x,64"], "bad shape '1,3,x,64'"),
+    (["--ratio", "0.5", "--out", "pruned.txt"], "name it .pt2"),
+    (["--ratio", "0.5", "--onnx", "pruned.pt"], "name it .onnx"),
+    (["--plan", "/no/such/plan.json"], "cannot read '/no/such/plan.json'"),
+    (["--ratio", "0.5", "--out", "/proc/pruned.pt2"], "cannot write"),  # root may "access" it
+    (["--ratio", "0.5", "--round-to", "0"], "integer >= 1 or auto"),
 ])
 def test_bad_options_exit_2_before_any_work(argv, message, capsys, monkeypatch):
     import fxprune.specs

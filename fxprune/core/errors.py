@@ -42,17 +42,26 @@ class NonFiniteScoreError(ImportanceError):
     """A criterion produced NaN or infinite gradients or scores; names the groups hit."""
 
 
+def _own_dirs() -> tuple[str, ...]:
+    """fxprune's and passes' folders: frames there are the tracer's, not the user's."""
+    import os
+
+    pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # fxprune/
+    return (pkg + os.sep, os.path.join(os.path.dirname(pkg), "passes") + os.sep)
+
+
+def _user_frame(line: str) -> bool:
+    return "/torch/" not in line and not any(d in line for d in _own_dirs())
+
+
 def source_line(node) -> str:
     """``file:line`` (and the code) of the user's line that made ``node``, or ""."""
     trace = node.meta.get("stack_trace") if node is not None else None
     if not trace:
         return ""
-    import os
-
-    own = os.path.dirname(os.path.abspath(__file__)) + os.sep  # fxprune's tracer frames
     lines = [ln.strip() for ln in trace.strip().splitlines()]
     for i in range(len(lines) - 1, -1, -1):
-        if lines[i].startswith("File") and "/torch/" not in lines[i] and own not in lines[i]:
+        if lines[i].startswith("File") and _user_frame(lines[i]):
             code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File") \
                 else ""
             where = lines[i].replace("File ", "", 1).replace('"', "")
@@ -66,7 +75,7 @@ def describe_node(node) -> str:
     trace = node.meta.get("stack_trace")
     if trace:
         lines = [ln.strip() for ln in trace.strip().splitlines()
-                 if ln.strip().startswith("File") and "/torch/" not in ln]
+                 if ln.strip().startswith("File") and _user_frame(ln)]
         if lines:
             text += f" at {lines[-1]}"
     module = node.meta.get("nn_module_stack")

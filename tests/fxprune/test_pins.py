@@ -60,6 +60,14 @@ def test_pins_name_reason_node_and_source_line():
     assert "b.weight[0]" in table and "fft_fft" in table
 
 
+def test_a_module_call_names_the_users_line_not_the_tracer():
+    an, pins = _pins(FftTail())
+    p = pins[("a.weight", 1)]  # the model's input: pinned at the call of self.a
+    assert "test_pins.py" in p.source and "self.b(self.a(x))" in p.source, p.source
+    with pytest.raises(fxprune.ShapePropagationError, match=r"test_pins\.py.*in module 'a'"):
+        fxprune.analyze(FftTail(), (torch.randn(1, 5, 4, 4),))
+
+
 def test_pins_list_weights_no_rule_ever_read():
     # a leaf module without a rule: its parameters never reach the unit store
     an, pins = _pins(WithOpaque(), leaf_modules=(Opaque,))

@@ -286,6 +286,8 @@ def run_verify_case(case: str, legacy: bool = False) -> None:
           max_abs_error=report.max_abs_error, worst_node=report.worst_node,
           max_node_rel_error=report.max_node_rel_error, steps=steps,
           verify_ratio=steps["verify"]["peak_above_start_mb"] / fp32_mb,
+          verify_target=f"verify peak above start <= {VERIFY_TARGET}x fp32 weights",
+          verify_pass=steps["verify"]["peak_above_start_mb"] <= VERIFY_TARGET * fp32_mb,
           peak_rss_mb=_peak_rss_mb())
 
 

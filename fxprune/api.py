@@ -453,7 +453,10 @@ def _run_lockstep(masked: torch.fx.GraphModule, zeroed: dict, sliced: torch.fx.G
             if ref is None or ref not in names:
                 continue
             while ref not in early:
-                m_node, m_value = next(ref_steps)
+                step = next(ref_steps, None)
+                if step is None:  # the reference already passed it (not a tensor): skip
+                    break
+                m_node, m_value = step
                 if m_node.op == "output":
                     want = m_value
                     break

@@ -200,6 +200,103 @@ def run_llama_shards(workdir: str, shard_mb: int = 1024) -> None:
           output_finite=all(bool(torch.isfinite(t).all()) for t in flat_tensors(out)))
 
 
+# ----------------------------------------------------------------------------------
+# Verification memory (issue 12, section 4): peak RSS of each step against fp32 weights
+VERIFY_TARGET = 1.5  # verify's peak RSS above what it starts with <= 1.5x fp32 weights
+
+
+class _PeakRSS:
+    """Peak resident memory of this process over a block, sampled from /proc every 5 ms
+    (``ru_maxrss`` cannot be reset between steps)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def now() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.now())
+            self._stop.wait(0.005)
+
+    def __enter__(self) -> "_PeakRSS":
+        self.start = self.peak = self.now()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.now())
+
+
+def _verify_model(case: str) -> tuple[nn.Module, tuple, dict]:
+    if case == "llama-1b-verify":
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        cfg = transformers.LlamaConfig(max_position_embeddings=2048, use_cache=False, **LLAMA_1B)
+        model = transformers.LlamaForCausalLM(cfg).eval()  # random init, fp32
+        return model, (torch.randint(0, 32000, (1, 16)),), dict(frontend="export",
+                                                                 split_policy="heads")
+    import torchvision
+
+    name = case.removesuffix("-verify")
+    return (torchvision.models.get_model(name, weights=None).eval(),
+            (torch.randn(1, 3, 224, 224),), {})
+
+
+def run_verify_case(case: str, legacy: bool = False) -> None:
+    """Analyse, plan (random 0.5), compile and verify one model; time and peak RSS of
+    each step (above the RSS it starts with) against the model's fp32 weights.
+    ``legacy``: the recorded (non-streaming) verification kept for reference."""
+    torch.manual_seed(0)
+    model, inputs, options = _verify_model(case)
+    params = sum(p.numel() for p in model.parameters())
+    fp32_mb = params * 4 / 2**20
+    _emit(case=case, params=params, fp32_mb=fp32_mb, rss_model_mb=_PeakRSS.now() / 2**20)
+    steps: dict[str, Any] = {}
+
+    def step(name: str, fn: Any) -> Any:
+        gc_collect()
+        with _PeakRSS() as rss:
+            start = time.perf_counter()
+            out = fn()
+            secs = time.perf_counter() - start
+        steps[name] = dict(s=secs, peak_above_start_mb=(rss.peak - rss.start) / 2**20,
+                           start_mb=rss.start / 2**20)
+        _emit(case=case, step=name, **steps[name])
+        return out
+
+    analysis = step("analyse", lambda: fxprune.analyze(model, inputs, **options))
+    plan = step("plan", lambda: fxprune.Plan.from_ratio(analysis, 0.5, criterion="random"))
+    pruned = step("compile", lambda: fxprune.compile(analysis, plan))
+    from fxprune import api
+
+    check = api._verify_recorded if legacy else fxprune.verify
+    report = step("verify", lambda: check(analysis, pruned, plan, inputs))
+    _emit(final=True, case=case, legacy=legacy, params=params, fp32_mb=fp32_mb,
+          params_after=report.params_after, ok=report.ok, nodes_checked=report.nodes_checked,
+          max_abs_error=report.max_abs_error, worst_node=report.worst_node,
+          max_node_rel_error=report.max_node_rel_error, steps=steps,
+          verify_ratio=steps["verify"]["peak_above_start_mb"] / fp32_mb,
+          verify_target=f"verify peak above start <= {VERIFY_TARGET}x fp32 weights",
+          verify_pass=steps["verify"]["peak_above_start_mb"] <= VERIFY_TARGET * fp32_mb,
+          peak_rss_mb=_peak_rss_mb())
+
+
+def gc_collect() -> None:
+    import gc
+
+    gc.collect()
+
+
 # Driver: every case in a subprocess, then the table
 # ----------------------------------------------------------------------------------
 def run_sub(case: str, args: argparse.Namespace, profile: bool = False) -> dict[str, Any]:
@@ -236,6 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--llama-shards", metavar="DIR",
                         help="1.1B LLaMA: write random safetensors shards to DIR (4.4 GB), "
                              "compile on meta, load sliced shards; JSON lines")
+    parser.add_argument("--verify", metavar="CASE",
+                        help="llama-1b-verify or vit_l_16-verify: time and peak RSS of "
+                             "analyse, plan, compile, verify; JSON lines")
+    parser.add_argument("--legacy", action="store_true",
+                        help="with --verify: the recorded (pre-streaming) verification")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=300, help="seconds per case")
     parser.add_argument("--profile", action="store_true",
@@ -243,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.llama_shards:
         run_llama_shards(args.llama_shards)
+        return 0
+    if args.verify:
+        run_verify_case(args.verify, legacy=args.legacy)
         return 0
     if args.case:
         run_case(args.case, args.repeats, args.profile)

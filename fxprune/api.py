@@ -20,7 +20,7 @@ from fxprune.core.pipeline import Step, run_steps
 from fxprune.core.groups import GroupAnalysis
 from fxprune.core.plan import Plan
 from passes.find_groups import find_groups
-from passes.mask import insert_masks
+from passes.mask import insert_masks, insert_masks_shared, zero_slices
 from passes.fold_bn import fold_bn as fold_batchnorm
 from passes.rules.registry import check_attention_scale
 from passes.shape_prop import eval_mode, output_shape, propagate_shapes
@@ -219,10 +219,37 @@ def verify(model: torch.nn.Module | GroupAnalysis, pruned: torch.nn.Module, plan
     with ``attention_scale="recompute"``, the numerical check runs on a second compile
     of the plan restricted to exact groups (original scales); ``pruned`` itself is
     checked for output shapes and runs.
+
+    Streams: the masked and sliced models run in lockstep, node by node, each activation
+    compared as soon as both values exist and freed after its last user; the masked
+    model shares the analysed weights (removed slices are zeroed in each op's float64
+    copy). Peak memory is the live activations plus one op's float64 weights, not
+    float64 copies of the model (LLaMA 1.1B: see docs/latency.md).
     """
-    analysis = model if isinstance(model, GroupAnalysis) else _analysis_for(model, plan, None)
+    analysis, sliced, exact_kept = _verify_inputs(model, pruned, plan)
     inputs = _as_tuple(inputs)
-    kept = plan.kept_labels(analysis)
+    masked, zeroed = insert_masks_shared(analysis, exact_kept)
+    if isinstance(sliced, torch.fx.GraphModule):
+        compare = _StreamCompare(analysis, exact_kept, get_meta(masked, "masked_value", {}))
+        want, got = _run_lockstep(masked, zeroed, sliced, inputs, compare)
+        node_err, worst, checked = compare.worst, compare.worst_name, compare.checked
+    else:  # compile(output="module"): no graph to walk, outputs only
+        want = _run_checked(masked, inputs, "the masked reference model", zeroed=zeroed)
+        got = _run_checked(sliced, inputs, "the pruned model")
+        node_err, worst, checked = 0.0, "", 0
+    del masked, zeroed
+    pruned_out = (flat_tensors(_run_checked(pruned, inputs, "the pruned model"))
+                  if sliced is not pruned else flat_tensors(got))
+    del sliced
+    return _verdict(analysis, pruned, plan, inputs, flat_tensors(want), flat_tensors(got),
+                    pruned_out, (node_err, worst, checked), rtol, raise_on_failure)
+
+
+def _verify_inputs(model: torch.nn.Module | GroupAnalysis, pruned: torch.nn.Module,
+                   plan: Plan) -> tuple[GroupAnalysis, torch.nn.Module, Any]:
+    """The analysis, the model to compare numerically (``pruned``, or a compile of the
+    plan's exact groups with original scales) and its kept labels."""
+    analysis = model if isinstance(model, GroupAnalysis) else _analysis_for(model, plan, None)
     inexact = {g.name for g in analysis.groups if not g.exact}
     exact_keep = {n: k for n, k in plan.keep.items() if n not in inexact}
     exact_plan = Plan(plan.fingerprint, exact_keep, {n: plan.sizes[n] for n in exact_keep},
@@ -231,19 +258,34 @@ def verify(model: torch.nn.Module | GroupAnalysis, pruned: torch.nn.Module, plan
     recomputed = get_meta(pruned, "attention_scale") == "recompute"
     sliced = pruned if len(exact_keep) == len(plan.keep) and not recomputed \
         else slice_weights(analysis, exact_kept)  # original scales: slice == mask holds
-    masked = insert_masks(analysis, exact_kept)
+    return analysis, sliced, exact_kept
 
-    want, masked_acts = _run_checked(masked, inputs, "the masked reference model")
-    got, sliced_acts = _run_checked(sliced, inputs, "the pruned model")
-    pruned_out = (flat_tensors(_run_checked(pruned, inputs, "the pruned model")[0])
+
+def _verify_recorded(model: torch.nn.Module | GroupAnalysis, pruned: torch.nn.Module,
+                     plan: Plan, inputs: Any, *, rtol: float = 1e-6,
+                     raise_on_failure: bool = True) -> VerifyReport:
+    """The pre-streaming ``verify``, kept as a reference for tests and benchmarks: a
+    masked copy of the weights, every activation of both runs recorded, then compared."""
+    analysis, sliced, exact_kept = _verify_inputs(model, pruned, plan)
+    inputs = _as_tuple(inputs)
+    masked = insert_masks(analysis, exact_kept)
+    want, masked_acts = _run_checked_recording(masked, inputs, "the masked reference model")
+    got, sliced_acts = _run_checked_recording(sliced, inputs, "the pruned model")
+    pruned_out = (flat_tensors(_run_checked(pruned, inputs, "the pruned model"))
                   if sliced is not pruned else flat_tensors(got))
-    want, got = flat_tensors(want), flat_tensors(got)
+    nodes = _compare_activations(analysis, exact_kept, masked, masked_acts, sliced_acts)
+    return _verdict(analysis, pruned, plan, inputs, flat_tensors(want), flat_tensors(got),
+                    pruned_out, nodes, rtol, raise_on_failure)
+
+
+def _verdict(analysis: GroupAnalysis, pruned: torch.nn.Module, plan: Plan, inputs: tuple,
+             want: list, got: list, pruned_out: list, nodes: tuple[float, str, int],
+             rtol: float, raise_on_failure: bool) -> VerifyReport:
+    node_err, worst, checked = nodes
     shapes_equal = [tuple(t.shape) for t in pruned_out] == _reference_shapes(analysis, inputs)
     err = max((float((a - b).abs().max()) for a, b in zip(got, want) if a.numel()), default=0.0)
     scale = max((float(b.abs().max()) for b in want if b.numel()), default=1.0)
     tol = rtol * scale
-    node_err, worst, checked = _compare_activations(
-        analysis, exact_kept, masked, masked_acts, sliced_acts)
     ok = shapes_equal and len(got) == len(want) and err <= tol and node_err <= rtol
     checks = tuple(GroupCheck(g.name, g.size - len(plan.keep.get(g.name, range(g.size))),
                               g.size, ("exact" if g.exact else "shape")
@@ -268,27 +310,72 @@ class _Float64(torch.fx.Interpreter):
     and dropped after it: one op's float64 weights live at a time, never a float64 copy
     of the model (ViT-L/16: 2.3 GB of them per run before). Same values as
     ``_double_copy(gm)``: ``.double()`` converts exactly the floating parameters and
-    buffers, which is what ``call_module`` and ``get_attr`` swap here."""
+    buffers, which is what ``call_module`` and the function/method arguments swap here.
+    ``get_attr`` hands out the stored tensor: export hoists every weight's ``get_attr``
+    to the top of the graph, so converting there held all of them at once (LLaMA 1.1B:
+    verify was OOM-killed at 23 GB RSS). ``zeroed`` ({fqn: slices}, from ``insert_masks_shared``): removed slices
+    zeroed in each copy of those tensors (copied even when already float64)."""
+
+    def __init__(self, gm: torch.fx.GraphModule, zeroed: dict | None = None) -> None:
+        super().__init__(gm)
+        self.zeroed = {id(_fetch(gm, fqn)): s for fqn, s in (zeroed or {}).items()}
+
+    def _to64(self, t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            return t
+        slices = self.zeroed.get(id(t))
+        if slices:
+            d = _as_float64(t)
+            zero_slices(d.data, slices)
+            return d
+        return t if t.dtype == torch.float64 else _as_float64(t)
 
     def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
         swapped = []
         for module in self.fetch_attr(target).modules():
             for table in (module._parameters, module._buffers):
                 for name, t in list(table.items()):
-                    if t is not None and t.is_floating_point() and t.dtype != torch.float64:
+                    d = self._to64(t)
+                    if d is not t:
                         swapped.append((table, name, t))
-                        table[name] = _as_float64(t)
+                        table[name] = d
         try:
-            return super().call_module(target, args, kwargs)
+            return super().call_module(target, self._args64(args), self._args64(kwargs))
         finally:
             for table, name, t in reversed(swapped):
                 table[name] = t
 
-    def get_attr(self, target: str, args: tuple, kwargs: dict) -> Any:
-        value = super().get_attr(target, args, kwargs)
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            return _as_float64(value)
-        return value
+    def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        return super().call_function(target, self._args64(args), self._args64(kwargs))
+
+    def call_method(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        return super().call_method(target, self._args64(args), self._args64(kwargs))
+
+    def _args64(self, args: Any) -> Any:
+        return torch.fx.node.map_aggregate(args, self._to64)
+
+    def steps(self, *args: Any, what: str) -> Any:
+        """``run(*args)`` one node at a time: yields ``(node, value)`` after each node, then
+        frees the values whose last user it was; a failure is a ShapePropagationError."""
+        self.env = {}
+        self.args_iter = iter(self.graph.process_inputs(*args))
+        for node in self.graph.nodes:
+            try:
+                value = self.run_node(node)
+            except Exception as exc:  # the inputs do not fit: say so, with the node
+                raise _run_error(what, node.name, args, exc) from exc
+            self.env[node] = value
+            for dead in self.user_to_last_uses.get(node, []):
+                del self.env[dead]
+            if node.op == "output":
+                value = self.graph.process_outputs(value)
+            yield node, value
+        self.env = {}
+
+
+def _fetch(gm: torch.nn.Module, fqn: str) -> Any:
+    owner, _, name = fqn.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
 def _as_float64(t: torch.Tensor) -> torch.Tensor:
@@ -303,6 +390,149 @@ def _graph_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     ``num_batches_tracked += 1``) are copied."""
     memo = {id(t): t for t in [*gm.parameters(), *gm.buffers()] if t.is_floating_point()}
     return copy.deepcopy(gm, memo)
+
+
+def _float64_args(inputs: tuple) -> list:
+    return [x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+            for x in inputs]  # non-tensor inputs (concrete_args flags) pass through
+
+
+class _StreamCompare:
+    """``_compare_activations`` one node at a time, in the sliced graph's order: the
+    masked value of each tracked node at its kept indices == the sliced value (relative).
+    The first shape mismatch ends the comparison (infinite error), as it did there."""
+
+    def __init__(self, analysis: GroupAnalysis, kept: Any, alias: dict[str, str]) -> None:
+        self.analysis, self.kept, self.alias = analysis, kept, alias
+        self.worst, self.worst_name, self.checked, self.done = 0.0, "", 0, False
+        self.wanted = {alias.get(n, n): n for n, lab in analysis.node_labels.items()
+                       if isinstance(lab, dict)}
+
+    def ref_name(self, name: str) -> str | None:
+        """The masked node whose value ``name`` is compared with, if it is tracked."""
+        if self.done or not isinstance(self.analysis.node_labels.get(name), dict):
+            return None
+        return self.alias.get(name, name)
+
+    def add(self, name: str, ref: Any, got: Any, to64: Any = None) -> None:
+        """``to64``: how the reference's op would read ``ref`` (a weight: its float64
+        copy, made here so that the full copy is dropped once its kept part is taken)."""
+        if not isinstance(ref, torch.Tensor) or not isinstance(got, torch.Tensor):
+            return
+        box = [ref] if to64 is None else [to64(ref)]
+        del ref
+        rel = _node_error(self.analysis.node_labels[name], self.kept, box, got)
+        if rel is None:
+            return
+        if rel == float("inf"):
+            self.worst, self.worst_name, self.done = rel, name, True
+            return
+        self.checked += 1
+        if rel > self.worst:
+            self.worst, self.worst_name = rel, name
+
+
+def _run_lockstep(masked: torch.fx.GraphModule, zeroed: dict, sliced: torch.fx.GraphModule,
+                  inputs: tuple, compare: _StreamCompare) -> tuple[Any, Any]:
+    """Masked and sliced float64 runs side by side; returns their outputs. The masked run
+    is advanced only to the node the current sliced node is compared with, so each
+    interpreter holds only its live values (plus the rare value reached early)."""
+    masked, sliced = _graph_copy(masked), _graph_copy(sliced)
+    _sink_weight_nodes(masked)
+    _sink_weight_nodes(sliced)
+    args = _float64_args(inputs)
+    names = {n.name for n in masked.graph.nodes}
+    early: dict[str, torch.Tensor] = {}
+    want = got = None
+    with torch.no_grad(), eval_mode(masked), eval_mode(sliced):
+        _promote_float_literals(masked)
+        _promote_float_literals(sliced)
+        reference = _Float64(masked, zeroed)
+        ref_steps = reference.steps(*args, what="the masked reference model")
+        for node, value in _Float64(sliced).steps(*args, what="the pruned model"):
+            if node.op == "output":
+                got = value
+                continue
+            ref = compare.ref_name(node.name)
+            if ref is None or ref not in names:
+                continue
+            while ref not in early:
+                step = next(ref_steps, None)
+                if step is None:  # the reference already passed it (not a tensor): skip
+                    break
+                m_node, m_value = step
+                if m_node.op == "output":
+                    want = m_value
+                    break
+                if m_node.name in compare.wanted and isinstance(m_value, torch.Tensor):
+                    # cloned: a later in-place op must not change what is compared
+                    early[m_node.name] = m_value if m_node.name == ref \
+                        else m_value.detach().clone()
+            # a weight (get_attr) is compared as the float64 copy its op would read
+            compare.add(node.name, early.pop(ref, None), value, reference._to64)
+        if want is None:
+            for m_node, m_value in ref_steps:
+                if m_node.op == "output":
+                    want = m_value
+    del masked, sliced, early
+    gc.collect()  # GraphModules are reference cycles (see run_recording)
+    return want, got
+
+
+def _sink_weight_nodes(gm: torch.fx.GraphModule) -> None:
+    """Move every node computed from weights alone (``get_attr`` and what only they feed:
+    the masked model's ``mul(weight, mask)``) to just before its first user. Export
+    hoists weights to the top of the graph; their float64 masked copies then lived from
+    the start to their use, a float64 model (LLaMA 1.1B: 12.7 GB above the model). Not
+    done when the graph mutates anything in place (a moved read could follow a write)."""
+    nodes = list(gm.graph.nodes)
+    if any(_mutates(n) for n in nodes):
+        return
+    weight_only: set[torch.fx.Node] = set()
+    for n in nodes:
+        if n.op == "get_attr" or (n.op in ("call_function", "call_method") and n.all_input_nodes
+                                  and all(a in weight_only for a in n.all_input_nodes)):
+            weight_only.add(n)
+    for n in reversed(nodes):
+        if n in weight_only and n.users:
+            order = {m: i for i, m in enumerate(gm.graph.nodes)}
+            min(n.users, key=order.__getitem__).prepend(n)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _mutates(n: torch.fx.Node) -> bool:
+    if n.op not in ("call_function", "call_method", "call_module"):
+        return False
+    schema = getattr(n.target, "_schema", None)
+    if schema is not None:
+        return schema.is_mutable
+    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+    return n.kwargs.get("inplace") is True or (name.endswith("_") and not name.endswith("__"))
+
+
+def _node_error(labels: dict, kept: Any, box: list, got: torch.Tensor) -> float | None:
+    """Relative max error of ``got`` against the reference (``box``'s only tensor, taken
+    from it so that each selection frees the last) at its kept indices; inf when the
+    shapes differ, None when not compared (not floating). No full-size temporaries
+    beyond one difference (an embedding's float64 copy is 250 MB at LLaMA 1B)."""
+    from passes.slice_weights import keep_mask
+
+    ref = box.pop()
+    for axis, lab in labels.items():
+        if axis < ref.dim() and ref.shape[axis] == len(lab):
+            idx = torch.as_tensor(keep_mask(lab, kept).nonzero()[0], device=ref.device)
+            ref = ref.index_select(axis, idx)
+    if ref.shape != got.shape:
+        return float("inf")
+    if not ref.is_floating_point() or not ref.numel():
+        return None if not ref.is_floating_point() else 0.0
+    scale = float(max(abs(float(v)) for v in ref.aminmax()))
+    diff = torch.sub(ref, got)
+    del ref
+    low, high = diff.aminmax()
+    diff = max(abs(float(low)), abs(float(high)))
+    return diff / scale if scale > 0 else diff
 
 
 class _Recorder(_Float64):
@@ -321,35 +551,48 @@ class _Recorder(_Float64):
         return out
 
 
-def _run_checked(gm: torch.nn.Module, inputs: tuple,
-                 what: str) -> tuple[Any, dict[str, torch.Tensor]]:
+def _run_error(what: str, node: str | None, inputs: tuple,
+               exc: Exception) -> ShapePropagationError:
+    where = f" at node {node!r}" if node else ""
+    shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+              for x in inputs]
+    return ShapePropagationError(
+        f"verify could not run {what}{where} on inputs {shapes}: "
+        f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
+        "Pass inputs shaped like the example inputs the plan's analysis was made with.")
+
+
+def _run_checked(gm: torch.nn.Module, inputs: tuple, what: str, *,
+                 zeroed: dict | None = None) -> Any:
+    """The float64 output of ``gm`` on ``inputs``, a failure raised as a typed error."""
+    try:
+        return run_recording(gm, inputs, record=False, zeroed=zeroed)[0]
+    except Exception as exc:
+        raise _run_error(what, getattr(exc, "fxprune_node", None), inputs, exc) from exc
+
+
+def _run_checked_recording(gm: torch.nn.Module, inputs: tuple,
+                           what: str) -> tuple[Any, dict[str, torch.Tensor]]:
     """``run_recording``, with a failure to run on ``inputs`` raised as a typed error."""
     try:
         return run_recording(gm, inputs)
-    except Exception as exc:  # the inputs do not fit: say so, with the node
-        node = getattr(exc, "fxprune_node", None)
-        where = f" at node {node!r}" if node else ""
-        shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-                  for x in inputs]
-        raise ShapePropagationError(
-            f"verify could not run {what}{where} on inputs {shapes}: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
-            "Pass inputs shaped like the example inputs the plan's analysis was made "
-            "with.") from exc
+    except Exception as exc:
+        raise _run_error(what, getattr(exc, "fxprune_node", None), inputs, exc) from exc
 
 
-def run_recording(gm: torch.nn.Module, inputs: tuple, *,
-                  record: bool = True) -> tuple[Any, dict[str, torch.Tensor]]:
+def run_recording(gm: torch.nn.Module, inputs: tuple, *, record: bool = True,
+                  zeroed: dict | None = None) -> tuple[Any, dict[str, torch.Tensor]]:
     """Run a float64 copy of ``gm`` in eval mode, recording every tensor activation
     (``record=False``: only the output)."""
     streamed = isinstance(gm, torch.fx.GraphModule)
+    if zeroed and not streamed:
+        raise TypeError("zeroed slices need a GraphModule")
     gm = _graph_copy(gm) if streamed else _double_copy(gm)
-    args = [x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
-            for x in inputs]  # non-tensor inputs (concrete_args flags) pass through
+    args = _float64_args(inputs)
     with torch.no_grad(), eval_mode(gm):
         if streamed:
             _promote_float_literals(gm)
-            rec = _Recorder(gm) if record else _Float64(gm)
+            rec = _Recorder(gm) if record else _Float64(gm, zeroed)
             result = rec.run(*args), getattr(rec, "values", {})
             del rec
         else:
@@ -435,26 +678,18 @@ def _promote_float_literals(gm: torch.fx.GraphModule) -> None:
 def _compare_activations(analysis: GroupAnalysis, kept: Any, masked: torch.fx.GraphModule,
                          masked_acts: dict, sliced_acts: dict) -> tuple[float, str, int]:
     """Every tracked activation: masked value at kept indices == sliced value (relative)."""
-    from passes.slice_weights import keep_mask
-
     alias = get_meta(masked, "masked_value", {})
     worst, worst_name, checked = 0.0, "", 0
     for name, labels in analysis.node_labels.items():
         ref, got = masked_acts.get(alias.get(name, name)), sliced_acts.get(name)
         if not isinstance(labels, dict) or ref is None or got is None:
             continue
-        for axis, lab in labels.items():
-            if axis < ref.dim() and ref.shape[axis] == len(lab):
-                idx = torch.as_tensor(keep_mask(lab, kept).nonzero()[0], device=ref.device)
-                ref = ref.index_select(axis, idx)
-        if ref.shape != got.shape or not ref.is_floating_point():
-            if ref.shape != got.shape:
-                return float("inf"), name, checked
+        rel = _node_error(labels, kept, [ref], got)
+        if rel is None:
             continue
+        if rel == float("inf"):
+            return rel, name, checked
         checked += 1
-        scale = float(ref.abs().max()) if ref.numel() else 0.0
-        diff = float((ref - got).abs().max()) if ref.numel() else 0.0
-        rel = diff / scale if scale > 0 else diff
         if rel > worst:
             worst, worst_name = rel, name
     return worst, worst_name, checked

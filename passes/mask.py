@@ -29,7 +29,7 @@ from fxprune.core.errors import RewriteError
 from fxprune.core.pipeline import checked_pass, ensure_new_module
 from passes.slice_weights import keep_mask, requires_kept_labels
 
-__all__ = ["insert_masks", "mask_blocks"]
+__all__ = ["insert_masks", "insert_masks_shared", "mask_blocks", "zero_slices"]
 
 
 def _mask_tensor(shape: tuple[int, ...], labels: dict, kept: np.ndarray) -> torch.Tensor | None:
@@ -59,7 +59,42 @@ def ensures_masked(gm: torch.fx.GraphModule, analysis: GroupAnalysis, kept: np.n
 def insert_masks(analysis: GroupAnalysis, kept: np.ndarray) -> torch.fx.GraphModule:
     """Return a copy of ``analysis.gm`` with removed channels zeroed after every node."""
     gm = copy.deepcopy(analysis.gm)
-    _zero_removed_slices(gm, analysis, kept)
+    for _fqn, tensor, dim, m in _removed_slices(gm, analysis, kept):
+        _zero_slice(tensor, dim, m)
+    return _insert_mask_nodes(gm, analysis, kept)
+
+
+def insert_masks_shared(analysis: GroupAnalysis, kept: np.ndarray
+                        ) -> tuple[torch.fx.GraphModule, dict[str, list[tuple[int, np.ndarray]]]]:
+    """``insert_masks`` without a copy of the weights, for a reader that never writes them.
+
+    Requires: the caller reads the result's parameters and buffers only through copies
+    (``fxprune.verify``'s float64 interpreter) and applies the returned zeroings to them.
+    Ensures: the same graph as ``insert_masks``, sharing every parameter and buffer of
+    ``analysis.gm``; its removed slices are returned, not zeroed, as
+    ``{fqn: [(dim, keep mask)]}`` (other tensor attributes are copies, zeroed).
+    Not a ``checked_pass``: it aliases its source on purpose (ViT-L/16: 1.2 GB saved).
+    """
+    shared = {id(t): t for t in [*analysis.gm.parameters(), *analysis.gm.buffers()]}
+    gm = copy.deepcopy(analysis.gm, dict(shared))
+    zeroed: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for fqn, tensor, dim, m in _removed_slices(gm, analysis, kept):
+        if id(tensor) in shared:
+            zeroed.setdefault(fqn, []).append((dim, m))
+        else:
+            _zero_slice(tensor, dim, m)
+    return _insert_mask_nodes(gm, analysis, kept), zeroed
+
+
+def zero_slices(tensor: torch.Tensor, slices: list[tuple[int, np.ndarray]]) -> torch.Tensor:
+    """``tensor`` (a private copy) with the removed entries of ``slices`` zeroed in place."""
+    for dim, m in slices:
+        _zero_slice(tensor, dim, m)
+    return tensor
+
+
+def _insert_mask_nodes(gm: torch.fx.GraphModule, analysis: GroupAnalysis,
+                       kept: np.ndarray) -> torch.fx.GraphModule:
     graph = gm.graph
     count = 0
     masked_value: dict[str, str] = {}
@@ -117,9 +152,11 @@ def mask_blocks(gm: torch.fx.GraphModule, blocks) -> torch.fx.GraphModule:
     return gm
 
 
-def _zero_removed_slices(gm: torch.nn.Module, analysis: GroupAnalysis, kept: np.ndarray) -> None:
-    """Zero removed parameter slices too: a compound op (MultiheadAttention) has internal
-    channels that no graph node exposes, so only its weights can mask them."""
+def _removed_slices(gm: torch.nn.Module, analysis: GroupAnalysis,
+                    kept: np.ndarray) -> list[tuple[str, torch.Tensor, int, np.ndarray]]:
+    """Removed parameter slices, to be zeroed too: a compound op (MultiheadAttention) has
+    internal channels that no graph node exposes, so only its weights can mask them."""
+    out = []
     for (fqn, dim), labels in analysis.tensor_labels.items():
         m = keep_mask(labels, kept)
         if m.all():
@@ -128,11 +165,15 @@ def _zero_removed_slices(gm: torch.nn.Module, analysis: GroupAnalysis, kept: np.
         owner = gm.get_submodule(owner_path) if owner_path else gm
         if name == "original1" and _weight_norm_dim(owner) == dim:
             continue  # w = g v/||v||: zeroing g zeroes the row; a zero v row would be 0/0
-        tensor = getattr(owner, name)
-        view = [1] * tensor.dim()
-        view[dim] = len(m)
-        with torch.no_grad():
-            tensor.mul_(torch.from_numpy(m).to(tensor.device, tensor.dtype).reshape(view))
+        out.append((fqn, getattr(owner, name), dim, m))
+    return out
+
+
+def _zero_slice(tensor: torch.Tensor, dim: int, m: np.ndarray) -> None:
+    view = [1] * tensor.dim()
+    view[dim] = len(m)
+    with torch.no_grad():
+        tensor.mul_(torch.from_numpy(m).to(tensor.device, tensor.dtype).reshape(view))
 
 
 def _weight_norm_dim(plist: torch.nn.Module) -> int | None:

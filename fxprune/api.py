@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from collections import Counter
 import dataclasses
 import gc
 from collections.abc import Sequence
@@ -241,8 +242,8 @@ def verify(model: torch.nn.Module | GroupAnalysis, pruned: torch.nn.Module, plan
     pruned_out = (flat_tensors(_run_checked(pruned, inputs, "the pruned model"))
                   if sliced is not pruned else flat_tensors(got))
     del sliced
-    return _verdict(analysis, pruned, plan, inputs, flat_tensors(want), flat_tensors(got),
-                    pruned_out, (node_err, worst, checked), rtol, raise_on_failure)
+    return _verdict(model, analysis, pruned, plan, inputs, flat_tensors(want),
+                    flat_tensors(got), pruned_out, (node_err, worst, checked), rtol, raise_on_failure)
 
 
 def _verify_inputs(model: torch.nn.Module | GroupAnalysis, pruned: torch.nn.Module,
@@ -274,12 +275,12 @@ def _verify_recorded(model: torch.nn.Module | GroupAnalysis, pruned: torch.nn.Mo
     pruned_out = (flat_tensors(_run_checked(pruned, inputs, "the pruned model"))
                   if sliced is not pruned else flat_tensors(got))
     nodes = _compare_activations(analysis, exact_kept, masked, masked_acts, sliced_acts)
-    return _verdict(analysis, pruned, plan, inputs, flat_tensors(want), flat_tensors(got),
-                    pruned_out, nodes, rtol, raise_on_failure)
+    return _verdict(model, analysis, pruned, plan, inputs, flat_tensors(want),
+                    flat_tensors(got), pruned_out, nodes, rtol, raise_on_failure)
 
 
-def _verdict(analysis: GroupAnalysis, pruned: torch.nn.Module, plan: Plan, inputs: tuple,
-             want: list, got: list, pruned_out: list, nodes: tuple[float, str, int],
+def _verdict(model: Any, analysis: GroupAnalysis, pruned: torch.nn.Module, plan: Plan,
+             inputs: tuple, want: list, got: list, pruned_out: list, nodes: tuple[float, str, int],
              rtol: float, raise_on_failure: bool) -> VerifyReport:
     node_err, worst, checked = nodes
     shapes_equal = [tuple(t.shape) for t in pruned_out] == _reference_shapes(analysis, inputs)
@@ -414,6 +415,11 @@ class _StreamCompare:
             return None
         return self.alias.get(name, name)
 
+    def lost(self, name: str, ref: str) -> None:
+        """The masked run ended before ``ref`` (compared with sliced ``name``) was seen:
+        the lockstep order is broken, so no comparison after it can be trusted."""
+        self.worst, self.worst_name, self.done = float("inf"), f"{name} (lockstep lost {ref})", True
+
     def add(self, name: str, ref: Any, got: Any, to64: Any = None) -> None:
         """``to64``: how the reference's op would read ``ref`` (a weight: its float64
         copy, made here so that the full copy is dropped once its kept part is taken)."""
@@ -442,7 +448,12 @@ def _run_lockstep(masked: torch.fx.GraphModule, zeroed: dict, sliced: torch.fx.G
     _sink_weight_nodes(sliced)
     args = _float64_args(inputs)
     names = {n.name for n in masked.graph.nodes}
+    # how many sliced nodes compare with each masked node (aliases share one): a value
+    # reached early is kept until its last comparison
+    need = Counter(compare.alias.get(n.name, n.name) for n in sliced.graph.nodes
+                   if isinstance(compare.analysis.node_labels.get(n.name), dict))
     early: dict[str, torch.Tensor] = {}
+    passed: set[str] = set()  # tracked masked nodes whose value is no tensor (None)
     want = got = None
     with torch.no_grad(), eval_mode(masked), eval_mode(sliced):
         _promote_float_literals(masked)
@@ -456,20 +467,25 @@ def _run_lockstep(masked: torch.fx.GraphModule, zeroed: dict, sliced: torch.fx.G
             ref = compare.ref_name(node.name)
             if ref is None or ref not in names:
                 continue
-            while ref not in early:
+            while ref not in early and ref not in passed:
                 step = next(ref_steps, None)
-                if step is None:  # the reference already passed it (not a tensor): skip
+                if step is None:  # the reference ended without it: fail closed
+                    compare.lost(node.name, ref)
                     break
                 m_node, m_value = step
                 if m_node.op == "output":
                     want = m_value
-                    break
-                if m_node.name in compare.wanted and isinstance(m_value, torch.Tensor):
-                    # cloned: a later in-place op must not change what is compared
-                    early[m_node.name] = m_value if m_node.name == ref \
-                        else m_value.detach().clone()
+                    continue  # the generator ends next: a missing ref is lost
+                if m_node.name in compare.wanted:
+                    if not isinstance(m_value, torch.Tensor):
+                        passed.add(m_node.name)
+                    else:  # cloned: a later in-place op must not change what is compared
+                        early[m_node.name] = m_value if m_node.name == ref \
+                            else m_value.detach().clone()
+            need[ref] -= 1
+            ref_value = early.pop(ref, None) if need[ref] <= 0 else early.get(ref)
             # a weight (get_attr) is compared as the float64 copy its op would read
-            compare.add(node.name, early.pop(ref, None), value, reference._to64)
+            compare.add(node.name, ref_value, value, reference._to64)
         if want is None:
             for m_node, m_value in ref_steps:
                 if m_node.op == "output":

@@ -49,7 +49,20 @@ def _llama():
         dict(frontend="export", split_policy="heads")
 
 
+def _vit():
+    """torchvision's encoder blocks: MultiheadAttention(need_weights=False) returns
+    ``(out, None)``, so tracked ``getitem`` nodes hold None (ViT-L/16 lost the lockstep
+    there: the masked run stepped past a None it never stored)."""
+    import torchvision
+
+    model = torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=3,
+                                                 num_heads=2, hidden_dim=16, mlp_dim=24,
+                                                 num_classes=5)
+    return model.eval(), torch.randn(1, 3, 16, 16), {}
+
+
 CASES = {
+    "vit-fx": _vit,
     "stack-export": lambda: (Stack().eval(), torch.randn(2, 4, 5), dict(frontend="export")),
     "convbn-fx": lambda: (ConvBN().eval(), torch.randn(2, 3, 6, 6), {}),
     "llama-export": _llama,  # inexact groups (RMSNorm): the exact-only recompile path

@@ -62,7 +62,11 @@ def main() -> None:
                 plan = fxprune.plan(analysis, "l1", target_macs=args.target_macs, **kw)
                 models[label] = fxprune.compile(model, plan).eval()
                 macs[label] = count_macs(models[label], (x,))
-            got = measure_model_latency(models, (x,), backend=b, repeats=args.repeats)
+            try:
+                got = measure_model_latency(models, (x,), backend=b, repeats=args.repeats)
+            except fxprune.FxpruneError as exc:  # e.g. the dense model does not export
+                print(f"{name} on {b}: skipped ({str(exc).splitlines()[0][:160]})", flush=True)
+                continue
             base = got["round_to=1"].median_ms
             for label in models:
                 rows.append((name, b, label, f"{macs[label] / dense_macs:.3f}", str(got[label]),

@@ -34,7 +34,7 @@ from passes.slice_weights import keep_mask
 from passes.rules.registry import (MODULE_FIXUPS, RewriteOptions, apply_module_fixup,
                                    find_module_entry)
 
-__all__ = ["slice_module", "literal_rewrites", "check_module_output"]
+__all__ = ["slice_module", "literal_rewrites", "check_module_output", "head_reading"]
 
 
 def slice_module(model: torch.nn.Module, analysis: GroupAnalysis, kept: np.ndarray,
@@ -189,7 +189,7 @@ def _follow_heads(small: torch.nn.Module, path: str, analysis: GroupAnalysis,
     if heads0 is None or proj is None:
         return
     weight = f"{path}.{proj}.weight" if path else f"{proj}.weight"
-    reading = _head_reading(analysis, kept, weight, heads0,
+    reading = head_reading(analysis, kept, weight, heads0,
                             _int_attribute(module, HEAD_DIM_ATTRIBUTES))
     if reading is None:
         return
@@ -210,7 +210,7 @@ def _follow_heads(small: torch.nn.Module, path: str, analysis: GroupAnalysis,
                 module.fused_attn = False
 
 
-def _head_reading(analysis: GroupAnalysis, kept: np.ndarray, weight: str, heads0: int,
+def head_reading(analysis: GroupAnalysis, kept: np.ndarray, weight: str, heads0: int,
                   head_dim0: int | None) -> tuple[int, int, int] | None:
     """``(head_dim, kept heads, kept head_dim)`` read from the kept rows of ``weight``
     as (q/k/v, heads, head_dim) blocks, or None when no such reading is even."""

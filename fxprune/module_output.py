@@ -12,6 +12,7 @@ runs, but its ``save_pretrained`` raises ``NonUniformPlanError``.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from fxprune.core.graph_meta import get_meta
 from fxprune.core.groups import GroupAnalysis
 from fxprune.core.pipeline import Step
 from fxprune.core.plan import Plan
+from passes.rules.registry import RewriteOptions
 from passes.slice_module import check_module_output, head_reading, slice_module
 
 __all__ = ["module_steps", "update_hf_config", "hf_sizes", "uniform_constraints"]
@@ -40,7 +42,8 @@ def module_steps(model: torch.nn.Module, analysis: GroupAnalysis, kept: np.ndarr
     def sliced_module(pruned: torch.fx.GraphModule) -> torch.nn.Module:
         small = slice_module(model, analysis, kept, pruned, check=False)
         if _is_hf(small):
-            update_hf_config(small, model, analysis, kept)
+            update_hf_config(small, model, analysis, kept,
+                             attention_scale=get_meta(pruned, "attention_scale", "original"))
         if check:
             if get_meta(analysis.gm, "specialised"):  # one recorded path: small must take it
                 from fxprune.record import check_recorded_path
@@ -201,7 +204,8 @@ def _read_heads(analysis: GroupAnalysis | None, kept: np.ndarray | None, path: s
 
 def update_hf_config(small: torch.nn.Module, original: torch.nn.Module,
                      analysis: GroupAnalysis | None = None,
-                     kept: np.ndarray | None = None) -> None:
+                     kept: np.ndarray | None = None, *,
+                     attention_scale: str = "original") -> None:
     """Size attributes of ``small``'s attention modules and its ``config`` follow its
     sliced weights (read as heads x head_dim from ``analysis``'s labels where given); a
     config that cannot describe every layer disables ``save_pretrained``
@@ -211,8 +215,12 @@ def update_hf_config(small: torch.nn.Module, original: torch.nn.Module,
         if type(getattr(m, "nf", None)) is int and getattr(m, "weight", None) is not None \
                 and m.weight.dim() == 2:
             m.nf = m.weight.shape[1]
+    cfg0 = original.config
+    hd0 = getattr(cfg0, "head_dim", None) or cfg0.hidden_size // cfg0.num_attention_heads
     for layer in layers:
         _set_attention_attributes(small.get_submodule(layer["path"]), layer)
+        _set_attention_scale(small.get_submodule(layer["path"]), hd0, layer["head_dim"],
+                             RewriteOptions(attention_scale))
     mlp = {_linear_out(m) for path, m in small.named_modules()
            if (path.rpartition(".")[2] in _MLP_UP or path.endswith("intermediate.dense"))
            and hasattr(m, "weight")}  # BERT-family MLPs are ``intermediate.dense``
@@ -277,6 +285,15 @@ def _set_attention_attributes(m: torch.nn.Module, layer: dict[str, int]) -> None
     for name, value in table.items():
         if type(getattr(m, name, None)) is int:
             setattr(m, name, value)
+
+
+def _set_attention_scale(m: torch.nn.Module, hd0: int, hd: int,
+                         options: RewriteOptions) -> None:
+    """The ``scaling`` the forward passes to SDPA (1/sqrt(head_dim)) becomes the scale
+    ``slice_weights`` wrote into the graph (recomputed or kept, ``attention_scale``)."""
+    value = getattr(m, "scaling", None)
+    if hd != hd0 and isinstance(value, float) and math.isclose(value, hd0 ** -0.5):
+        m.scaling = options.softmax_scale(hd0, hd)
 
 
 def _refuse_save(detail: str, *args: Any, **kwargs: Any) -> None:

@@ -12,6 +12,7 @@ runs, but its ``save_pretrained`` raises ``NonUniformPlanError``.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,9 @@ from fxprune.core.graph_meta import get_meta
 from fxprune.core.groups import GroupAnalysis
 from fxprune.core.pipeline import Step
 from fxprune.core.plan import Plan
-from passes.slice_module import check_module_output, check_unrun_modules, slice_module
+from passes.rules.registry import RewriteOptions
+from passes.slice_module import (check_module_output, check_unrun_modules, head_reading,
+                                 slice_module)
 
 __all__ = ["module_steps", "update_hf_config", "hf_sizes", "uniform_constraints"]
 
@@ -40,7 +43,8 @@ def module_steps(model: torch.nn.Module, analysis: GroupAnalysis, kept: np.ndarr
     def sliced_module(pruned: torch.fx.GraphModule) -> torch.nn.Module:
         small = slice_module(model, analysis, kept, pruned, check=False)
         if _is_hf(small):
-            update_hf_config(small, model)
+            update_hf_config(small, model, analysis, kept,
+                             attention_scale=get_meta(pruned, "attention_scale", "original"))
         if check:
             if get_meta(analysis.gm, "specialised"):  # one recorded path: small must take it
                 from fxprune.record import check_recorded_path
@@ -145,10 +149,13 @@ def _linear_out(m: torch.nn.Module) -> int:
     return w.shape[0] if isinstance(m, torch.nn.Linear) else w.shape[1]
 
 
-def hf_sizes(model: torch.nn.Module, original: torch.nn.Module) -> list[dict[str, int]]:
+def hf_sizes(model: torch.nn.Module, original: torch.nn.Module,
+             analysis: GroupAnalysis | None = None, kept: np.ndarray | None = None
+             ) -> list[dict[str, int]]:
     """Per attention layer of ``model``: query heads, kv heads, head_dim and the path,
-    read from the sliced projections; the unit (heads or head_dim) that shrank is found
-    by comparing with the same layer of ``original``."""
+    read from the kept rows of the query / key projections where ``analysis`` and ``kept``
+    are given (the widths alone are ambiguous: 4 heads x 6 kept features read as 3 whole
+    heads of 8); else from the sliced widths compared with ``original``'s."""
     cfg = original.config
     heads0 = cfg.num_attention_heads
     kv0 = getattr(cfg, "num_key_value_heads", None) or heads0
@@ -163,7 +170,10 @@ def hf_sizes(model: torch.nn.Module, original: torch.nn.Module) -> list[dict[str
             q = k = _linear_out(getattr(m, _FUSED[0])) // 3
         else:
             continue
-        if q % hd0 == 0 and k % hd0 == 0:
+        read = _read_heads(analysis, kept, path, names, heads0, kv0, hd0)
+        if read is not None:
+            heads, kv, hd = read
+        elif q % hd0 == 0 and k % hd0 == 0:
             heads, kv, hd = q // hd0, k // hd0, hd0  # whole heads removed (or none)
         elif q % heads0 or k % kv0:  # head_dim units kept unevenly across the heads
             raise ModuleOutputError(
@@ -179,17 +189,40 @@ def hf_sizes(model: torch.nn.Module, original: torch.nn.Module) -> list[dict[str
     return out
 
 
-def update_hf_config(small: torch.nn.Module, original: torch.nn.Module) -> None:
+def _read_heads(analysis: GroupAnalysis | None, kept: np.ndarray | None, path: str,
+                names: tuple[str, ...] | None, heads0: int, kv0: int, hd0: int
+                ) -> tuple[int, int, int] | None:
+    """(query heads, kv heads, head_dim) from the kept rows of separate q and k projections
+    (``head_reading``), or None (no analysis, a fused projection, an uneven reading)."""
+    if analysis is None or kept is None or names is None:
+        return None
+    prefix = f"{path}." if path else ""
+    q = head_reading(analysis, kept, f"{prefix}{names[0]}.weight", heads0, hd0)
+    k = head_reading(analysis, kept, f"{prefix}{names[1]}.weight", kv0, hd0)
+    if q is None or k is None or q[2] != k[2]:
+        return None
+    return q[1], k[1], q[2]
+
+
+def update_hf_config(small: torch.nn.Module, original: torch.nn.Module,
+                     analysis: GroupAnalysis | None = None,
+                     kept: np.ndarray | None = None, *,
+                     attention_scale: str = "original") -> None:
     """Size attributes of ``small``'s attention modules and its ``config`` follow its
-    sliced weights; a config that cannot describe every layer disables ``save_pretrained``
+    sliced weights (read as heads x head_dim from ``analysis``'s labels where given); a
+    config that cannot describe every layer disables ``save_pretrained``
     (``NonUniformPlanError``)."""
-    layers = hf_sizes(small, original)
+    layers = hf_sizes(small, original, analysis, kept)
     for m in small.modules():  # transformers' Conv1D (GPT-2) reads its width ``nf``
         if type(getattr(m, "nf", None)) is int and getattr(m, "weight", None) is not None \
                 and m.weight.dim() == 2:
             m.nf = m.weight.shape[1]
+    cfg0 = original.config
+    hd0 = getattr(cfg0, "head_dim", None) or cfg0.hidden_size // cfg0.num_attention_heads
     for layer in layers:
         _set_attention_attributes(small.get_submodule(layer["path"]), layer)
+        _set_attention_scale(small.get_submodule(layer["path"]), hd0, layer["head_dim"],
+                             RewriteOptions(attention_scale))
     mlp = {_linear_out(m) for path, m in small.named_modules()
            if (path.rpartition(".")[2] in _MLP_UP or path.endswith("intermediate.dense"))
            and hasattr(m, "weight")}  # BERT-family MLPs are ``intermediate.dense``
@@ -254,6 +287,15 @@ def _set_attention_attributes(m: torch.nn.Module, layer: dict[str, int]) -> None
     for name, value in table.items():
         if type(getattr(m, name, None)) is int:
             setattr(m, name, value)
+
+
+def _set_attention_scale(m: torch.nn.Module, hd0: int, hd: int,
+                         options: RewriteOptions) -> None:
+    """The ``scaling`` the forward passes to SDPA (1/sqrt(head_dim)) becomes the scale
+    ``slice_weights`` wrote into the graph (recomputed or kept, ``attention_scale``)."""
+    value = getattr(m, "scaling", None)
+    if hd != hd0 and isinstance(value, float) and math.isclose(value, hd0 ** -0.5):
+        m.scaling = options.softmax_scale(hd0, hd)
 
 
 def _refuse_save(detail: str, *args: Any, **kwargs: Any) -> None:

@@ -24,8 +24,9 @@ Before/after (ResNet-18, 25% of layer1.0.conv1's channels removed)::
 from __future__ import annotations
 
 import copy
-import warnings
+import math
 import operator
+import warnings
 from typing import Any
 
 import numpy as np
@@ -36,11 +37,12 @@ from fxprune.core.errors import (LiteralSizeError, ModuleOutputError, RewriteErr
                                  UnprovenBranchWarning, source_line)
 from fxprune.core.groups import GroupAnalysis
 from fxprune.core.graph_meta import get_meta
+from passes.slice_weights import keep_mask
 from passes.rules.registry import (MODULE_FIXUPS, RewriteOptions, apply_module_fixup,
                                    find_module_entry)
 
 __all__ = ["slice_module", "literal_rewrites", "check_module_output", "uneven_chunks",
-           "check_unrun_modules"]
+           "check_unrun_modules", "head_reading"]
 
 
 def slice_module(model: torch.nn.Module, analysis: GroupAnalysis, kept: np.ndarray,
@@ -66,6 +68,7 @@ def slice_module(model: torch.nn.Module, analysis: GroupAnalysis, kept: np.ndarr
     changes = _size_changes(model, small)
     for path in sorted(parents | {""} | touched):
         _follow_sizes(small, path, changes)
+        _follow_heads(small, path, analysis, kept, options)
     _follow_size_tuples(small, analysis, pruned)
     if check:
         check_module_output(small, pruned, analysis, rtol=rtol, atol=atol)
@@ -231,6 +234,89 @@ def _changed_sequences(before: torch.fx.Node, after: torch.fx.Node) -> list[tupl
 def _slices(index: Any) -> list[slice]:
     items = index if isinstance(index, tuple) else (index,)
     return [i if isinstance(i, slice) else slice(None) for i in items]
+
+
+# Field-standard names of an attention module's head count, head width and their
+# product (timm ``num_heads``/``head_dim``/``attn_dim``, transformers
+# ``num_attention_heads``/``attention_head_size``/``all_head_size``, others'
+# ``n_heads``/``dim_head``/``inner_dim``), its softmax scale, and the projections whose
+# output rows are laid out (q/k/v, heads, head_dim) (a fused ``qkv``: 3 x heads x head_dim).
+HEAD_COUNT_ATTRIBUTES = ("num_heads", "n_heads", "n_head", "num_attention_heads", "heads")
+HEAD_DIM_ATTRIBUTES = ("head_dim", "dim_head", "attention_head_size", "head_size", "d_head")
+HEAD_TOTAL_ATTRIBUTES = ("attn_dim", "all_head_size", "inner_dim", "split_size")
+SCALE_ATTRIBUTES = ("scale", "scaling")
+QUERY_PROJECTIONS = ("qkv", "q", "query", "q_proj", "to_q", "to_qkv", "wq", "in_proj")
+
+
+def _follow_heads(small: torch.nn.Module, path: str, analysis: GroupAnalysis,
+                  kept: np.ndarray, options: RewriteOptions) -> None:
+    """An attention module without a fixup (timm's ``Attention``, window attention, the
+    user's own) holds its head count and head_dim as int attributes named in
+    ``HEAD_COUNT_ATTRIBUTES`` / ``HEAD_DIM_ATTRIBUTES``: they take the counts its query
+    projection's kept rows show when read as (q/k/v, heads, head_dim) blocks (a head is
+    kept whole or not at all, every kept head keeps as many features); totals follow,
+    a scale derived from head_dim is recomputed where ``attention_scale="recompute"``.
+    A guess, as in ``_follow_sizes``: ``check_module_output`` proves or refutes it."""
+    module = small.get_submodule(path) if path else small
+    if find_module_entry(MODULE_FIXUPS, module) is not None:
+        return
+    heads0 = next((getattr(module, n) for n in HEAD_COUNT_ATTRIBUTES
+                   if type(getattr(module, n, None)) is int and getattr(module, n) > 0), None)
+    proj = next((n for n in QUERY_PROJECTIONS
+                 if isinstance(getattr(module, n, None), torch.nn.Module)), None)
+    if heads0 is None or proj is None:
+        return
+    weight = f"{path}.{proj}.weight" if path else f"{proj}.weight"
+    reading = head_reading(analysis, kept, weight, heads0,
+                            _int_attribute(module, HEAD_DIM_ATTRIBUTES))
+    if reading is None:
+        return
+    head_dim0, heads, head_dim = reading
+    _set_ints(module, HEAD_COUNT_ATTRIBUTES, heads0, heads)
+    _set_ints(module, HEAD_DIM_ATTRIBUTES, head_dim0, head_dim)
+    _set_ints(module, HEAD_TOTAL_ATTRIBUTES, heads0 * head_dim0, heads * head_dim)
+    if head_dim == head_dim0:
+        return
+    for name in SCALE_ATTRIBUTES:
+        value = getattr(module, name, None)
+        if isinstance(value, float) and math.isclose(value, head_dim0 ** -0.5):
+            setattr(module, name, options.softmax_scale(head_dim0, head_dim))
+            if options.attention_scale == "original" and \
+                    type(getattr(module, "fused_attn", None)) is bool:
+                # timm's fused path calls SDPA without a scale (1/sqrt(head_dim) of the
+                # pruned q): its explicit path multiplies by the scale kept above
+                module.fused_attn = False
+
+
+def head_reading(analysis: GroupAnalysis, kept: np.ndarray, weight: str, heads0: int,
+                  head_dim0: int | None) -> tuple[int, int, int] | None:
+    """``(head_dim, kept heads, kept head_dim)`` read from the kept rows of ``weight``
+    as (q/k/v, heads, head_dim) blocks, or None when no such reading is even."""
+    labels = analysis.tensor_labels.get((weight, 0))
+    if labels is None:
+        return None
+    rows = keep_mask(np.asarray(labels), kept)
+    for parts in (1, 2, 3):
+        if len(rows) % (parts * heads0) or \
+                (head_dim0 is not None and len(rows) != parts * heads0 * head_dim0):
+            continue
+        per_head = rows.reshape(parts, heads0, -1).sum(axis=2)
+        alive = per_head > 0
+        counts = set(per_head[alive].tolist())
+        if len(counts) == 1 and (alive == alive[:1]).all():
+            return rows.size // (parts * heads0), int(alive[0].sum()), counts.pop()
+    return None
+
+
+def _set_ints(module: torch.nn.Module, names: tuple[str, ...], old: int, new: int) -> None:
+    for name in names:
+        if type(getattr(module, name, None)) is int and getattr(module, name) == old:
+            setattr(module, name, new)
+
+
+def _int_attribute(module: torch.nn.Module, names: tuple[str, ...]) -> int | None:
+    return next((getattr(module, n) for n in names if type(getattr(module, n, None)) is int),
+                None)
 
 
 def literal_rewrites(analysis: GroupAnalysis, pruned: torch.fx.GraphModule) -> list[str]:

@@ -276,8 +276,10 @@ def test_latency_target_uses_the_measured_table(small_cnn):
     table = measure_latency(cost, fractions=(0.25, 0.5, 0.75), repeats=3)
     floor = table.predict(cost, cost_floor_kept(analysis))
     fraction = 0.5 * (floor + table.dense_ms) / table.dense_ms  # reachable on any timing
+    # round_to=1: the floor above is one unit per group (the "auto" default's multiples
+    # come from timing, tests/fxprune/test_rounding.py)
     plan = fxprune.plan(analysis, "l1", target_latency=fraction, cost=cost, latency=table,
-                        scope="global")
+                        scope="global", round_to=1)
     assert floor <= plan.meta["latency_ms"] <= fraction * table.dense_ms
     assert plan.meta["latency_ms"] == pytest.approx(
         table.predict(cost, plan.kept_labels(analysis)))

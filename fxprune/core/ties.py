@@ -1,0 +1,172 @@
+"""Equal pieces of ``chunk(n)`` / ``split(int)``: which units a plan removes together.
+
+The forward of ShuffleNetV2 (``x.chunk(2, dim=1)``) and CSPNet
+(``x.split(self.expand_chs // 2, dim=1)``) cuts equal pieces from whatever width it
+gets, so a plan must keep the same count in every piece (``GroupAnalysis.split_ties``
+records where). Units are merged into *atoms* that keep every tie balanced: the atoms
+inside one piece of a tie are ranked by their mean score and bundled so that each
+bundle holds the same number of the tie's indices, and the j-th bundle of every piece
+becomes one atom. Removing any set of whole atoms keeps every tie's pieces equal.
+Ties are handled innermost first (ShuffleNet nests them: each block's chunk halves
+the previous block's first piece). A tie this cannot balance (pieces spanning several
+groups, unequal pinned counts, atoms of mixed widths in a piece) leaves its groups
+whole, with the reason (``held``), never a plan the forward cannot run.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fxprune.core.groups import GroupAnalysis, SplitTie
+
+__all__ = ["TiedOrder", "tied_orders", "broken_ties", "tie_atoms"]
+
+
+@dataclass(frozen=True)
+class TiedOrder:
+    """A tied group's removal order: ``order`` lists its local units lowest-scored atom
+    first (each atom's units contiguous); ``cuts`` are the removal counts that remove
+    whole atoms (0 first); ``atom`` is each local unit's atom id."""
+
+    group: str
+    order: np.ndarray = field(repr=False)
+    cuts: np.ndarray = field(repr=False)
+    atom: np.ndarray = field(repr=False)
+    ties: tuple[str, ...] = ()  # the chunk / split nodes
+    notes: tuple[str, ...] = ()  # ties whose units could only be merged whole
+
+    def summary(self) -> str:
+        """One line for a plan's meta: the ties, and the removal steps they allow."""
+        steps = sorted({int(b - a) for a, b in zip(self.cuts[:-1], self.cuts[1:])})
+        return (f"equal pieces at {', '.join(self.ties[:4])}"
+                + (f" (+{len(self.ties) - 4})" if len(self.ties) > 4 else "")
+                + f": units go in whole atoms of {steps}"
+                + (f"; {'; '.join(self.notes[:2])}" if self.notes else ""))
+
+    def removals(self, wanted: int, *, round_to: int = 1, size: int | None = None) -> int:
+        """The largest whole-atom removal count <= ``wanted`` whose kept count is a
+        multiple of ``round_to`` (0 when none is)."""
+        size = int(self.cuts[-1]) if size is None else size
+        ok = self.cuts[(self.cuts <= wanted) & ((size - self.cuts) % round_to == 0)]
+        return int(ok.max()) if len(ok) else 0
+
+
+def tied_orders(analysis: GroupAnalysis, scores: Mapping[str, np.ndarray]
+                ) -> tuple[dict[str, TiedOrder], dict[str, str]]:
+    """(removal order of every tied group in ``scores``, groups to leave whole -> why)."""
+    by_group: dict[str, list[SplitTie]] = {}
+    held: dict[str, str] = {}
+    for tie in analysis.split_ties:
+        if len(tie.groups) > 1:
+            for name in tie.groups:
+                held.setdefault(name, f"the pieces of {tie.describe()} hold units of "
+                                      f"{len(tie.groups)} groups")
+            continue
+        by_group.setdefault(tie.groups[0], []).append(tie)
+    out = {}
+    for name, ties in by_group.items():
+        if name in held or name not in scores:
+            continue
+        g = analysis.group(name)
+        atom, why, notes = tie_atoms(analysis, g.size, ties,
+                                     np.asarray(scores[name], dtype=float))
+        if why:
+            held[name] = why
+            continue
+        score = _atom_scores(atom, np.asarray(scores[name], dtype=float))
+        ids = np.unique(atom)
+        ranked = ids[np.lexsort((ids, score[ids]))]
+        order = np.concatenate([np.flatnonzero(atom == a) for a in ranked])
+        cuts = np.concatenate([[0], np.cumsum([int((atom == a).sum()) for a in ranked])])
+        out[name] = TiedOrder(name, order, cuts.astype(np.int64), atom,
+                              tuple(t.node for t in ties), notes)
+    return out, held
+
+
+def _atom_scores(atom: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Mean unit score per atom id (+inf where a unit may never go, or the mean is nan)."""
+    n = int(atom.max()) + 1 if len(atom) else 0
+    total = np.zeros(n)
+    with np.errstate(invalid="ignore"):
+        np.add.at(total, atom, scores)
+        mean = total / np.maximum(np.bincount(atom, minlength=n), 1)
+    never = np.zeros(n, dtype=bool)
+    never[atom[np.isposinf(scores)]] = True
+    return np.where(never | np.isnan(mean), np.inf, mean)
+
+
+def tie_atoms(analysis: GroupAnalysis, size: int, ties: list[SplitTie], scores: np.ndarray
+              ) -> tuple[np.ndarray, str, tuple[str, ...]]:
+    """Atom id per local unit of one group balancing every tie, "" (or why the group must
+    stay whole) and notes on ties whose units were merged into one atom."""
+    atom, notes = np.arange(size), []
+    span = [len(np.unique(np.concatenate(t.pieces))) for t in ties]
+    for i in sorted(range(len(ties)), key=lambda i: (span[i], i)):  # innermost first
+        tie = ties[i]
+        pieces = [analysis.local_of[lab[lab >= 0]] for lab in tie.pieces]
+        pinned = {int((lab < 0).sum()) for lab in tie.pieces}
+        if len(pinned) > 1:
+            return atom, f"the pieces of {tie.describe()} hold unequal never-pruned counts", ()
+        why = _merge(atom, pieces, _atom_scores(atom, scores))
+        if why:
+            notes.append(f"{tie.node}: {why}, so its units go (or stay) together")
+    return atom, "", tuple(notes)
+
+
+def _merge(atom: np.ndarray, pieces: list[np.ndarray], score: np.ndarray) -> str:
+    """Merge ``atom`` (in place) so that one tie stays balanced: by bundles where the
+    pieces' atoms allow, else all atoms the tie touches into one (they go together, or
+    stay together); "" or why bundles could not be cut."""
+    why = _bundle(atom, pieces, score)
+    if why:
+        touched = np.unique(atom[np.concatenate(pieces)])
+        atom[np.isin(atom, touched)] = int(touched.min())
+    return why
+
+
+def _bundle(atom: np.ndarray, pieces: list[np.ndarray], score: np.ndarray) -> str:
+    """Bundle the atoms of every piece into balanced atoms (in place); "" or why not."""
+    weights: dict[int, np.ndarray] = {}
+    for k, local in enumerate(pieces):
+        ids, counts = np.unique(atom[local], return_counts=True)
+        for a, c in zip(ids.tolist(), counts.tolist()):
+            weights.setdefault(a, np.zeros(len(pieces), dtype=np.int64))[k] = c
+    own: list[list[int]] = [[] for _ in pieces]
+    for a, w in weights.items():
+        if (w == w[0]).all():
+            continue  # removes as many indices from every piece
+        if (w > 0).sum() != 1:
+            return "a unit spans several pieces unevenly"
+        own[int(np.argmax(w > 0))].append(a)
+    width = [{int(weights[a].max()) for a in atoms} for atoms in own]
+    if not any(own):
+        return ""
+    if any(len(w) != 1 for w in width):
+        return "a piece holds units of different widths"
+    width = [w.pop() for w in width]
+    lcm = math.lcm(*width)
+    per = [lcm // w for w in width]
+    if any(len(atoms) % b for atoms, b in zip(own, per)):
+        return "the pieces cannot be cut into equal bundles"
+    bundles = {len(atoms) // b for atoms, b in zip(own, per)}
+    if len(bundles) != 1:
+        return "the pieces hold different counts"
+    m = bundles.pop()
+    ranked = [sorted(atoms, key=lambda a: (score[a], a)) for atoms in own]
+    for j in range(m):
+        members = [a for atoms, b in zip(ranked, per) for a in atoms[j * b:(j + 1) * b]]
+        atom[np.isin(atom, members)] = min(members)
+    return ""
+
+
+def broken_ties(analysis: GroupAnalysis, kept: np.ndarray) -> list[str]:
+    """Ties whose pieces ``kept`` (a bool per global unit) leaves unequal, with counts."""
+    out = []
+    for tie in analysis.split_ties:
+        counts = [int((lab < 0).sum() + kept[lab[lab >= 0]].sum()) for lab in tie.pieces]
+        if len(set(counts)) > 1:
+            out.append(f"{tie.describe()}: kept {counts}")
+    return out

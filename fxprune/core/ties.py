@@ -76,6 +76,10 @@ def tied_orders(analysis: GroupAnalysis, scores: Mapping[str, np.ndarray]
         if why:
             held[name] = why
             continue
+        if len(np.unique(atom)) == 1:
+            held[name] = (f"equal pieces at {', '.join(t.node for t in ties[:4])} tie every unit "
+                          f"to every other ({notes[0] if notes else 'one atom'})")
+            continue
         score = _atom_scores(atom, np.asarray(scores[name], dtype=float))
         ids = np.unique(atom)
         ranked = ids[np.lexsort((ids, score[ids]))]
@@ -120,20 +124,47 @@ def _merge(atom: np.ndarray, pieces: list[np.ndarray], score: np.ndarray) -> str
     """Merge ``atom`` (in place) so that one tie stays balanced: by bundles where the
     pieces' atoms allow, else all atoms the tie touches into one (they go together, or
     stay together); "" or why bundles could not be cut."""
-    why = _bundle(atom, pieces, score)
+    _merge_straddlers(atom, pieces)
+    why = _bundle(atom, pieces, _rescore(atom, score))
     if why:
         touched = np.unique(atom[np.concatenate(pieces)])
         atom[np.isin(atom, touched)] = int(touched.min())
     return why
 
 
-def _bundle(atom: np.ndarray, pieces: list[np.ndarray], score: np.ndarray) -> str:
-    """Bundle the atoms of every piece into balanced atoms (in place); "" or why not."""
+def _weights(atom: np.ndarray, pieces: list[np.ndarray]) -> dict[int, np.ndarray]:
+    """Atom id -> how many indices of each piece it holds."""
     weights: dict[int, np.ndarray] = {}
     for k, local in enumerate(pieces):
         ids, counts = np.unique(atom[local], return_counts=True)
         for a, c in zip(ids.tolist(), counts.tolist()):
             weights.setdefault(a, np.zeros(len(pieces), dtype=np.int64))[k] = c
+    return weights
+
+
+def _merge_straddlers(atom: np.ndarray, pieces: list[np.ndarray]) -> None:
+    """Atoms that hold indices of several pieces unevenly (a shuffled unit cut by the
+    chunk) become one atom; together they may balance (ShuffleNet's deep stages)."""
+    odd = [a for a, w in _weights(atom, pieces).items()
+           if (w > 0).sum() > 1 and not (w == w[0]).all()]
+    if len(odd) > 1:
+        atom[np.isin(atom, odd)] = min(odd)
+
+
+def _rescore(atom: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """Atom scores after a merge: the merged atom (its smallest id) takes its members' mean."""
+    out = score.copy()
+    for a in np.unique(atom).tolist():
+        members = np.flatnonzero(atom == a)
+        if len(members) > 1 or members[0] != a:
+            with np.errstate(invalid="ignore"):
+                out[a] = np.inf if np.isposinf(score[members]).any() else score[members].mean()
+    return out
+
+
+def _bundle(atom: np.ndarray, pieces: list[np.ndarray], score: np.ndarray) -> str:
+    """Bundle the atoms of every piece into balanced atoms (in place); "" or why not."""
+    weights = _weights(atom, pieces)
     own: list[list[int]] = [[] for _ in pieces]
     for a, w in weights.items():
         if (w == w[0]).all():

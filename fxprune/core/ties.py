@@ -124,8 +124,8 @@ def _merge(atom: np.ndarray, pieces: list[np.ndarray], score: np.ndarray) -> str
     """Merge ``atom`` (in place) so that one tie stays balanced: by bundles where the
     pieces' atoms allow, else all atoms the tie touches into one (they go together, or
     stay together); "" or why bundles could not be cut."""
-    _merge_straddlers(atom, pieces)
-    why = _bundle(atom, pieces, _rescore(atom, score))
+    why = _balance_straddlers(atom, pieces, score) or \
+        _bundle(atom, pieces, _rescore(atom, score))
     if why:
         touched = np.unique(atom[np.concatenate(pieces)])
         atom[np.isin(atom, touched)] = int(touched.min())
@@ -142,13 +142,36 @@ def _weights(atom: np.ndarray, pieces: list[np.ndarray]) -> dict[int, np.ndarray
     return weights
 
 
-def _merge_straddlers(atom: np.ndarray, pieces: list[np.ndarray]) -> None:
-    """Atoms that hold indices of several pieces unevenly (a shuffled unit cut by the
-    chunk) become one atom; together they may balance (ShuffleNet's deep stages)."""
-    odd = [a for a, w in _weights(atom, pieces).items()
-           if (w > 0).sum() > 1 and not (w == w[0]).all()]
-    if len(odd) > 1:
-        atom[np.isin(atom, odd)] = min(odd)
+def _balance_straddlers(atom: np.ndarray, pieces: list[np.ndarray], score: np.ndarray) -> str:
+    """Atoms holding indices of several pieces unevenly (a shuffled unit cut by the chunk),
+    and atoms of a width unusual in their piece, join one core atom with the lowest-scored
+    atoms of the pieces it holds least of, until the core holds as many indices of every
+    piece (in place); "" or why not."""
+    weights = _weights(atom, pieces)
+    core = [a for a, w in weights.items() if (w > 0).sum() > 1 and not (w == w[0]).all()]
+    for k in range(len(pieces)):  # and atoms narrower or wider than most of their piece's
+        own = [a for a, w in weights.items() if (w > 0).sum() == 1 and w[k] > 0]
+        widths, counts = np.unique([weights[a][k] for a in own], return_counts=True)
+        if len(widths) > 1:
+            usual = widths[np.argmax(counts)]
+            core += [a for a in own if weights[a][k] != usual]
+    if not core:
+        return ""
+    held = sum(weights[a] for a in core)
+    free = [sorted((a for a, w in weights.items() if a not in core and (w > 0).sum() == 1
+                    and w[k] > 0), key=lambda a: (score[a], a)) for k in range(len(pieces))]
+    while not (held == held[0]).all():
+        k = int(np.argmax(held.max() - held))
+        need = int(held.max() - held[k])
+        if not free[k]:
+            return "a unit spans several pieces unevenly"
+        exact = [a for a in free[k] if weights[a][k] == need]
+        pick = exact[0] if exact else min(free[k], key=lambda a: (weights[a][k], score[a], a))
+        free[k].remove(pick)
+        core.append(pick)
+        held = held + weights[pick]
+    atom[np.isin(atom, core)] = min(core)
+    return ""
 
 
 def _rescore(atom: np.ndarray, score: np.ndarray) -> np.ndarray:

@@ -29,10 +29,10 @@ class _Branch(nn.Sequential):
 class TinyShuffle(nn.Module):
     """Two ShuffleNetV2 stride-1 blocks: chunk(2), one branch, cat, channel shuffle."""
 
-    def __init__(self, c: int = 32) -> None:
+    def __init__(self, c: int = 32, blocks: int = 2) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
-        self.blocks = nn.ModuleList(_Branch(c // 2) for _ in range(2))
+        self.blocks = nn.ModuleList(_Branch(c // 2) for _ in range(blocks))
         self.head = nn.Linear(c, 5)
 
     def forward(self, x):
@@ -148,3 +148,19 @@ def test_torchvision_shufflenet_v2_x0_5_module_output():
     assert small.stage2[1].branch2[0].in_channels < 24  # the chunked half shrank
     small.train()
     small(torch.randn(3, 3, 32, 32)).sum().backward()
+
+
+@pytest.mark.parametrize("c", [12, 20])
+def test_units_cut_by_a_chunk_join_a_balanced_core(c):
+    """c/2 halved three times is no integer: a shuffled unit spans both pieces of the
+    deepest chunk unevenly; it joins a core atom balanced by other units (not the whole
+    group), and the module still follows (proven in float64)."""
+    torch.manual_seed(0)
+    model = TinyShuffle(c, blocks=3).eval()
+    analysis = fxprune.analyze(model, (torch.randn(2, 3, 8, 8),))
+    plan = fxprune.Plan.from_ratio(analysis, 0.4, criterion="random", seed=1)
+    assert not plan.meta["split_ties_whole"] and set(plan.meta["split_ties"]) <= set(plan.keep)
+    gm = fxprune.compile(model, plan)
+    assert fxprune.verify(model, gm, plan, (torch.randn(3, 3, 8, 8),)).ok
+    small = fxprune.compile(model, plan, output="module")
+    assert small.stem[0].out_channels < c

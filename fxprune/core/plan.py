@@ -12,7 +12,7 @@ import torch
 
 from fxprune.core.errors import PlanError
 from fxprune.core.groups import ChannelGroup, GroupAnalysis
-from fxprune.core.ties import tied_orders
+from fxprune.core.ties import tied_orders, untied_ties
 
 __all__ = ["Plan", "magnitude_scores"]
 
@@ -125,7 +125,7 @@ class Plan:
         out: dict[str, tuple[int, ...]] = {}
         scored: dict[str, np.ndarray] = {}
         groups = [g for g in analysis.groups if not (exact_only and not g.exact)]
-        if analysis.split_ties:  # scores first: equal chunk pieces tie units into atoms
+        if any(len(t.groups) == 1 for t in analysis.split_ties):  # scores first: atoms
             scored = {g.name: _scores(analysis, g, criterion, rng) for g in groups}
         tied, held = tied_orders(analysis, scored)
         for g in groups:
@@ -140,7 +140,8 @@ class Plan:
             if g.name in tied:  # the nearest count of whole atoms (removed lowest first)
                 t = tied[g.name]
                 cuts = t.cuts[((g.size - t.cuts) % round_to == 0) & (t.cuts < g.size)]
-                n_keep = g.size - int(cuts[np.argmin(np.abs(g.size - cuts - n_keep))])
+                n_keep = g.size - int(cuts[np.argmin(np.abs(g.size - cuts - n_keep))]) \
+                    if len(cuts) else g.size
             if n_keep >= g.size:
                 continue
             if g.name not in scored:
@@ -150,9 +151,11 @@ class Plan:
             out[g.name] = tuple(sorted(order[:n_keep].tolist()))
         out = _guarded(analysis, out, scored, tied)
         meta = {"ratio": ratio, "criterion": criterion_name(criterion)}
-        if tied or held:
+        if tied or held or analysis.split_ties:
             meta["split_ties"] = {n: t.summary() for n, t in tied.items()}
             meta["split_ties_whole"] = dict(held)
+            if untied_ties(analysis):
+                meta["split_ties_untied"] = untied_ties(analysis)
         return cls._make(analysis, out, meta=meta)
 
     @classmethod

@@ -8,9 +8,13 @@ inside one piece of a tie are ranked by their mean score and bundled so that eac
 bundle holds the same number of the tie's indices, and the j-th bundle of every piece
 becomes one atom. Removing any set of whole atoms keeps every tie's pieces equal.
 Ties are handled innermost first (ShuffleNet nests them: each block's chunk halves
-the previous block's first piece). A tie this cannot balance (pieces spanning several
-groups, unequal pinned counts, atoms of mixed widths in a piece) leaves its groups
-whole, with the reason (``held``), never a plan the forward cannot run.
+the previous block's first piece). Units a piece cuts unevenly (a shuffled unit
+straddling the cut) or of an unusual width join a core atom balanced with other units;
+where even that fails, every unit the tie touches forms one atom, and a group left with
+one atom (or unequal pinned counts in a tie) stays whole, with the reason (``held``).
+Ties whose pieces hold units of several groups (GPT-2's ``split`` of a fused q/k/v) are
+not balanced (plans count groups apart; ``untied_ties`` names them): the GraphModule
+takes any plan, ``compile(output="module")`` refuses unequal pieces naming the line.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import numpy as np
 
 from fxprune.core.groups import GroupAnalysis, SplitTie
 
-__all__ = ["TiedOrder", "tied_orders", "broken_ties", "tie_atoms"]
+__all__ = ["TiedOrder", "tied_orders", "broken_ties", "untied_ties", "tie_atoms"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,11 @@ class TiedOrder:
     atom: np.ndarray = field(repr=False)
     ties: tuple[str, ...] = ()  # the chunk / split nodes
     notes: tuple[str, ...] = ()  # ties whose units could only be merged whole
+
+    def unit_scores(self, scores: np.ndarray) -> np.ndarray:
+        """Each unit's score replaced by its atom's mean (+inf where a unit may never go,
+        -inf where one went at an earlier step): an atom's units rank together."""
+        return _atom_scores(self.atom, np.asarray(scores, dtype=float))[self.atom]
 
     def summary(self) -> str:
         """One line for a plan's meta: the ties, and the removal steps they allow."""
@@ -60,12 +69,8 @@ def tied_orders(analysis: GroupAnalysis, scores: Mapping[str, np.ndarray]
     by_group: dict[str, list[SplitTie]] = {}
     held: dict[str, str] = {}
     for tie in analysis.split_ties:
-        if len(tie.groups) > 1:
-            for name in tie.groups:
-                held.setdefault(name, f"the pieces of {tie.describe()} hold units of "
-                                      f"{len(tie.groups)} groups")
-            continue
-        by_group.setdefault(tie.groups[0], []).append(tie)
+        if len(tie.groups) == 1:  # pieces across groups (GPT-2's q/k/v split): untied,
+            by_group.setdefault(tie.groups[0], []).append(tie)  # see untied_ties
     out = {}
     for name, ties in by_group.items():
         if name in held or name not in scores:
@@ -216,10 +221,21 @@ def _bundle(atom: np.ndarray, pieces: list[np.ndarray], score: np.ndarray) -> st
     return ""
 
 
+def untied_ties(analysis: GroupAnalysis) -> dict[str, str]:
+    """Ties a plan does not balance (their pieces hold units of several groups, which
+    plans count apart): node -> why. ``compile(output="module")`` refuses a plan that
+    keeps such pieces unequal (``LiteralSizeError``); the GraphModule takes it."""
+    return {t.node: f"{t.describe()}: its pieces hold units of {len(t.groups)} groups "
+                    f"({', '.join(t.groups[:3])}), not tied"
+            for t in analysis.split_ties if len(t.groups) > 1}
+
+
 def broken_ties(analysis: GroupAnalysis, kept: np.ndarray) -> list[str]:
     """Ties whose pieces ``kept`` (a bool per global unit) leaves unequal, with counts."""
     out = []
     for tie in analysis.split_ties:
+        if len(tie.groups) > 1:
+            continue  # untied_ties
         counts = [int((lab < 0).sum() + kept[lab[lab >= 0]].sum()) for lab in tie.pieces]
         if len(set(counts)) > 1:
             out.append(f"{tie.describe()}: kept {counts}")

@@ -43,7 +43,7 @@ from fxprune.core.errors import BudgetError, PlanError
 from fxprune.core.groups import ChannelGroup, GroupAnalysis
 from fxprune.planning.importance import Importance
 from fxprune.core.plan import DimGuard, Plan, resolve_ignore
-from fxprune.core.ties import TiedOrder, broken_ties, tied_orders
+from fxprune.core.ties import TiedOrder, broken_ties, tied_orders, untied_ties
 
 __all__ = ["plan", "Budget", "SCHEDULES", "TOLERANCE", "group_kind", "check_uniform"]
 
@@ -226,7 +226,7 @@ class _Search:
         (+inf where any group's j-th unit may never go)."""
         tied = self.ties[b.name]
         if len(tied) == 1 and tied[0].name == b.name and b.tied is not None:
-            return _atom_mean(b.tied, scores[b.name])  # an atom's units rank together
+            return b.tied.unit_scores(scores[b.name])  # an atom's units rank together
         if len(tied) == 1 and tied[0].name == b.name:
             return scores[b.name]
         ranked = np.stack([np.sort(scores[g.name]) for g in tied])
@@ -276,18 +276,6 @@ class _Search:
             [f for linked in self.links.values() for f, _ in linked]
         return {g.name: np.flatnonzero(kept[g.labels]).tolist()
                 for g in groups if not kept[g.labels].all()}
-
-
-def _atom_mean(tied: TiedOrder, scores: np.ndarray) -> np.ndarray:
-    """Each unit's score replaced by its atom's mean (+inf where a unit may never go)."""
-    atom = tied.atom
-    total = np.bincount(atom, weights=np.where(np.isfinite(scores), scores, 0.0))
-    mean = (total / np.maximum(np.bincount(atom), 1))[atom]
-    never = np.zeros(len(total), dtype=bool)
-    never[atom[np.isposinf(scores)]] = True
-    gone = np.zeros(len(total), dtype=bool)
-    gone[atom[np.isneginf(scores)]] = True  # removed at an earlier step
-    return np.where(never[atom], np.inf, np.where(gone[atom], -np.inf, mean))
 
 
 def _atom_labels(analysis: GroupAnalysis, bounds: Iterable[_Bounds]) -> np.ndarray | None:
@@ -482,9 +470,11 @@ def plan(analysis: GroupAnalysis, importance: str | Importance | Callable = "l1"
                      "dense_params": cost.dense.params})
     if kind == "latency":
         meta["latency_ms"] = cost_fn(kept)
-    if tied or held:
+    if tied or held or analysis.split_ties:
         meta["split_ties"] = {n: t.summary() for n, t in tied.items()}
         meta["split_ties_whole"] = dict(held)
+        if untied_ties(analysis):
+            meta["split_ties_untied"] = untied_ties(analysis)
     broken = broken_ties(analysis, kept)
     if broken:
         raise PlanError("the plan keeps unequal counts in the pieces of a chunk/split the "

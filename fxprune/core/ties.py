@@ -126,15 +126,55 @@ def tie_atoms(analysis: GroupAnalysis, size: int, ties: list[SplitTie], scores: 
 
 
 def _merge(atom: np.ndarray, pieces: list[np.ndarray], score: np.ndarray) -> str:
-    """Merge ``atom`` (in place) so that one tie stays balanced: by bundles where the
-    pieces' atoms allow, else all atoms the tie touches into one (they go together, or
-    stay together); "" or why bundles could not be cut."""
-    why = _balance_straddlers(atom, pieces, score) or \
-        _bundle(atom, pieces, _rescore(atom, score))
-    if why:
-        touched = np.unique(atom[np.concatenate(pieces)])
-        atom[np.isin(atom, touched)] = int(touched.min())
+    """Merge ``atom`` (in place) so that one tie stays balanced: the finer of two ways
+    (a balanced core, then bundles per piece; or greedy filling from the lowest-scored
+    atom), else all atoms the tie touches into one (they go, or stay, together); "" or
+    why neither way found atoms."""
+    best, why = None, ""
+    for way in (_core_then_bundles, _fill):
+        trial = atom.copy()
+        why = way(trial, pieces, score) or ""
+        if not why and (best is None or len(np.unique(trial)) > len(np.unique(best))):
+            best = trial
+    if best is not None:
+        atom[:] = best
+        return ""
+    touched = np.unique(atom[np.concatenate(pieces)])
+    atom[np.isin(atom, touched)] = int(touched.min())
     return why
+
+
+def _core_then_bundles(atom: np.ndarray, pieces: list[np.ndarray], score: np.ndarray) -> str:
+    return _balance_straddlers(atom, pieces, score) or \
+        _bundle(atom, pieces, _rescore(atom, score))
+
+
+def _fill(atom: np.ndarray, pieces: list[np.ndarray], score: np.ndarray) -> str:
+    """From the lowest-scored unbalanced atom, add the lowest-scored atoms that fill the
+    piece it holds least of (an exact fill first, never past the fullest piece where one
+    fits) until balanced; repeat (GPT-2's q/k/v split under split_policy="inner": a q-k
+    unit pairs with a v unit)."""
+    weights = _weights(atom, pieces)
+    todo = sorted((a for a, w in weights.items() if not (w == w[0]).all()),
+                  key=lambda a: (score[a], a))
+    while todo:
+        core = [todo.pop(0)]
+        held = weights[core[0]].copy()
+        while not (held == held[0]).all():
+            top = held.max()
+            k = int(np.argmax(top - held))
+            need = top - held[k]
+            room = [a for a in todo if weights[a][k] > 0 and (held + weights[a] <= top).all()]
+            exact = [a for a in room if weights[a][k] == need]
+            grow = [a for a in todo if weights[a][k] > 0]
+            pick = (exact or room or grow or [None])[0]
+            if pick is None:
+                return "a piece's units cannot be balanced by the others"
+            todo.remove(pick)
+            core.append(pick)
+            held = held + weights[pick]
+        atom[np.isin(atom, core)] = min(core)
+    return ""
 
 
 def _weights(atom: np.ndarray, pieces: list[np.ndarray]) -> dict[int, np.ndarray]:

@@ -164,3 +164,29 @@ def test_units_cut_by_a_chunk_join_a_balanced_core(c):
     assert fxprune.verify(model, gm, plan, (torch.randn(3, 3, 8, 8),)).ok
     small = fxprune.compile(model, plan, output="module")
     assert small.stem[0].out_channels < c
+
+
+class TwoGroupChunk(nn.Module):
+    """chunk(2) of a cat of two convs: each piece holds another group's units."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1)
+        self.head_a, self.head_b = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        left, right = torch.cat([self.a(x), self.b(x)], dim=1).chunk(2, dim=1)
+        return self.head_a(left) + self.head_b(right.relu())
+
+
+def test_pieces_of_two_groups_are_announced_untied():
+    torch.manual_seed(0)
+    model = TwoGroupChunk().eval()
+    analysis = fxprune.analyze(model, (torch.randn(2, 3, 4, 4),))
+    (tie,) = analysis.split_ties
+    assert len(tie.groups) == 2
+    plan = fxprune.plan(analysis, "l1", ratio=0.5)
+    assert tie.node in plan.meta["split_ties_untied"] and not broken_ties(analysis, np.zeros(
+        analysis.num_units, dtype=bool))  # untied ties are not checked
+    gm = fxprune.compile(model, plan)
+    assert fxprune.verify(model, gm, plan, (torch.randn(3, 3, 4, 4),)).ok

@@ -76,6 +76,8 @@ def test_default_plans_keep_equal_pieces_and_the_module_follows(make):
     analysis = fxprune.analyze(model, (x,))
     assert analysis.split_ties and all(len(t.pieces) == 2 for t in analysis.split_ties)
     assert "forward" in analysis.split_ties[0].source  # the user's line, for errors
+    assert f"{analysis.split_ties[0].groups[0]}: {analysis.split_ties[0].node}" in \
+        analysis.table()  # announced in the analysis table too
     pruned_any = False
     for plan in _default_plans(analysis):
         assert plan.meta["split_ties"], plan.meta  # announced, never silent
@@ -184,7 +186,7 @@ def test_pieces_of_two_groups_are_announced_untied():
     model = TwoGroupChunk().eval()
     analysis = fxprune.analyze(model, (torch.randn(2, 3, 4, 4),))
     (tie,) = analysis.split_ties
-    assert len(tie.groups) == 2
+    assert len(tie.groups) == 2 and "(untied): chunk" in analysis.table()
     plan = fxprune.plan(analysis, "l1", ratio=0.5)
     assert tie.node in plan.meta["split_ties_untied"] and not broken_ties(analysis, np.zeros(
         analysis.num_units, dtype=bool))  # untied ties are not checked

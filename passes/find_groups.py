@@ -1,7 +1,8 @@
 """Analysis pass: classify every node by its rule and union channel units into groups.
 
 Requires: ``tensor_meta`` on every tensor node (``passes.shape_prop.propagate_shapes``).
-Ensures: a frozen ``GroupAnalysis``; ``gm`` is not mutated. One pass over the nodes in
+Ensures: a frozen ``GroupAnalysis`` (with ``split_ties``: every ``chunk(n)`` /
+``split(int)`` whose equal pieces cut prunable units); ``gm`` is not mutated. One pass over the nodes in
 topological order with union-find: close to linear in graph size.
 
 Before/after (what the analysis sees)::

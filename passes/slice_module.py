@@ -217,6 +217,9 @@ def _changed_sequences(before: torch.fx.Node, after: torch.fx.Node) -> list[tupl
                 if type(u) is int and type(v) is int and u != v:
                     pairs.append((u, v))
         return pairs
+    split_int = _split_int_pairs(before, after)
+    if split_int:
+        return split_int
     olds = list(before.args[1:]) + [before.kwargs.get(k) for k in
                                     ("split_size_or_sections", "split_size", "shape", "size")]
     news = list(after.args[1:]) + [after.kwargs.get(k) for k in
@@ -229,6 +232,20 @@ def _changed_sequences(before: torch.fx.Node, after: torch.fx.Node) -> list[tupl
                 pairs.append((list(old), list(new)))
                 break
     return pairs
+
+
+def _split_int_pairs(before: torch.fx.Node, after: torch.fx.Node) -> list[tuple[int, int]]:
+    """A ``split(int)`` the rewrite cut into equal kept pieces (a plan honouring the
+    analysis' ``split_ties``): the forward's section (``self.expand_chs // 2``) and the
+    total it was derived from follow, (old section, new) and (old total, new total)."""
+    if getattr(before.target, "__name__", before.target) not in ("split", "unsafe_split"):
+        return []
+    arg = before.args[1] if len(before.args) > 1 else before.kwargs.get(
+        "split_size", before.kwargs.get("split_size_or_sections"))
+    new = after.args[1] if len(after.args) > 1 else None
+    if type(arg) is not int or not _int_seq(new) or len(set(new)) != 1 or new[0] == arg:
+        return []
+    return [(arg, int(new[0])), (arg * len(new), int(new[0]) * len(new))]
 
 
 def _slices(index: Any) -> list[slice]:

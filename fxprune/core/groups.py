@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch.fx
 
-__all__ = ["Member", "ChannelGroup", "GroupAnalysis", "Pin"]
+__all__ = ["Member", "ChannelGroup", "GroupAnalysis", "Pin", "SplitTie"]
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,27 @@ class Pin:
 
 
 @dataclass(frozen=True)
+class SplitTie:
+    """A ``chunk(n)`` / ``split(int)`` along a channel dim: the forward cuts equal pieces,
+    so a plan must keep the same count in each (``fxprune.core.ties``).
+
+    ``pieces[k]`` holds the global unit label of every index of piece ``k`` along ``dim``
+    (-1: never pruned); ``groups`` names the groups whose units the pieces hold; ``source``
+    is the user's line of the node when the tracer recorded it.
+    """
+
+    node: str
+    dim: int
+    pieces: tuple[np.ndarray, ...] = field(repr=False, compare=False)
+    groups: tuple[str, ...]
+    source: str = ""
+
+    def describe(self) -> str:
+        return f"{self.node} ({len(self.pieces)} equal pieces" + \
+            (f" at {self.source})" if self.source else ")")
+
+
+@dataclass(frozen=True)
 class GroupAnalysis:
     """Result of ``find_groups``: groups plus the per-node unit labels the rewrites use.
 
@@ -163,6 +184,9 @@ class GroupAnalysis:
     # a hidden size that must shrink with the heads (head_dim = hidden_size // heads)
     uniform_links: Mapping[str, tuple[str, int]] = field(repr=False, compare=False,
                                                          default_factory=dict)
+    # chunk / split(int) nodes whose equal pieces cut a group's channels: default plans
+    # keep the same count in each piece (``fxprune.core.ties``)
+    split_ties: tuple[SplitTie, ...] = field(repr=False, compare=False, default=())
 
     def group(self, key: int | str) -> ChannelGroup:
         """A group by id, by name (``"conv1.weight[0]"``), by any slice it holds

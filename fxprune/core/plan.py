@@ -12,6 +12,7 @@ import torch
 
 from fxprune.core.errors import PlanError
 from fxprune.core.groups import ChannelGroup, GroupAnalysis
+from fxprune.core.ties import tied_orders, untied_ties
 
 __all__ = ["Plan", "magnitude_scores"]
 
@@ -123,8 +124,12 @@ class Plan:
         rng = np.random.default_rng(seed)
         out: dict[str, tuple[int, ...]] = {}
         scored: dict[str, np.ndarray] = {}
-        for g in analysis.groups:
-            if exact_only and not g.exact:
+        groups = [g for g in analysis.groups if not (exact_only and not g.exact)]
+        if any(len(t.groups) == 1 for t in analysis.split_ties):  # scores first: atoms
+            scored = {g.name: _scores(analysis, g, criterion, rng) for g in groups}
+        tied, held = tied_orders(analysis, scored)
+        for g in groups:
+            if g.name in held:
                 continue
             if "softmax" in g.inexact_kinds and not include_softmax:
                 continue
@@ -132,15 +137,26 @@ class Plan:
                 continue
             n_keep = max(round_to, int(round(g.size * (1 - ratio) / round_to)) * round_to)
             n_keep = min(n_keep, g.size)
+            if g.name in tied:  # the nearest count of whole atoms (removed lowest first)
+                t = tied[g.name]
+                cuts = t.cuts[((g.size - t.cuts) % round_to == 0) & (t.cuts < g.size)]
+                n_keep = g.size - int(cuts[np.argmin(np.abs(g.size - cuts - n_keep))]) \
+                    if len(cuts) else g.size
             if n_keep >= g.size:
                 continue
-            scores = _scores(analysis, g, criterion, rng)
-            order = np.argsort(-scores, kind="stable")
+            if g.name not in scored:
+                scored[g.name] = _scores(analysis, g, criterion, rng)
+            order = tied[g.name].order[::-1] if g.name in tied else \
+                np.argsort(-scored[g.name], kind="stable")
             out[g.name] = tuple(sorted(order[:n_keep].tolist()))
-            scored[g.name] = scores
-        out = _guarded(analysis, out, scored)
-        return cls._make(analysis, out, meta={"ratio": ratio,
-                                              "criterion": criterion_name(criterion)})
+        out = _guarded(analysis, out, scored, tied)
+        meta = {"ratio": ratio, "criterion": criterion_name(criterion)}
+        if tied or held or analysis.split_ties:
+            meta["split_ties"] = {n: t.summary() for n, t in tied.items()}
+            meta["split_ties_whole"] = dict(held)
+            if untied_ties(analysis):
+                meta["split_ties_untied"] = untied_ties(analysis)
+        return cls._make(analysis, out, meta=meta)
 
     @classmethod
     def from_counts(cls, analysis: GroupAnalysis, counts: Mapping[str | tuple[str, int], int],
@@ -310,15 +326,25 @@ def _ranges(idx: Iterable[int]) -> str:
 
 
 def _guarded(analysis: GroupAnalysis, keep: Mapping[str, tuple[int, ...]],
-             scores: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
-    """``keep`` with the best-scored unit of every tensor dim it would empty put back."""
+             scores: Mapping[str, np.ndarray], tied: Mapping[str, Any] | None = None
+             ) -> dict[str, tuple[int, ...]]:
+    """``keep`` with the best-scored unit (its atom, for ``tied`` groups) of every tensor
+    dim it would empty put back."""
     kept = np.ones(analysis.num_units, dtype=bool)
     labels = {name: np.flatnonzero(analysis.group_of == analysis.group(name).id)
               for name in keep}
     for name, idx in keep.items():
         kept[labels[name]] = False
         kept[labels[name][list(idx)]] = True
-    kept = DimGuard(analysis, scores)(kept)
+    atoms = None
+    if tied:
+        atoms = np.full(analysis.num_units, -1, dtype=np.int64)
+        offset = 0
+        for name, t in tied.items():
+            g = analysis.group(name)
+            atoms[np.flatnonzero(analysis.group_of == g.id)] = t.atom + offset
+            offset += g.size
+    kept = DimGuard(analysis, scores, atoms)(kept)
     return {name: tuple(np.flatnonzero(kept[lab]).tolist()) for name, lab in labels.items()}
 
 
@@ -330,10 +356,13 @@ class DimGuard:
     the group's units. Such a layer keeps one unit (the plan may then miss ``round_to``
     for that group by one), (``Plan.from_ratio`` and the planner
     both use it). ``scores``: group name -> per-unit scores (missing groups: none kept
-    back from them).
+    back from them). ``atoms``: an atom id per global label (-1: none) for units that go
+    together (``fxprune.core.ties``): a unit put back brings its whole atom.
     """
 
-    def __init__(self, analysis: GroupAnalysis, scores: Mapping[str, np.ndarray]) -> None:
+    def __init__(self, analysis: GroupAnalysis, scores: Mapping[str, np.ndarray],
+                 atoms: np.ndarray | None = None) -> None:
+        self.atoms = atoms
         best = np.full(analysis.num_units, -np.inf)
         for g in analysis.groups:
             if g.name in scores:
@@ -364,7 +393,10 @@ class DimGuard:
         kept = kept.copy()
         for i in np.flatnonzero(~alive):
             piece = self.pieces[i]
-            kept[piece[np.argmax(self.best[piece])]] = True
+            unit = piece[np.argmax(self.best[piece])]
+            kept[unit] = True
+            if self.atoms is not None and self.atoms[unit] >= 0:
+                kept[self.atoms == self.atoms[unit]] = True
         return kept
 
 

@@ -102,7 +102,7 @@ class Plan:
                    criterion: str | Callable[[GroupAnalysis, ChannelGroup], np.ndarray] = "l1",
                    round_to: int = 1, ignore: Iterable[str | torch.nn.Module] = (),
                    exact_only: bool = False, seed: int = 0,
-                   include_softmax: bool = False) -> "Plan":
+                   include_softmax: bool = False, split_ties: bool = True) -> "Plan":
         """Remove ``ratio`` of every group's units, lowest score first.
 
         ``criterion``: a name in ``fxprune.CRITERIA`` ("l1" / "l2" magnitude of every
@@ -114,6 +114,10 @@ class Plan:
         ``include_softmax``: also prune groups whose units a softmax normalises (a
         distribution over the units, ``inexact_kind == "softmax"``); left whole by default,
         since removing units changes what the distribution can express.
+        ``split_ties=False``: ignore the analysis' ``split_ties`` (a chunk / split the
+        forward cuts into equal pieces keeps equal counts in them by default, so that
+        ``compile(output="module")`` can follow it); the GraphModule takes any counts,
+        the module output then refuses the plan (``LiteralSizeError``).
         """
         if not 0.0 <= ratio < 1.0 or math.isnan(ratio):
             raise PlanError(f"ratio must lie in [0, 1), got {ratio}")
@@ -125,9 +129,10 @@ class Plan:
         out: dict[str, tuple[int, ...]] = {}
         scored: dict[str, np.ndarray] = {}
         groups = [g for g in analysis.groups if not (exact_only and not g.exact)]
-        if any(len(t.groups) == 1 for t in analysis.split_ties):  # scores first: atoms
+        ties = analysis.split_ties if split_ties else ()
+        if any(len(t.groups) == 1 for t in ties):  # scores first: atoms
             scored = {g.name: _scores(analysis, g, criterion, rng) for g in groups}
-        tied, held = tied_orders(analysis, scored)
+        tied, held = tied_orders(analysis, scored) if ties else ({}, {})
         for g in groups:
             if g.name in held:
                 continue
@@ -151,7 +156,9 @@ class Plan:
             out[g.name] = tuple(sorted(order[:n_keep].tolist()))
         out = _guarded(analysis, out, scored, tied)
         meta = {"ratio": ratio, "criterion": criterion_name(criterion)}
-        if tied or held or analysis.split_ties:
+        if analysis.split_ties and not split_ties:
+            meta["split_ties"] = "off"
+        elif tied or held or analysis.split_ties:
             meta["split_ties"] = {n: t.summary() for n, t in tied.items()}
             meta["split_ties_whole"] = dict(held)
             if untied_ties(analysis):

@@ -375,7 +375,8 @@ def plan(analysis: GroupAnalysis, importance: str | Importance | Callable = "l1"
          ignore: Iterable[str] = (), overrides: Mapping[str, float] | None = None,
          steps: int = 1, schedule: str | Callable[[int, int], float] = "linear",
          cost: Any = None, latency: Any = None, tolerance: float = TOLERANCE,
-         include_softmax: bool = False, uniform: bool = False) -> Plan:
+         include_softmax: bool = False, uniform: bool = False,
+         split_ties: bool = True) -> Plan:
     """A ``Plan`` that meets one budget, removing the lowest-scored units.
 
     ``importance``: a criterion name (``fxprune.importance.CRITERIA``), an
@@ -398,6 +399,12 @@ def plan(analysis: GroupAnalysis, importance: str | Importance | Callable = "l1"
     whole; groups in ``uniform_links`` follow their leader's kind (BERT's hidden size loses
     head_dim units per head); a kind prunable in some layers only (``ignore``, caps,
     overrides), or a linked group left whole, raises ``PlanError``.
+    ``split_ties`` (default True): a chunk / split that the forward cuts into equal pieces
+    (``analysis.split_ties``: ShuffleNetV2's ``chunk(2)``, CSPNet's split) keeps equal
+    counts in its pieces, units tied into atoms, so ``compile(output="module")`` can
+    follow the plan; announced in ``meta["split_ties"]`` (``split_ties_whole``: groups the
+    ties leave whole). ``False``: any counts (the GraphModule takes them; the module
+    output refuses such a plan), ``meta["split_ties"] == "off"``.
     """
     kind, value = _parse_budget(ratio, {"macs": target_macs, "params": target_params,
                                         "latency": target_latency})
@@ -447,7 +454,8 @@ def plan(analysis: GroupAnalysis, importance: str | Importance | Callable = "l1"
         if not 0.0 <= fraction <= 1.0:
             raise PlanError(f"schedule gave {fraction} at step {step}; fractions lie in [0, 1]")
         scores = _rescored(imp, analysis, kept, cost)
-        tied, held = tied_orders(analysis, scores)  # equal chunk / split pieces
+        tied, held = tied_orders(analysis, scores) if split_ties and analysis.split_ties \
+            else ({}, {})  # equal chunk / split pieces
         bounds = _bounds(analysis, scores, round_to=multiples, max_ratio=max_ratio_per_group,
                          ignore=ignore, overrides=overrides, include_softmax=include_softmax,
                          whole=whole + tuple(held), tied=tied)
@@ -470,12 +478,14 @@ def plan(analysis: GroupAnalysis, importance: str | Importance | Callable = "l1"
                      "dense_params": cost.dense.params})
     if kind == "latency":
         meta["latency_ms"] = cost_fn(kept)
-    if tied or held or analysis.split_ties:
+    if analysis.split_ties and not split_ties:
+        meta["split_ties"] = "off"
+    elif tied or held or analysis.split_ties:
         meta["split_ties"] = {n: t.summary() for n, t in tied.items()}
         meta["split_ties_whole"] = dict(held)
         if untied_ties(analysis):
             meta["split_ties_untied"] = untied_ties(analysis)
-    broken = broken_ties(analysis, kept)
+    broken = broken_ties(analysis, kept) if split_ties else []
     if broken:
         raise PlanError("the plan keeps unequal counts in the pieces of a chunk/split the "
                         f"forward cuts equally: {'; '.join(broken[:3])}"

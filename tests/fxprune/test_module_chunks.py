@@ -192,3 +192,22 @@ def test_pieces_of_two_groups_are_announced_untied():
         analysis.num_units, dtype=bool))  # untied ties are not checked
     gm = fxprune.compile(model, plan)
     assert fxprune.verify(model, gm, plan, (torch.randn(3, 3, 4, 4),)).ok
+
+
+def test_split_ties_off_prunes_what_the_ties_hold_whole_for_the_graph_only():
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = tv.models.shufflenet_v2_x0_5(weights=None, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    analysis = fxprune.analyze(model, (x,))
+    tied = fxprune.plan(analysis, "l1", ratio=0.3)
+    assert tied.meta["split_ties_whole"]  # stage3's nested chunks tie every unit
+    free = fxprune.plan(analysis, "l1", ratio=0.3, split_ties=False)
+    assert free.meta["split_ties"] == "off"
+    whole = set(tied.meta["split_ties_whole"])
+    assert any(len(free.keep[n]) < free.sizes[n] for n in whole)  # now pruned
+    assert fxprune.verify(model, fxprune.compile(model, free), free, (x,)).ok
+    with pytest.raises(LiteralSizeError, match="chunk"):
+        fxprune.compile(model, free, output="module")
+    loose = fxprune.Plan.from_ratio(analysis, 0.3, split_ties=False)
+    assert loose.meta["split_ties"] == "off" and any(n in loose.keep for n in whole)

@@ -42,7 +42,7 @@ from passes.rules.registry import (MODULE_FIXUPS, RewriteOptions, apply_module_f
                                    find_module_entry)
 
 __all__ = ["slice_module", "literal_rewrites", "check_module_output", "uneven_chunks",
-           "check_unrun_modules", "head_reading"]
+           "refuse_uneven_chunks", "check_unrun_modules", "head_reading"]
 
 
 def slice_module(model: torch.nn.Module, analysis: GroupAnalysis, kept: np.ndarray,
@@ -182,6 +182,8 @@ def _follow_size_tuples(small: torch.nn.Module, analysis: GroupAnalysis,
         if after is None or node.op not in ("call_function", "call_method"):
             continue
         stack = [v[0] for v in (node.meta.get("nn_module_stack") or {}).values()]
+        if stack:  # one int of a shape or of sections: only the module that runs the op
+            _want_ints(small, stack[-1], _changed_ints(node, after), wanted)
         for old, new in _changed_sequences(node, after):
             for path in [*reversed(stack), ""]:  # innermost first; the root has no entry
                 try:
@@ -201,6 +203,44 @@ def _follow_size_tuples(small: torch.nn.Module, analysis: GroupAnalysis,
             module = small.get_submodule(path) if path else small
             value, new = getattr(module, name), next(iter(values))
             setattr(module, name, type(value)(new) if isinstance(value, (list, tuple)) else new)
+
+
+def _want_ints(small: torch.nn.Module, path: str, pairs: list[tuple[int, int]],
+               wanted: dict[tuple[str, str], set]) -> None:
+    """Int attributes of the module at ``path`` equal to an ``old`` of ``pairs`` want its
+    ``new`` (LeViT's ``key_dim``/``val_dim`` in ``split([self.key_dim, self.key_dim,
+    self.val_dim])``, its ``val_attn_dim`` in ``reshape(B, N, self.val_attn_dim)``)."""
+    try:
+        module = small.get_submodule(path) if path else small
+    except AttributeError:
+        return
+    for old, new in pairs:
+        names = [k for k, v in vars(module).items() if type(v) is int and v == old]
+        if len(names) > 1:  # LeViT: num_heads == key_dim == 16; heads follow their
+            # projection's rows (_follow_heads), not a literal that another size shares
+            names = [k for k in names if k not in HEAD_COUNT_ATTRIBUTES]
+        for k in names:
+            wanted.setdefault((path, k), set()).add(new)
+
+
+def _changed_ints(before: torch.fx.Node, after: torch.fx.Node) -> list[tuple[int, int]]:
+    """(old, new) ints the rewrite changed at the same position of a reshape/view/split's
+    arguments, one by one: a positional int (``reshape(x, b, n, 128)``) or an item of an
+    int list (``split(x, [16, 16, 32])``)."""
+    if getattr(before.target, "__name__", before.target) not in _SHAPE_OPS:
+        return []
+    pairs = []
+    for a, b in zip(before.args[1:], after.args[1:]):
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+            pairs += [(u, v) for u, v in zip(a, b) if type(u) is int and type(v) is int]
+        elif type(a) is int and type(b) is int:
+            pairs.append((a, b))
+    return [(u, v) for u, v in pairs if u != v]
+
+
+# ops whose int arguments are sizes (a shape, split sections)
+_SHAPE_OPS = frozenset({"reshape", "view", "split", "split_with_sizes", "expand",
+                        "unflatten", "new_zeros", "new_ones", "new_empty", "zeros", "ones"})
 
 
 def _int_seq(v: Any) -> bool:
@@ -289,10 +329,11 @@ def _follow_heads(small: torch.nn.Module, path: str, analysis: GroupAnalysis,
 
 
 def head_reading(analysis: GroupAnalysis, kept: np.ndarray, weight: str, heads0: int,
-                  head_dim0: int | None) -> tuple[int, int, int] | None:
+                  head_dim0: int | None, *, dim: int = 0) -> tuple[int, int, int] | None:
     """``(head_dim, kept heads, kept head_dim)`` read from the kept rows of ``weight``
-    as (q/k/v, heads, head_dim) blocks, or None when no such reading is even."""
-    labels = analysis.tensor_labels.get((weight, 0))
+    (its output dim ``dim``: 1 for transformers' Conv1D) as (q/k/v, heads, head_dim)
+    blocks, or None when no such reading is even."""
+    labels = analysis.tensor_labels.get((weight, dim))
     if labels is None:
         return None
     rows = keep_mask(np.asarray(labels), kept)
@@ -346,14 +387,7 @@ def check_module_output(small: torch.nn.Module, pruned: torch.fx.GraphModule,
     originals are untouched): on the example inputs, and on the example batch doubled
     (``[x; x]``: each half of ``small``'s output must equal ``pruned(x)``, so a batch size
     the graph was not captured for is checked too)."""
-    uneven = uneven_chunks(analysis, pruned)
-    if uneven:  # the forward's chunk makes equal pieces: the module cannot follow the plan
-        raise LiteralSizeError(
-            f"compile(output=\"module\"): the plan keeps different counts in the pieces of "
-            f"a chunk or split: {'; '.join(uneven[:3])}{' ...' if len(uneven) > 3 else ''}. The "
-            f"forward cuts equal pieces, so the module cannot take these sizes. "
-            f"Use output=\"graph\" (the GraphModule), a plan that keeps the same count in "
-            f"every piece (Plan.from_indices), or keep those channels (ignore=[...]).")
+    refuse_uneven_chunks(analysis, pruned)
     inputs = analysis.example_inputs
     a, b = _double(small), _double(pruned)
     x = tuple(_to_double(t) for t in inputs)
@@ -377,6 +411,21 @@ def check_module_output(small: torch.nn.Module, pruned: torch.fx.GraphModule,
                   else g for g, w in zip(got2, want)]
         _compare(halves, want, "a doubled batch (first half)", analysis, pruned, rtol, atol)
         _compare(second, want, "a doubled batch (second half)", analysis, pruned, rtol, atol)
+
+
+def refuse_uneven_chunks(analysis: GroupAnalysis, pruned: torch.fx.GraphModule) -> None:
+    """Raise ``LiteralSizeError`` where the plan keeps different counts in the pieces of a
+    chunk or split(int) (``uneven_chunks``): the forward cuts equal pieces, so no attribute
+    can make the module follow (GPT-2's ``c_attn(x).split(self.split_size)`` where the
+    plan keeps 6 query/key but 5 value features per head)."""
+    uneven = uneven_chunks(analysis, pruned)
+    if uneven:  # the forward's chunk makes equal pieces: the module cannot follow the plan
+        raise LiteralSizeError(
+            f"compile(output=\"module\"): the plan keeps different counts in the pieces of "
+            f"a chunk or split: {'; '.join(uneven[:3])}{' ...' if len(uneven) > 3 else ''}. The "
+            f"forward cuts equal pieces, so the module cannot take these sizes. "
+            f"Use output=\"graph\" (the GraphModule), a plan that keeps the same count in "
+            f"every piece (Plan.from_indices), or keep those channels (ignore=[...]).")
 
 
 def uneven_chunks(analysis: GroupAnalysis, pruned: torch.fx.GraphModule) -> list[str]:

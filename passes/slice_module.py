@@ -279,10 +279,12 @@ def _slices(index: Any) -> list[slice]:
 # Field-standard names of an attention module's head count, head width and their
 # product (timm ``num_heads``/``head_dim``/``attn_dim``, transformers
 # ``num_attention_heads``/``attention_head_size``/``all_head_size``, others'
-# ``n_heads``/``dim_head``/``inner_dim``), its softmax scale, and the projections whose
-# output rows are laid out (q/k/v, heads, head_dim) (a fused ``qkv``: 3 x heads x head_dim).
+# ``n_heads``/``dim_head``/``inner_dim``, T5's ``key_value_proj_dim``), its softmax
+# scale, and the projections whose output rows are laid out (q/k/v, heads, head_dim) (a
+# fused ``qkv``: 3 x heads x head_dim).
 HEAD_COUNT_ATTRIBUTES = ("num_heads", "n_heads", "n_head", "num_attention_heads", "heads")
-HEAD_DIM_ATTRIBUTES = ("head_dim", "dim_head", "attention_head_size", "head_size", "d_head")
+HEAD_DIM_ATTRIBUTES = ("head_dim", "dim_head", "attention_head_size", "head_size", "d_head",
+                       "key_value_proj_dim")
 HEAD_TOTAL_ATTRIBUTES = ("attn_dim", "all_head_size", "inner_dim", "split_size")
 SCALE_ATTRIBUTES = ("scale", "scaling")
 QUERY_PROJECTIONS = ("qkv", "q", "query", "q_proj", "to_q", "to_qkv", "wq", "in_proj")

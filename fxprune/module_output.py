@@ -178,8 +178,9 @@ def hf_sizes(model: torch.nn.Module, original: torch.nn.Module,
                     f"{_FUSED[0]} ({heads0} heads): its forward splits q, k, v in equal "
                     f"pieces and views them with one head_dim, which cannot describe "
                     f"both. Use output=\"graph\" (the GraphModule), a plan that keeps as "
-                    f"many value as query/key features (Plan.from_indices), or keep the "
-                    f"layer whole (ignore=[\"{path}\"])." + _split_line(analysis, path))
+                    f"many value as query/key features (Plan.from_indices), whole heads "
+                    f"(analyze(..., split_policy=\"heads\")), or keep the layer whole "
+                    f"(ignore=[\"{path}\"])." + _split_line(analysis, path))
         else:
             continue
         if names is not None:

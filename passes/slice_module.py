@@ -34,7 +34,7 @@ import torch
 import torch.fx
 
 from fxprune.core.errors import (LiteralSizeError, ModuleOutputError, RewriteError,
-                                 UnprovenBranchWarning, source_line)
+                                 UnprovenBranchWarning, exception_line, source_line)
 from fxprune.core.groups import GroupAnalysis
 from fxprune.core.graph_meta import get_meta
 from passes.slice_weights import keep_mask
@@ -555,9 +555,10 @@ def _run_small(m: torch.nn.Module, x: tuple, analysis: GroupAnalysis,
     try:
         return m(*x)
     except Exception as exc:
+        where = exception_line(exc)
         raise _mismatch(f"the rewritten {type(m).__name__} does not run ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''})",
-                        analysis, pruned) from exc
+                        f"{str(exc).splitlines()[0] if str(exc) else ''})"
+                        + (f" at {where}" if where else ""), analysis, pruned) from exc
 
 
 def _flat(out: Any) -> list[torch.Tensor]:

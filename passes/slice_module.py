@@ -69,7 +69,7 @@ def slice_module(model: torch.nn.Module, analysis: GroupAnalysis, kept: np.ndarr
     for path in sorted(parents | {""} | touched):
         _follow_sizes(small, path, changes)
         _follow_heads(small, path, analysis, kept, options)
-    _follow_size_tuples(small, analysis, pruned)
+    _follow_size_tuples(model, small, analysis, pruned)
     if check:
         check_module_output(small, pruned, analysis, rtol=rtol, atol=atol)
         check_unrun_modules(model, small, analysis, pruned)
@@ -168,11 +168,12 @@ def _follow_sizes(small: torch.nn.Module, path: str, changes: dict[str, list]) -
             setattr(module, name, max(votes[value].items(), key=lambda kv: kv[1])[0])
 
 
-def _follow_size_tuples(small: torch.nn.Module, analysis: GroupAnalysis,
-                        pruned: torch.fx.GraphModule) -> None:
+def _follow_size_tuples(model: torch.nn.Module, small: torch.nn.Module,
+                        analysis: GroupAnalysis, pruned: torch.fx.GraphModule) -> None:
     """A split's sections or a view's shape held as an int tuple/list attribute of the
     module that runs the op (timm InceptionNeXt ``split_indexes``, FocalNet
-    ``input_split``, PoolFormer's layer scale ``shape``) takes the sizes the rewrite gave
+    ``input_split``, PoolFormer's layer scale ``shape``), or one of its items held as an
+    int attribute of that module (LeViT ``key_dim``), takes the sizes the rewrite gave
     that op, where every op of the module that held the old value got the same new one
     (otherwise it is left, and ``check_module_output`` refuses)."""
     new_nodes = {n.name: n for n in pruned.graph.nodes}
@@ -183,7 +184,7 @@ def _follow_size_tuples(small: torch.nn.Module, analysis: GroupAnalysis,
             continue
         stack = [v[0] for v in (node.meta.get("nn_module_stack") or {}).values()]
         if stack:  # one int of a shape or of sections: only the module that runs the op
-            _want_ints(small, stack[-1], _changed_ints(node, after), wanted)
+            _want_ints(model, small, stack[-1], _changed_ints(node, after), wanted)
         for old, new in _changed_sequences(node, after):
             for path in [*reversed(stack), ""]:  # innermost first; the root has no entry
                 try:
@@ -205,17 +206,21 @@ def _follow_size_tuples(small: torch.nn.Module, analysis: GroupAnalysis,
             setattr(module, name, type(value)(new) if isinstance(value, (list, tuple)) else new)
 
 
-def _want_ints(small: torch.nn.Module, path: str, pairs: list[tuple[int, int]],
-               wanted: dict[tuple[str, str], set]) -> None:
-    """Int attributes of the module at ``path`` equal to an ``old`` of ``pairs`` want its
-    ``new`` (LeViT's ``key_dim``/``val_dim`` in ``split([self.key_dim, self.key_dim,
-    self.val_dim])``, its ``val_attn_dim`` in ``reshape(B, N, self.val_attn_dim)``)."""
+def _want_ints(model: torch.nn.Module, small: torch.nn.Module, path: str,
+               pairs: list[tuple[int, int]], wanted: dict[tuple[str, str], set]) -> None:
+    """Int attributes that held an ``old`` of ``pairs`` in the original module at
+    ``path`` want its ``new`` (LeViT's ``key_dim``/``val_dim`` in ``split([self.key_dim,
+    self.key_dim, self.val_dim])``, its ``val_attn_dim`` in ``reshape(B, N,
+    self.val_attn_dim)``); one that an earlier rule already set to another value is
+    left to that rule."""
     try:
+        before = model.get_submodule(path) if path else model
         module = small.get_submodule(path) if path else small
     except AttributeError:
         return
     for old, new in pairs:
-        names = [k for k, v in vars(module).items() if type(v) is int and v == old]
+        names = [k for k, v in vars(before).items() if type(v) is int and v == old
+                 and getattr(module, k, None) in (old, new)]
         if len(names) > 1:  # LeViT: num_heads == key_dim == 16; heads follow their
             # projection's rows (_follow_heads), not a literal that another size shares
             names = [k for k in names if k not in HEAD_COUNT_ATTRIBUTES]

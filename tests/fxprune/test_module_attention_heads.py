@@ -180,3 +180,14 @@ def test_hf_t5_key_value_proj_dim_follows(scale):
     for m in small.modules():
         if type(m).__name__ == "T5Attention":
             assert m.q.weight.shape[0] == m.n_heads * m.key_value_proj_dim == m.inner_dim
+
+
+def test_timm_vit_head_count_equal_to_head_dim_keeps_its_value():
+    """8 heads of 8: the qkv reshape's 8 -> 6 is head_dim's (already followed), not the
+    head count's, which shares its original value."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10,
+                              img_size=32, depth=1, embed_dim=64, num_heads=8).eval()
+    small = _check(model, (torch.randn(2, 3, 32, 32),), "original")
+    attn = small.blocks[0].attn
+    assert attn.qkv.weight.shape[0] == 3 * attn.num_heads * attn.head_dim < 3 * 64

@@ -30,9 +30,9 @@ from passes.slice_module import (check_module_output, check_unrun_modules, head_
 
 __all__ = ["module_steps", "update_hf_config", "hf_sizes", "uniform_constraints"]
 
-# (query, key, value) projection names of the attention families we know; a fused qkv
+# (query, key, value) projection names of the attention families we know (T5: q/k/v); a fused qkv
 # projection (GPT-2's c_attn) is split in thirds.
-_QKV = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
+_QKV = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q", "k", "v"))
 _FUSED = ("c_attn",)
 _MLP_UP = ("up_proj", "fc1", "c_fc", "wi", "dense_h_to_4h")
 
@@ -298,7 +298,8 @@ def update_hf_config(small: torch.nn.Module, original: torch.nn.Module,
         if key == "head_dim" and derived:
             continue
         for name in aliases.get(key, (key,)):
-            if name in cfg.to_dict() or hasattr(type(cfg), name):
+            if name in cfg.to_dict() or hasattr(type(cfg), name) or \
+                    name in getattr(cfg, "attribute_map", {}):  # T5: head_dim -> d_kv
                 try:
                     setattr(cfg, name, value)
                 except AttributeError:
@@ -325,8 +326,9 @@ def _embedding_width(emb: torch.nn.Module | None) -> set[int]:
 def _set_attention_attributes(m: torch.nn.Module, layer: dict[str, int]) -> None:
     heads, kv, hd = layer["heads"], layer["kv_heads"], layer["head_dim"]
     table = {"num_heads": heads, "num_attention_heads": heads, "n_head": heads,
-             "num_key_value_heads": kv, "num_key_value_groups": heads // max(kv, 1),
-             "head_dim": hd, "attention_head_size": hd, "all_head_size": heads * hd,
+             "n_heads": heads, "num_key_value_heads": kv,
+             "num_key_value_groups": heads // max(kv, 1), "head_dim": hd,
+             "attention_head_size": hd, "key_value_proj_dim": hd, "all_head_size": heads * hd,
              "split_size": heads * hd, "inner_dim": heads * hd}
     for name, value in table.items():
         if type(getattr(m, name, None)) is int:

@@ -191,3 +191,23 @@ def test_timm_vit_head_count_equal_to_head_dim_keeps_its_value():
     small = _check(model, (torch.randn(2, 3, 32, 32),), "original")
     attn = small.blocks[0].attn
     assert attn.qkv.weight.shape[0] == 3 * attn.num_heads * attn.head_dim < 3 * 64
+
+
+def test_hf_t5_save_pretrained_round_trip(tmp_path):
+    """T5's q/k/v projections are read for the config: d_kv (its head_dim, through
+    attribute_map) follows, so from_pretrained rebuilds the pruned shapes."""
+    cfg = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=1,
+                                num_heads=4, use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    x = (ids, torch.ones(2, 8, dtype=torch.long), ids[:, :6])
+    analysis = fxprune.analyze(model, x, frontend="export")
+    plan = fxprune.Plan.from_ratio(analysis, 0.3, criterion="random", seed=0)
+    small = fxprune.compile(model, plan, output="module")
+    attn = small.encoder.block[0].layer[0].SelfAttention
+    assert small.config.d_kv == attn.key_value_proj_dim < 8
+    small.save_pretrained(tmp_path)
+    back = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(*x).logits, small(*x).logits)

@@ -339,10 +339,20 @@ class DimGuard:
         for g in analysis.groups:
             if g.name in scores:
                 best[analysis.group_of == g.id] = scores[g.name]
-        pieces = [np.unique(lab) for lab in analysis.tensor_labels.values()
-                  if len(lab) and (lab >= 0).all()]
         sizes = np.bincount(analysis.group_of, minlength=len(analysis.groups))
-        self.pieces = [p for p in pieces if len(p) < self._group_size(analysis, p, sizes)]
+        self.pieces = []
+        for lab in analysis.tensor_labels.values():
+            if not len(lab) or lab[0] < 0:
+                continue
+            gs = analysis.group_of[lab] if len(lab) > 1 and (np.diff(lab) == 1).all() else None
+            if gs is not None and (np.diff(gs) >= 0).all():  # a run of labels: no sort
+                touched = gs[np.concatenate([[True], gs[1:] != gs[:-1]])]
+                if len(lab) < sizes[touched].sum():
+                    self.pieces.append(lab)
+            elif (lab >= 0).all():
+                piece = np.unique(lab)
+                if len(piece) < self._group_size(analysis, piece, sizes):
+                    self.pieces.append(piece)
         self.best = best
         lengths = np.array([len(p) for p in self.pieces], dtype=np.int64)
         self.flat = np.concatenate(self.pieces) if self.pieces else np.zeros(0, np.int64)

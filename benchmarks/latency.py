@@ -8,6 +8,10 @@ For each torchvision model (random init, eval, 224x224): L1 plan at ``--ratio``,
 and IQR in ms, speedup and speedup / MAC reduction per backend and batch. With
 ``--fold-bn`` both models get BatchNorm folded (the fair comparison for deployment).
 Absolute times are noisy on a shared machine; the ratios are measured interleaved.
+
+``--graph-vs-module``: instead, the same plan compiled both ways, the GraphModule
+(``output="graph"``) and the user's own class (``output="module"``, the eager model at
+the pruned shapes), measured interleaved with the dense model on each backend.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--fold-bn", action="store_true")
+    ap.add_argument("--graph-vs-module", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
     for name in args.models.split(","):
@@ -37,6 +42,9 @@ def main() -> None:
         x = torch.randn(1, 3, args.size, args.size)
         analysis = fxprune.analyze(model, (x,))
         plan = fxprune.Plan.from_ratio(analysis, args.ratio, criterion="l1")
+        if args.graph_vs_module:
+            graph_vs_module(model, plan, x, args)
+            continue
         small = fxprune.compile(model, plan, fold_bn=args.fold_bn).eval()
         ref = (fxprune.compile(model, fxprune.Plan.from_ratio(analysis, 0.0), fold_bn=True).eval()
                if args.fold_bn else model)
@@ -48,6 +56,25 @@ def main() -> None:
               f"{torch.get_num_threads()} threads, {args.repeats} interleaved repeats"
               f"{', BN folded in both' if args.fold_bn else ''}")
         print(rows_table(rows), flush=True)
+
+
+def graph_vs_module(model, plan, x, args) -> None:
+    from tabulate import tabulate
+
+    from fxprune.bench import measure_model_latency
+
+    models = {"dense": model, "graph": fxprune.compile(model, plan).eval(),
+              "module": fxprune.compile(model, plan, output="module").eval()}
+    for backend in args.backends.split(","):
+        for b in (int(v) for v in args.batches.split(",")):
+            xb = torch.randn(b, *x.shape[1:])
+            got = measure_model_latency(models, (xb,), backend=backend, repeats=args.repeats)
+            rows = [[k, str(got[k]), f"{got['dense'].median_ms / got[k].median_ms:.2f}x",
+                     f"{got['module'].median_ms / got[k].median_ms:.3f}"] for k in models]
+            print(f"\n{type(model).__name__}, {backend}, batch {b}, ratio {args.ratio}, "
+                  f"{torch.get_num_threads()} threads, {args.repeats} interleaved repeats")
+            print(tabulate(rows, headers=["model", "median", "vs dense", "module ms / this"],
+                           tablefmt="github"), flush=True)
 
 
 if __name__ == "__main__":

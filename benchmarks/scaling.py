@@ -154,6 +154,7 @@ def run_llama_shards(workdir: str, shard_mb: int = 1024) -> None:
     from fxprune.api import flat_tensors
 
     transformers.logging.set_verbosity_error()
+    Path(workdir).mkdir(parents=True, exist_ok=True)
     cfg = transformers.LlamaConfig(max_position_embeddings=2048, use_cache=False, **LLAMA_1B)
     with torch.device("meta"):
         skeleton = transformers.LlamaForCausalLM(cfg).eval()

@@ -248,13 +248,15 @@ def _make_plan(args: argparse.Namespace, analysis: Any) -> Any:
             not args.uniform and args.round_to != "auto":
         return fxprune.Plan.from_ratio(analysis, args.ratio, criterion=args.criterion,
                                        round_to=args.round_to, ignore=args.ignore,
-                                       include_softmax=args.include_softmax)
+                                       include_softmax=args.include_softmax,
+                                       split_ties=not args.no_split_ties)
     return fxprune.plan(analysis, args.criterion, ratio=args.ratio,
                         target_macs=args.target_macs, target_params=args.target_params,
                         target_latency=args.target_latency,
                         scope="global" if args.global_ else "local",
                         round_to=args.round_to, ignore=args.ignore,
-                        include_softmax=args.include_softmax, uniform=args.uniform)
+                        include_softmax=args.include_softmax, uniform=args.uniform,
+                        split_ties=not args.no_split_ties)
 
 
 def _budget(args: argparse.Namespace) -> str:
@@ -510,6 +512,10 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
                    help="module or parameter name prefix whose groups stay whole (repeat)")
     p.add_argument("--include-softmax", action="store_true",
                    help="also prune groups whose units a softmax normalises")
+    p.add_argument("--no-split-ties", action="store_true",
+                   help="let the pieces of a chunk/split the forward cuts equally keep "
+                        "unequal counts (ShuffleNetV2, CSPNet): the graph output takes "
+                        "them, --output module refuses them")
     p.add_argument("--round-to", type=_round_to, default=None, metavar="N|auto",
                    help="kept counts are multiples of N; auto: of what each op kind runs "
                    "fastest here, measured (default: auto for --target-latency, else 1)")

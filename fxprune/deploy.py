@@ -267,12 +267,37 @@ def _export_legacy(model: torch.nn.Module, inputs: tuple, path: str,
 def _export_dynamo(model: torch.nn.Module, inputs: tuple, path: str,
                    opset: int | None, dynamic_batch: bool) -> None:
     names, out_names, axes = _names(model, inputs)
+    # the batch as torch.export's dynamic_shapes (dynamic_axes under dynamo=True warns);
+    # AUTO: dynamic where the graph allows it, so a batch-1 example does not fail export
+    shapes = tuple({0: torch.export.Dim.AUTO} if n in axes else None
+                   for n in names) if dynamic_batch else None
     with torch.no_grad():
         program = torch.onnx.export(model, inputs, dynamo=True, input_names=names,
-                                    output_names=out_names,
+                                    output_names=out_names, verbose=False,
                                     opset_version=opset, report=False, verify=False,
-                                    dynamic_axes=axes if dynamic_batch else None)
+                                    dynamic_shapes=shapes)
+        if dynamic_batch:
+            _name_batch_dim(program.model, names)
         program.save(path, external_data=False)
+
+
+def _name_batch_dim(model: Any, names: list[str]) -> None:
+    """Call the exported batch symbol "batch" everywhere (``Dim.AUTO`` names it ``s77``)."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    inputs = [v for v in graph.inputs if v.name in names and v.shape is not None]
+    symbols = {str(v.shape[0]) for v in inputs if isinstance(v.shape[0], ir.SymbolicDim)}
+    if len(symbols) != 1:
+        return  # no dynamic batch, or several: leave the exporter's names
+    old = symbols.pop()
+    values = list(graph.inputs) + list(graph.outputs) + [o for n in graph.all_nodes()
+                                                         for o in n.outputs]
+    for v in values:
+        if v.shape is not None and any(isinstance(d, ir.SymbolicDim) and str(d) == old
+                                       for d in v.shape):
+            v.shape = ir.Shape(["batch" if isinstance(d, ir.SymbolicDim) and str(d) == old
+                                else d for d in v.shape])
 
 
 _EXPORTERS: dict[str, Callable[..., None]] = {"legacy": _export_legacy,

@@ -18,20 +18,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from fxprune.core.errors import ModuleOutputError, NonUniformPlanError
+from fxprune.core.errors import ModuleOutputError, NonUniformPlanError, source_line
 from fxprune.core.graph_meta import get_meta
 from fxprune.core.groups import GroupAnalysis
 from fxprune.core.pipeline import Step
 from fxprune.core.plan import Plan
 from passes.rules.registry import RewriteOptions
+from passes.slice_weights import keep_mask
 from passes.slice_module import (check_module_output, check_unrun_modules, head_reading,
-                                 slice_module)
+                                 refuse_uneven_chunks, slice_module)
 
 __all__ = ["module_steps", "update_hf_config", "hf_sizes", "uniform_constraints"]
 
-# (query, key, value) projection names of the attention families we know; a fused qkv
+# (query, key, value) projection names of the attention families we know (T5: q/k/v); a fused qkv
 # projection (GPT-2's c_attn) is split in thirds.
-_QKV = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
+_QKV = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q", "k", "v"))
 _FUSED = ("c_attn",)
 _MLP_UP = ("up_proj", "fc1", "c_fc", "wi", "dense_h_to_4h")
 
@@ -42,6 +43,8 @@ def module_steps(model: torch.nn.Module, analysis: GroupAnalysis, kept: np.ndarr
 
     def sliced_module(pruned: torch.fx.GraphModule) -> torch.nn.Module:
         small = slice_module(model, analysis, kept, pruned, check=False)
+        if check:  # before the config reads head counts from the (uneven) widths
+            refuse_uneven_chunks(analysis, pruned)
         if _is_hf(small):
             update_hf_config(small, model, analysis, kept,
                              attention_scale=get_meta(pruned, "attention_scale", "original"))
@@ -167,10 +170,21 @@ def hf_sizes(model: torch.nn.Module, original: torch.nn.Module,
             q, k = _linear_out(getattr(m, names[0])), _linear_out(getattr(m, names[1]))
         elif any(isinstance(getattr(m, n, None), torch.nn.Module) for n in _FUSED) and \
                 hasattr(m, "num_heads"):
-            q = k = _linear_out(getattr(m, _FUSED[0])) // 3
+            q, k, v, read = _fused_widths(m, path, analysis, kept, heads0, hd0)
+            if v != q:  # GPT-2: c_attn(x).split(self.split_size), one head_dim for all
+                raise ModuleOutputError(
+                    f"compile(output=\"module\"): {path} ({type(m).__name__}) would keep "
+                    f"{q} query/key but {v} value features of its fused "
+                    f"{_FUSED[0]} ({heads0} heads): its forward splits q, k, v in equal "
+                    f"pieces and views them with one head_dim, which cannot describe "
+                    f"both. Use output=\"graph\" (the GraphModule), a plan that keeps as "
+                    f"many value as query/key features (Plan.from_indices), whole heads "
+                    f"(analyze(..., split_policy=\"heads\")), or keep the layer whole "
+                    f"(ignore=[\"{path}\"])." + _split_line(analysis, path))
         else:
             continue
-        read = _read_heads(analysis, kept, path, names, heads0, kv0, hd0)
+        if names is not None:
+            read = _read_heads(analysis, kept, path, names, heads0, kv0, hd0)
         if read is not None:
             heads, kv, hd = read
         elif q % hd0 == 0 and k % hd0 == 0:
@@ -187,6 +201,36 @@ def hf_sizes(model: torch.nn.Module, original: torch.nn.Module,
         # an ambiguous reading (q a multiple of both) is caught by check_module_output
         out.append({"path": path, "heads": heads, "kv_heads": kv, "head_dim": hd})
     return out
+
+
+def _split_line(analysis: GroupAnalysis | None, path: str) -> str:
+    """" The split: <source line>" of the module at ``path``'s split node, or ""."""
+    for node in analysis.gm.graph.nodes if analysis is not None else ():
+        stack = [v[0] for v in (node.meta.get("nn_module_stack") or {}).values()]
+        if stack and stack[-1] == path and "split" in str(node.target) and source_line(node):
+            return f" The split: {source_line(node)}"
+    return ""
+
+
+def _fused_widths(m: torch.nn.Module, path: str, analysis: GroupAnalysis | None,
+                  kept: np.ndarray | None, heads0: int, hd0: int
+                  ) -> tuple[int, int, int, tuple[int, int, int] | None]:
+    """Kept (q, k, v) widths of a fused qkv projection and its (heads, kv heads, head_dim)
+    reading: from the kept rows of each third of its output dim where ``analysis``
+    labels them (q.k and v are separate spaces, so the plan may keep different counts;
+    24 kept rows of 4 heads x 8 are 4 x 6, not 3 x 8), else thirds of its sliced width
+    and no reading."""
+    proj = getattr(m, _FUSED[0])
+    dim = 0 if isinstance(proj, torch.nn.Linear) else 1  # transformers' Conv1D: in x out
+    fqn = f"{path}.{_FUSED[0]}.weight" if path else f"{_FUSED[0]}.weight"
+    labels = None if analysis is None or kept is None else analysis.tensor_labels.get((fqn, dim))
+    if labels is None or len(labels) % 3:
+        q = _linear_out(proj) // 3
+        return q, q, q, None
+    rows = keep_mask(np.asarray(labels), kept).reshape(3, -1).sum(axis=1)
+    reading = head_reading(analysis, kept, fqn, heads0, hd0, dim=dim)
+    read = None if reading is None else (reading[1], reading[1], reading[2])
+    return int(rows[0]), int(rows[1]), int(rows[2]), read
 
 
 def _read_heads(analysis: GroupAnalysis | None, kept: np.ndarray | None, path: str,
@@ -254,7 +298,8 @@ def update_hf_config(small: torch.nn.Module, original: torch.nn.Module,
         if key == "head_dim" and derived:
             continue
         for name in aliases.get(key, (key,)):
-            if name in cfg.to_dict() or hasattr(type(cfg), name):
+            if name in cfg.to_dict() or hasattr(type(cfg), name) or \
+                    name in getattr(cfg, "attribute_map", {}):  # T5: head_dim -> d_kv
                 try:
                     setattr(cfg, name, value)
                 except AttributeError:
@@ -281,8 +326,9 @@ def _embedding_width(emb: torch.nn.Module | None) -> set[int]:
 def _set_attention_attributes(m: torch.nn.Module, layer: dict[str, int]) -> None:
     heads, kv, hd = layer["heads"], layer["kv_heads"], layer["head_dim"]
     table = {"num_heads": heads, "num_attention_heads": heads, "n_head": heads,
-             "num_key_value_heads": kv, "num_key_value_groups": heads // max(kv, 1),
-             "head_dim": hd, "attention_head_size": hd, "all_head_size": heads * hd,
+             "n_heads": heads, "num_key_value_heads": kv,
+             "num_key_value_groups": heads // max(kv, 1), "head_dim": hd,
+             "attention_head_size": hd, "key_value_proj_dim": hd, "all_head_size": heads * hd,
              "split_size": heads * hd, "inner_dim": heads * hd}
     for name, value in table.items():
         if type(getattr(m, name, None)) is int:

@@ -1,7 +1,8 @@
 """Analysis pass: classify every node by its rule and union channel units into groups.
 
 Requires: ``tensor_meta`` on every tensor node (``passes.shape_prop.propagate_shapes``).
-Ensures: a frozen ``GroupAnalysis``; ``gm`` is not mutated. One pass over the nodes in
+Ensures: a frozen ``GroupAnalysis`` (with ``split_ties``: every ``chunk(n)`` /
+``split(int)`` whose equal pieces cut prunable units); ``gm`` is not mutated. One pass over the nodes in
 topological order with union-find: close to linear in graph size.
 
 Before/after (what the analysis sees)::
@@ -22,9 +23,9 @@ import torch
 import torch.fx
 
 import passes.rules  # noqa: F401  (registers the rule families)
-from fxprune.core.errors import UnsupportedOpError, describe_node
-from fxprune.core.groups import ChannelGroup, GroupAnalysis, Member
-from passes.rules.registry import AnalysisState, RuleContext, iter_units, lookup_rule
+from fxprune.core.errors import UnsupportedOpError, describe_node, source_line
+from fxprune.core.groups import ChannelGroup, GroupAnalysis, Member, SplitTie
+from passes.rules.registry import AnalysisState, RuleContext, iter_units, lookup_rule, op_key
 from passes.shape_prop import tensor_shapes
 
 __all__ = ["find_groups", "graph_fingerprint"]
@@ -166,7 +167,35 @@ def _build(state: AnalysisState, example_inputs: tuple) -> GroupAnalysis:
         node_labels=node_labels, tensor_labels=tensor_labels, group_of=group_of,
         local_of=local_of, barriers=tuple(state.barriers), example_inputs=example_inputs,
         module_notes=dict(state.module_notes), tensor_aliases=_alias_table(state),
-        pin_reasons=_tensor_pin_reasons(state, roots, pinned, space_of, space_roots))
+        pin_reasons=_tensor_pin_reasons(state, roots, pinned, space_of, space_roots),
+        split_ties=_split_ties(state.gm, node_labels, group_of, groups))
+
+
+EQUAL_SPLITS = ("chunk", "unsafe_chunk", "split", "unsafe_split")
+
+
+def _split_ties(gm: torch.fx.GraphModule, node_labels: dict, group_of: np.ndarray,
+                groups: tuple[ChannelGroup, ...]) -> tuple[SplitTie, ...]:
+    """``chunk(n)`` / ``split(int)`` nodes cutting prunable units into pieces that the
+    forward sizes alike (an int argument, not a list of sections an attribute can hold)."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method") or op_key(node) not in EQUAL_SPLITS:
+            continue
+        arg = node.args[1] if len(node.args) > 1 else node.kwargs.get(
+            "chunks", node.kwargs.get("split_size", node.kwargs.get("split_size_or_sections")))
+        pieces = node_labels.get(node.name)
+        if type(arg) is not int or not isinstance(pieces, tuple) or len(pieces) < 2:
+            continue
+        axes = {a for p in pieces if isinstance(p, dict) for a in p}
+        for axis in sorted(axes):
+            labs = tuple(p.get(axis, np.zeros(0, np.int64)) for p in pieces)
+            inside = np.concatenate([lab[lab >= 0] for lab in labs])
+            if not len(inside) or any(len(lab) != len(labs[0]) for lab in labs):
+                continue  # nothing prunable, or a last piece shorter than the others
+            names = tuple(groups[g].name for g in np.unique(group_of[inside]).tolist())
+            out.append(SplitTie(node.name, int(axis), labs, names, source_line(node)))
+    return tuple(out)
 
 
 def _tensor_pin_reasons(state: AnalysisState, roots: np.ndarray, pinned: np.ndarray,

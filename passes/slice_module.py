@@ -8,9 +8,11 @@ every tensor whose shape changed is copied from ``pruned`` under the same FQN); 
 module attributes are re-derived by the module fixups of ``passes.rules`` (the same table
 ``slice_weights`` uses); of other modules, only attributes that held a size the rewrite
 changed follow (width names, a split's sections or a view's shape, slice bounds), the
-rest are left alone (a stale one is caught by the check); a chunk or split(int) whose
-pieces the plan keeps unevenly, and parametrised submodules the graph never ran whose
-input is sliced (train-only heads), are refused; the copy's outputs equal ``pruned``'s in float64 on the example inputs and on a
+rest are left alone (a stale one is caught by the check); an int attribute of the module
+that runs a reshape/view/split follows one int of it (LeViT ``key_dim``); a chunk or
+split(int) whose pieces the plan keeps unevenly, and parametrised submodules the graph
+never ran whose input is sliced (train-only heads), are refused; the copy's outputs
+equal ``pruned``'s in float64 on the example inputs and on a
 doubled batch (float32 for a torch.export graph, which is specialised to its dtype),
 or ``ModuleOutputError`` / ``LiteralSizeError`` is raised.
 
@@ -34,7 +36,7 @@ import torch
 import torch.fx
 
 from fxprune.core.errors import (LiteralSizeError, ModuleOutputError, RewriteError,
-                                 UnprovenBranchWarning, source_line)
+                                 UnprovenBranchWarning, exception_line, source_line)
 from fxprune.core.groups import GroupAnalysis
 from fxprune.core.graph_meta import get_meta
 from passes.slice_weights import keep_mask
@@ -42,7 +44,7 @@ from passes.rules.registry import (MODULE_FIXUPS, RewriteOptions, apply_module_f
                                    find_module_entry)
 
 __all__ = ["slice_module", "literal_rewrites", "check_module_output", "uneven_chunks",
-           "check_unrun_modules", "head_reading"]
+           "refuse_uneven_chunks", "check_unrun_modules", "head_reading"]
 
 
 def slice_module(model: torch.nn.Module, analysis: GroupAnalysis, kept: np.ndarray,
@@ -69,7 +71,7 @@ def slice_module(model: torch.nn.Module, analysis: GroupAnalysis, kept: np.ndarr
     for path in sorted(parents | {""} | touched):
         _follow_sizes(small, path, changes)
         _follow_heads(small, path, analysis, kept, options)
-    _follow_size_tuples(small, analysis, pruned)
+    _follow_size_tuples(model, small, analysis, pruned)
     if check:
         check_module_output(small, pruned, analysis, rtol=rtol, atol=atol)
         check_unrun_modules(model, small, analysis, pruned)
@@ -168,11 +170,12 @@ def _follow_sizes(small: torch.nn.Module, path: str, changes: dict[str, list]) -
             setattr(module, name, max(votes[value].items(), key=lambda kv: kv[1])[0])
 
 
-def _follow_size_tuples(small: torch.nn.Module, analysis: GroupAnalysis,
-                        pruned: torch.fx.GraphModule) -> None:
+def _follow_size_tuples(model: torch.nn.Module, small: torch.nn.Module,
+                        analysis: GroupAnalysis, pruned: torch.fx.GraphModule) -> None:
     """A split's sections or a view's shape held as an int tuple/list attribute of the
     module that runs the op (timm InceptionNeXt ``split_indexes``, FocalNet
-    ``input_split``, PoolFormer's layer scale ``shape``) takes the sizes the rewrite gave
+    ``input_split``, PoolFormer's layer scale ``shape``), or one of its items held as an
+    int attribute of that module (LeViT ``key_dim``), takes the sizes the rewrite gave
     that op, where every op of the module that held the old value got the same new one
     (otherwise it is left, and ``check_module_output`` refuses)."""
     new_nodes = {n.name: n for n in pruned.graph.nodes}
@@ -182,6 +185,8 @@ def _follow_size_tuples(small: torch.nn.Module, analysis: GroupAnalysis,
         if after is None or node.op not in ("call_function", "call_method"):
             continue
         stack = [v[0] for v in (node.meta.get("nn_module_stack") or {}).values()]
+        if stack:  # one int of a shape or of sections: only the module that runs the op
+            _want_ints(model, small, stack[-1], _changed_ints(node, after), wanted)
         for old, new in _changed_sequences(node, after):
             for path in [*reversed(stack), ""]:  # innermost first; the root has no entry
                 try:
@@ -203,6 +208,48 @@ def _follow_size_tuples(small: torch.nn.Module, analysis: GroupAnalysis,
             setattr(module, name, type(value)(new) if isinstance(value, (list, tuple)) else new)
 
 
+def _want_ints(model: torch.nn.Module, small: torch.nn.Module, path: str,
+               pairs: list[tuple[int, int]], wanted: dict[tuple[str, str], set]) -> None:
+    """Int attributes that held an ``old`` of ``pairs`` in the original module at
+    ``path`` want its ``new`` (LeViT's ``key_dim``/``val_dim`` in ``split([self.key_dim,
+    self.key_dim, self.val_dim])``, its ``val_attn_dim`` in ``reshape(B, N,
+    self.val_attn_dim)``); one that an earlier rule already set to another value is
+    left to that rule."""
+    try:
+        before = model.get_submodule(path) if path else model
+        module = small.get_submodule(path) if path else small
+    except AttributeError:
+        return
+    for old, new in pairs:
+        names = [k for k, v in vars(before).items() if type(v) is int and v == old
+                 and getattr(module, k, None) in (old, new)]
+        if len(names) > 1:  # LeViT: num_heads == key_dim == 16; heads follow their
+            # projection's rows (_follow_heads), not a literal that another size shares
+            names = [k for k in names if k not in HEAD_COUNT_ATTRIBUTES]
+        for k in names:
+            wanted.setdefault((path, k), set()).add(new)
+
+
+def _changed_ints(before: torch.fx.Node, after: torch.fx.Node) -> list[tuple[int, int]]:
+    """(old, new) ints the rewrite changed at the same position of a reshape/view/split's
+    arguments, one by one: a positional int (``reshape(x, b, n, 128)``) or an item of an
+    int list (``split(x, [16, 16, 32])``)."""
+    if getattr(before.target, "__name__", before.target) not in _SHAPE_OPS:
+        return []
+    pairs = []
+    for a, b in zip(before.args[1:], after.args[1:]):
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+            pairs += [(u, v) for u, v in zip(a, b) if type(u) is int and type(v) is int]
+        elif type(a) is int and type(b) is int:
+            pairs.append((a, b))
+    return [(u, v) for u, v in pairs if u != v]
+
+
+# ops whose int arguments are sizes (a shape, split sections)
+_SHAPE_OPS = frozenset({"reshape", "view", "split", "split_with_sizes", "expand",
+                        "unflatten", "new_zeros", "new_ones", "new_empty", "zeros", "ones"})
+
+
 def _int_seq(v: Any) -> bool:
     return isinstance(v, (list, tuple)) and bool(v) and all(type(i) is int for i in v)
 
@@ -217,6 +264,9 @@ def _changed_sequences(before: torch.fx.Node, after: torch.fx.Node) -> list[tupl
                 if type(u) is int and type(v) is int and u != v:
                     pairs.append((u, v))
         return pairs
+    split_int = _split_int_pairs(before, after)
+    if split_int:
+        return split_int
     olds = list(before.args[1:]) + [before.kwargs.get(k) for k in
                                     ("split_size_or_sections", "split_size", "shape", "size")]
     news = list(after.args[1:]) + [after.kwargs.get(k) for k in
@@ -231,6 +281,20 @@ def _changed_sequences(before: torch.fx.Node, after: torch.fx.Node) -> list[tupl
     return pairs
 
 
+def _split_int_pairs(before: torch.fx.Node, after: torch.fx.Node) -> list[tuple[int, int]]:
+    """A ``split(int)`` the rewrite cut into equal kept pieces (a plan honouring the
+    analysis' ``split_ties``): the forward's section (``self.expand_chs // 2``) and the
+    total it was derived from follow, (old section, new) and (old total, new total)."""
+    if getattr(before.target, "__name__", before.target) not in ("split", "unsafe_split"):
+        return []
+    arg = before.args[1] if len(before.args) > 1 else before.kwargs.get(
+        "split_size", before.kwargs.get("split_size_or_sections"))
+    new = after.args[1] if len(after.args) > 1 else None
+    if type(arg) is not int or not _int_seq(new) or len(set(new)) != 1 or new[0] == arg:
+        return []
+    return [(arg, int(new[0])), (arg * len(new), int(new[0]) * len(new))]
+
+
 def _slices(index: Any) -> list[slice]:
     items = index if isinstance(index, tuple) else (index,)
     return [i if isinstance(i, slice) else slice(None) for i in items]
@@ -239,10 +303,12 @@ def _slices(index: Any) -> list[slice]:
 # Field-standard names of an attention module's head count, head width and their
 # product (timm ``num_heads``/``head_dim``/``attn_dim``, transformers
 # ``num_attention_heads``/``attention_head_size``/``all_head_size``, others'
-# ``n_heads``/``dim_head``/``inner_dim``), its softmax scale, and the projections whose
-# output rows are laid out (q/k/v, heads, head_dim) (a fused ``qkv``: 3 x heads x head_dim).
+# ``n_heads``/``dim_head``/``inner_dim``, T5's ``key_value_proj_dim``), its softmax
+# scale, and the projections whose output rows are laid out (q/k/v, heads, head_dim) (a
+# fused ``qkv``: 3 x heads x head_dim).
 HEAD_COUNT_ATTRIBUTES = ("num_heads", "n_heads", "n_head", "num_attention_heads", "heads")
-HEAD_DIM_ATTRIBUTES = ("head_dim", "dim_head", "attention_head_size", "head_size", "d_head")
+HEAD_DIM_ATTRIBUTES = ("head_dim", "dim_head", "attention_head_size", "head_size", "d_head",
+                       "key_value_proj_dim")
 HEAD_TOTAL_ATTRIBUTES = ("attn_dim", "all_head_size", "inner_dim", "split_size")
 SCALE_ATTRIBUTES = ("scale", "scaling")
 QUERY_PROJECTIONS = ("qkv", "q", "query", "q_proj", "to_q", "to_qkv", "wq", "in_proj")
@@ -289,10 +355,11 @@ def _follow_heads(small: torch.nn.Module, path: str, analysis: GroupAnalysis,
 
 
 def head_reading(analysis: GroupAnalysis, kept: np.ndarray, weight: str, heads0: int,
-                  head_dim0: int | None) -> tuple[int, int, int] | None:
+                  head_dim0: int | None, *, dim: int = 0) -> tuple[int, int, int] | None:
     """``(head_dim, kept heads, kept head_dim)`` read from the kept rows of ``weight``
-    as (q/k/v, heads, head_dim) blocks, or None when no such reading is even."""
-    labels = analysis.tensor_labels.get((weight, 0))
+    (its output dim ``dim``: 1 for transformers' Conv1D) as (q/k/v, heads, head_dim)
+    blocks, or None when no such reading is even."""
+    labels = analysis.tensor_labels.get((weight, dim))
     if labels is None:
         return None
     rows = keep_mask(np.asarray(labels), kept)
@@ -346,14 +413,7 @@ def check_module_output(small: torch.nn.Module, pruned: torch.fx.GraphModule,
     originals are untouched): on the example inputs, and on the example batch doubled
     (``[x; x]``: each half of ``small``'s output must equal ``pruned(x)``, so a batch size
     the graph was not captured for is checked too)."""
-    uneven = uneven_chunks(analysis, pruned)
-    if uneven:  # the forward's chunk makes equal pieces: the module cannot follow the plan
-        raise LiteralSizeError(
-            f"compile(output=\"module\"): the plan keeps different counts in the pieces of "
-            f"a chunk or split: {'; '.join(uneven[:3])}{' ...' if len(uneven) > 3 else ''}. The "
-            f"forward cuts equal pieces, so the module cannot take these sizes. "
-            f"Use output=\"graph\" (the GraphModule), a plan that keeps the same count in "
-            f"every piece (Plan.from_indices), or keep those channels (ignore=[...]).")
+    refuse_uneven_chunks(analysis, pruned)
     inputs = analysis.example_inputs
     a, b = _double(small), _double(pruned)
     x = tuple(_to_double(t) for t in inputs)
@@ -377,6 +437,21 @@ def check_module_output(small: torch.nn.Module, pruned: torch.fx.GraphModule,
                   else g for g, w in zip(got2, want)]
         _compare(halves, want, "a doubled batch (first half)", analysis, pruned, rtol, atol)
         _compare(second, want, "a doubled batch (second half)", analysis, pruned, rtol, atol)
+
+
+def refuse_uneven_chunks(analysis: GroupAnalysis, pruned: torch.fx.GraphModule) -> None:
+    """Raise ``LiteralSizeError`` where the plan keeps different counts in the pieces of a
+    chunk or split(int) (``uneven_chunks``): the forward cuts equal pieces, so no attribute
+    can make the module follow (GPT-2's ``c_attn(x).split(self.split_size)`` where the
+    plan keeps 6 query/key but 5 value features per head)."""
+    uneven = uneven_chunks(analysis, pruned)
+    if uneven:  # the forward's chunk makes equal pieces: the module cannot follow the plan
+        raise LiteralSizeError(
+            f"compile(output=\"module\"): the plan keeps different counts in the pieces of "
+            f"a chunk or split: {'; '.join(uneven[:3])}{' ...' if len(uneven) > 3 else ''}. The "
+            f"forward cuts equal pieces, so the module cannot take these sizes. "
+            f"Use output=\"graph\" (the GraphModule), a plan that keeps the same count in "
+            f"every piece (Plan.from_indices), or keep those channels (ignore=[...]).")
 
 
 def uneven_chunks(analysis: GroupAnalysis, pruned: torch.fx.GraphModule) -> list[str]:
@@ -504,9 +579,10 @@ def _run_small(m: torch.nn.Module, x: tuple, analysis: GroupAnalysis,
     try:
         return m(*x)
     except Exception as exc:
+        where = exception_line(exc)
         raise _mismatch(f"the rewritten {type(m).__name__} does not run ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''})",
-                        analysis, pruned) from exc
+                        f"{str(exc).splitlines()[0] if str(exc) else ''})"
+                        + (f" at {where}" if where else ""), analysis, pruned) from exc
 
 
 def _flat(out: Any) -> list[torch.Tensor]:

@@ -69,6 +69,19 @@ def source_line(node) -> str:
     return ""
 
 
+def exception_line(exc: BaseException) -> str:
+    """``file, line N: code`` of the innermost user frame ``exc`` passed through (the
+    line of the user's forward that raised), or ""."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if _user_frame(f'File "{f.filename}"')]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f"{f.filename}, line {f.lineno}" + (f": {f.line.strip()}" if f.line else "")
+
+
 def describe_node(node) -> str:
     """One line naming a node, its FX form and, when recorded, its source line."""
     text = f"node '{node.name}' ({node.format_node()})"

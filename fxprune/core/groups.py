@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch.fx
 
-__all__ = ["Member", "ChannelGroup", "GroupAnalysis", "Pin"]
+__all__ = ["Member", "ChannelGroup", "GroupAnalysis", "Pin", "SplitTie"]
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,27 @@ class Pin:
 
 
 @dataclass(frozen=True)
+class SplitTie:
+    """A ``chunk(n)`` / ``split(int)`` along a channel dim: the forward cuts equal pieces,
+    so a plan must keep the same count in each (``fxprune.core.ties``).
+
+    ``pieces[k]`` holds the global unit label of every index of piece ``k`` along ``dim``
+    (-1: never pruned); ``groups`` names the groups whose units the pieces hold; ``source``
+    is the user's line of the node when the tracer recorded it.
+    """
+
+    node: str
+    dim: int
+    pieces: tuple[np.ndarray, ...] = field(repr=False, compare=False)
+    groups: tuple[str, ...]
+    source: str = ""
+
+    def describe(self) -> str:
+        return f"{self.node} ({len(self.pieces)} equal pieces" + \
+            (f" at {self.source})" if self.source else ")")
+
+
+@dataclass(frozen=True)
 class GroupAnalysis:
     """Result of ``find_groups``: groups plus the per-node unit labels the rewrites use.
 
@@ -163,14 +184,56 @@ class GroupAnalysis:
     # a hidden size that must shrink with the heads (head_dim = hidden_size // heads)
     uniform_links: Mapping[str, tuple[str, int]] = field(repr=False, compare=False,
                                                          default_factory=dict)
+    # chunk / split(int) nodes whose equal pieces cut a group's channels: default plans
+    # keep the same count in each piece (``fxprune.core.ties``)
+    split_ties: tuple[SplitTie, ...] = field(repr=False, compare=False, default=())
 
     def group(self, key: int | str) -> ChannelGroup:
-        """A group by id or by name (``"conv1.weight[0]"``)."""
+        """A group by id, by name (``"conv1.weight[0]"``), by any slice it holds
+        (``"bn1.weight[0]"``, ``"conv2.weight[1]"``), or by a parameter or module whose
+        output channels start it (``"conv1.weight"``, ``"conv1"``).
+
+        Raises ``KeyError`` naming the nearest group names when nothing matches, and the
+        candidates when a slice spans several groups (a concat consumer's columns: use
+        ``groups_of``)."""
         found = self._by_key.get(key)
-        if found is None:
-            raise KeyError(f"no group {key!r}; groups are "
-                           f"{[g.name for g in self.groups][:10]}...")
-        return found
+        if found is not None:
+            return found
+        if isinstance(key, str):
+            keys = [key] if key.endswith("]") else [f"{key}[0]", f"{key}.weight[0]"]
+            for k in keys:
+                hits = self._by_slice.get(k, ())
+                if len(hits) == 1:
+                    return hits[0]
+                if len(hits) > 1:
+                    raise KeyError(f"{k!r} is sliced by {len(hits)} groups "
+                                   f"({', '.join(g.name for g in hits[:4])}"
+                                   f"{', ...' if len(hits) > 4 else ''}); pick one by name, "
+                                   f"or list them with analysis.groups_of({key!r})")
+        import difflib
+        import re
+
+        if isinstance(key, str):
+            m = re.fullmatch(r"(.+)\[(\d+)\]", key)
+            fqn, dim = (m.group(1), int(m.group(2))) if m else (key, 0)
+            why = self.pin_reasons.get((fqn, dim)) or self.pin_reasons.get((f"{fqn}.weight", dim))
+            if why:
+                raise KeyError(f"{key!r} is in no group: it is left whole ({why[0]}); "
+                               f"analysis.pins() lists every whole dim with its reason")
+        names = [g.name for g in self.groups]
+        near = difflib.get_close_matches(str(key), list(dict.fromkeys(names + list(self._by_slice))),
+                                         n=3)
+        raise KeyError(f"no group {key!r}" + (f"; did you mean {', '.join(map(repr, near))}?"
+                                              if near else f"; groups are {names[:10]}..."))
+
+    def groups_of(self, name: str) -> tuple[ChannelGroup, ...]:
+        """Every group that slices parameter (or buffer) ``name``, or any parameter of
+        module ``name``, on any dim, in group order (empty when none does)."""
+        seen: dict[int, ChannelGroup] = {}
+        for g in self.groups:
+            if any(m.fqn == name or m.fqn.startswith(name + ".") for m in g.members):
+                seen[g.id] = g
+        return tuple(seen.values())
 
     @functools.cached_property
     def _by_key(self) -> dict[int | str, ChannelGroup]:
@@ -179,6 +242,15 @@ class GroupAnalysis:
         for g in reversed(self.groups):  # the first group wins a (never expected) tie
             table[g.name] = table[g.id] = g
         return table
+
+    @functools.cached_property
+    def _by_slice(self) -> dict[str, tuple[ChannelGroup, ...]]:
+        """Slice key ``"fqn[dim]"`` -> the groups holding part of that dim."""
+        table: dict[str, dict[int, ChannelGroup]] = {}
+        for g in self.groups:
+            for m in g.members:
+                table.setdefault(f"{m.fqn}[{m.dim}]", {})[g.id] = g
+        return {k: tuple(v.values()) for k, v in table.items()}
 
     @property
     def num_units(self) -> int:

@@ -12,6 +12,7 @@ import torch
 
 from fxprune.core.errors import PlanError
 from fxprune.core.groups import ChannelGroup, GroupAnalysis
+from fxprune.core.ties import tied_orders, untied_ties
 
 __all__ = ["Plan", "magnitude_scores"]
 
@@ -101,7 +102,7 @@ class Plan:
                    criterion: str | Callable[[GroupAnalysis, ChannelGroup], np.ndarray] = "l1",
                    round_to: int = 1, ignore: Iterable[str | torch.nn.Module] = (),
                    exact_only: bool = False, seed: int = 0,
-                   include_softmax: bool = False) -> "Plan":
+                   include_softmax: bool = False, split_ties: bool = True) -> "Plan":
         """Remove ``ratio`` of every group's units, lowest score first.
 
         ``criterion``: a name in ``fxprune.CRITERIA`` ("l1" / "l2" magnitude of every
@@ -113,6 +114,10 @@ class Plan:
         ``include_softmax``: also prune groups whose units a softmax normalises (a
         distribution over the units, ``inexact_kind == "softmax"``); left whole by default,
         since removing units changes what the distribution can express.
+        ``split_ties=False``: ignore the analysis' ``split_ties`` (a chunk / split the
+        forward cuts into equal pieces keeps equal counts in them by default, so that
+        ``compile(output="module")`` can follow it); the GraphModule takes any counts,
+        the module output then refuses the plan (``LiteralSizeError``).
         """
         if not 0.0 <= ratio < 1.0 or math.isnan(ratio):
             raise PlanError(f"ratio must lie in [0, 1), got {ratio}")
@@ -124,8 +129,13 @@ class Plan:
         out: dict[str, tuple[int, ...]] = {}
         scored: dict[str, np.ndarray] = {}
         power_sums: dict = {}  # per weight dim, shared by the groups on its two dims
-        for g in analysis.groups:
-            if exact_only and not g.exact:
+        groups = [g for g in analysis.groups if not (exact_only and not g.exact)]
+        ties = analysis.split_ties if split_ties else ()
+        if any(len(t.groups) == 1 for t in ties):  # scores first: atoms
+            scored = {g.name: _scores(analysis, g, criterion, rng, power_sums) for g in groups}
+        tied, held = tied_orders(analysis, scored) if ties else ({}, {})
+        for g in groups:
+            if g.name in held:
                 continue
             if "softmax" in g.inexact_kinds and not include_softmax:
                 continue
@@ -133,15 +143,28 @@ class Plan:
                 continue
             n_keep = max(round_to, int(round(g.size * (1 - ratio) / round_to)) * round_to)
             n_keep = min(n_keep, g.size)
+            if g.name in tied:  # the nearest count of whole atoms (removed lowest first)
+                t = tied[g.name]
+                cuts = t.cuts[((g.size - t.cuts) % round_to == 0) & (t.cuts < g.size)]
+                n_keep = g.size - int(cuts[np.argmin(np.abs(g.size - cuts - n_keep))]) \
+                    if len(cuts) else g.size
             if n_keep >= g.size:
                 continue
-            scores = _scores(analysis, g, criterion, rng, power_sums)
-            order = np.argsort(-scores, kind="stable")
+            if g.name not in scored:
+                scored[g.name] = _scores(analysis, g, criterion, rng, power_sums)
+            order = tied[g.name].order[::-1] if g.name in tied else \
+                np.argsort(-scored[g.name], kind="stable")
             out[g.name] = tuple(sorted(order[:n_keep].tolist()))
-            scored[g.name] = scores
-        out = _guarded(analysis, out, scored)
-        return cls._make(analysis, out, meta={"ratio": ratio,
-                                              "criterion": criterion_name(criterion)})
+        out = _guarded(analysis, out, scored, tied)
+        meta = {"ratio": ratio, "criterion": criterion_name(criterion)}
+        if analysis.split_ties and not split_ties:
+            meta["split_ties"] = "off"
+        elif tied or held or analysis.split_ties:
+            meta["split_ties"] = {n: t.summary() for n, t in tied.items()}
+            meta["split_ties_whole"] = dict(held)
+            if untied_ties(analysis):
+                meta["split_ties_untied"] = untied_ties(analysis)
+        return cls._make(analysis, out, meta=meta)
 
     @classmethod
     def from_counts(cls, analysis: GroupAnalysis, counts: Mapping[str | tuple[str, int], int],
@@ -311,15 +334,25 @@ def _ranges(idx: Iterable[int]) -> str:
 
 
 def _guarded(analysis: GroupAnalysis, keep: Mapping[str, tuple[int, ...]],
-             scores: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
-    """``keep`` with the best-scored unit of every tensor dim it would empty put back."""
+             scores: Mapping[str, np.ndarray], tied: Mapping[str, Any] | None = None
+             ) -> dict[str, tuple[int, ...]]:
+    """``keep`` with the best-scored unit (its atom, for ``tied`` groups) of every tensor
+    dim it would empty put back."""
     kept = np.ones(analysis.num_units, dtype=bool)
     labels = {name: np.flatnonzero(analysis.group_of == analysis.group(name).id)
               for name in keep}
     for name, idx in keep.items():
         kept[labels[name]] = False
         kept[labels[name][list(idx)]] = True
-    kept = DimGuard(analysis, scores)(kept)
+    atoms = None
+    if tied:
+        atoms = np.full(analysis.num_units, -1, dtype=np.int64)
+        offset = 0
+        for name, t in tied.items():
+            g = analysis.group(name)
+            atoms[np.flatnonzero(analysis.group_of == g.id)] = t.atom + offset
+            offset += g.size
+    kept = DimGuard(analysis, scores, atoms)(kept)
     return {name: tuple(np.flatnonzero(kept[lab]).tolist()) for name, lab in labels.items()}
 
 
@@ -331,10 +364,13 @@ class DimGuard:
     the group's units. Such a layer keeps one unit (the plan may then miss ``round_to``
     for that group by one), (``Plan.from_ratio`` and the planner
     both use it). ``scores``: group name -> per-unit scores (missing groups: none kept
-    back from them).
+    back from them). ``atoms``: an atom id per global label (-1: none) for units that go
+    together (``fxprune.core.ties``): a unit put back brings its whole atom.
     """
 
-    def __init__(self, analysis: GroupAnalysis, scores: Mapping[str, np.ndarray]) -> None:
+    def __init__(self, analysis: GroupAnalysis, scores: Mapping[str, np.ndarray],
+                 atoms: np.ndarray | None = None) -> None:
+        self.atoms = atoms
         best = np.full(analysis.num_units, -np.inf)
         for g in analysis.groups:
             if g.name in scores:
@@ -375,7 +411,10 @@ class DimGuard:
         kept = kept.copy()
         for i in np.flatnonzero(~alive):
             piece = self.pieces[i]
-            kept[piece[np.argmax(self.best[piece])]] = True
+            unit = piece[np.argmax(self.best[piece])]
+            kept[unit] = True
+            if self.atoms is not None and self.atoms[unit] >= 0:
+                kept[self.atoms == self.atoms[unit]] = True
         return kept
 
 

@@ -24,7 +24,17 @@ def analysis_table(analysis: "GroupAnalysis", *, max_members: int = 4,
                      len(g.members), ", ".join(shown) + (f" +{more}" if more > 0 else ""),
                      len(g.merged_by)))
     head = ["id", "group", "units", "gran", "exact", "#slices", "slices", "#merges"]
-    return tabulate(rows, headers=head, tablefmt=tablefmt)
+    table = tabulate(rows, headers=head, tablefmt=tablefmt)
+    if not analysis.split_ties:
+        return table
+    tied = {}
+    for t in analysis.split_ties:
+        tied.setdefault(t.groups if len(t.groups) > 1 else t.groups[0], []).append(t.node)
+    lines = [f"  {g if isinstance(g, str) else ' + '.join(g) + ' (untied)'}: "
+             f"{', '.join(nodes[:4])}{' ...' if len(nodes) > 4 else ''}"
+             for g, nodes in tied.items()]
+    return table + ("\nequal pieces (chunk / split(int)): default plans keep the same count "
+                    "in each piece of a group's ties (fxprune.core.ties)\n" + "\n".join(lines))
 
 
 def group_graph(group: "ChannelGroup"):

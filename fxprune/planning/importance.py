@@ -87,7 +87,7 @@ class CriterionSpec:
 CRITERIA: dict[str, CriterionSpec] = {}
 REDUCTIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
 LAYER_NORMS: dict[str, Callable[[np.ndarray], float]] = {}
-COST_NORMALIZERS = ("memory", "macs", "params")
+COST_NORMALIZERS = ("memory", "macs", "params", "latency")
 
 
 def criterion(name: str, *, needs_data: bool = False, per_member: bool = False,
@@ -626,6 +626,33 @@ def weight_hessian(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     return {n: (a / (r.n_batches * probes)).cpu() for n, a in zip(names, acc)}
 
 
+def _latency_saving(ctx: ScoreContext, g: ChannelGroup) -> np.ndarray:
+    """Per unit of ``g``: predicted ms saved per removed unit, when half of the alive
+    units of its class (``fxprune.cost.unit_classes``: one piece of a concat...) are
+    removed from ``ctx.kept``; units of one class are interchangeable in shape."""
+    from fxprune.planning.cost import measure_latency, unit_classes
+
+    table = ctx.settings.latency
+    if table is None:
+        table = ctx._stats.get("_latency_table")
+        if table is None:
+            table = ctx._stats["_latency_table"] = measure_latency(ctx.cost)
+    base = ctx._stats.get("_latency_base")
+    if base is None:
+        base = ctx._stats["_latency_base"] = table.predict(ctx.cost, ctx.kept)
+    labels = ctx.labels(g)  # local order
+    out = np.zeros(g.size)
+    for units in unit_classes(g):
+        alive = units[ctx.kept[labels[units]]]
+        cut = len(alive) // 2
+        if cut == 0:
+            continue  # one unit left: removing it would empty the piece
+        kept = ctx.kept.copy()
+        kept[labels[alive[:cut]]] = False
+        out[units] = (base - table.predict(ctx.cost, kept)) / cut
+    return out
+
+
 # ----------------------------------------------------------------------------------
 # The public configuration
 # ----------------------------------------------------------------------------------
@@ -636,8 +663,12 @@ class Importance:
     ``criterion``: a name in ``CRITERIA`` or ``fn(analysis, group) -> scores``.
     ``reduction``: how member vectors combine (``sum|mean|max``); ``layer_norm``: divide
     each member vector (or a gate criterion's group vector) by its ``mean|max|sum|l2``
-    first. ``normalize``: divide by the unit's ``memory|macs|params`` saving; ``"auto"``
-    takes the criterion's default (``cpd``: memory), ``None`` turns it off.
+    first. ``normalize``: divide by the unit's ``memory|macs|params|latency`` saving;
+    ``"auto"`` takes the criterion's default (``cpd``: memory), ``None`` turns it off.
+    ``"latency"`` (score per predicted ms saved, the latency-aware ranking of HALP, Shen
+    et al. 2022) reads ``latency``, a ``fxprune.cost.LatencyTable`` measured on the
+    target device (else measured here, on this one, and cached): a group's per-unit saving
+    is the table's predicted drop when half the group's alive units go, per unit.
     Data-driven criteria need ``data`` (an iterable of ``(inputs, target)`` batches; only
     the first ``batches`` are read, once) with ``loss_fn(output, target)``, or
     ``closure(model, i) -> loss`` for batch ``i < batches``. ``probes`` and ``eps`` set
@@ -659,6 +690,7 @@ class Importance:
     probes: int = 2
     eps: float = 1e-3
     seed: int = 0
+    latency: Any = field(default=None, repr=False, compare=False)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -736,7 +768,7 @@ class Importance:
         kind = self.cost_kind
         if kind is None:
             return raw
-        unit = ctx.cost.unit_cost(g, kind)
+        unit = _latency_saving(ctx, g) if kind == "latency" else ctx.cost.unit_cost(g, kind)
         free = unit <= 0
         if free.any():
             ctx.warnings.append(f"group {g.name}: removing {int(free.sum())} of its units saves "

@@ -43,6 +43,7 @@ from fxprune.core.errors import BudgetError, PlanError
 from fxprune.core.groups import ChannelGroup, GroupAnalysis
 from fxprune.planning.importance import Importance
 from fxprune.core.plan import DimGuard, Plan, resolve_ignore
+from fxprune.core.ties import TiedOrder, broken_ties, tied_orders, untied_ties
 
 __all__ = ["plan", "Budget", "SCHEDULES", "TOLERANCE", "group_kind", "check_uniform"]
 
@@ -129,12 +130,16 @@ class _Bounds:
     max_remove: int
     round_to: int
     fixed_ratio: float | None
+    tied: TiedOrder | None = None  # equal chunk pieces: units go in whole atoms
 
     def removals(self, wanted: int) -> int:
-        """Clamp ``wanted`` removals to the caps; round the kept count up to ``round_to``."""
+        """Clamp ``wanted`` removals to the caps; round the kept count up to ``round_to``
+        (a tied group: down to whole atoms whose kept count is a multiple)."""
         n = min(max(int(wanted), 0), self.max_remove)
         if n == 0:
             return 0
+        if self.tied is not None:
+            return self.tied.removals(n, round_to=self.round_to, size=self.size)
         keep = int(math.ceil((self.size - n) / self.round_to) * self.round_to)
         return self.size - min(keep, self.size)
 
@@ -158,11 +163,13 @@ def _override_for(group: ChannelGroup, overrides: Mapping[str, float]) -> float 
 def _bounds(analysis: GroupAnalysis, scores: Mapping[str, np.ndarray], *,
             round_to: int | Mapping[str, int],
             max_ratio: float, ignore: tuple[str, ...], overrides: Mapping[str, float],
-            include_softmax: bool = False, whole: tuple[str, ...] = ()) -> list[_Bounds]:
+            include_softmax: bool = False, whole: tuple[str, ...] = (),
+            tied: Mapping[str, TiedOrder] | None = None) -> list[_Bounds]:
     out = []
+    tied = tied or {}
     for g in analysis.groups:
         if g.name in whole:
-            continue  # a uniform plan leaves it whole (the analysis says why)
+            continue  # a uniform plan leaves it whole (the analysis says why, or the ties)
         multiple = round_to.get(g.name, 1) if isinstance(round_to, Mapping) else round_to
         if any(_matches(m.fqn, p) for m in g.members for p in ignore) or g.size < multiple:
             continue
@@ -174,7 +181,7 @@ def _bounds(analysis: GroupAnalysis, scores: Mapping[str, np.ndarray], *,
         if cap <= 0:
             continue
         out.append(_Bounds(g.name, g.size, np.flatnonzero(analysis.group_of == g.id), cap,
-                           multiple, fixed))
+                           multiple, fixed, tied.get(g.name)))
     return out
 
 
@@ -195,7 +202,8 @@ class _Search:
         self.uniform = ties is not None
         self.ties = dict(ties) if ties is not None else {b.name: (b,) for b in bounds}
         self.links = dict(links or {})
-        self.order = {g.name: np.argsort(scores[g.name], kind="stable")
+        self.order = {g.name: g.tied.order if g.tied is not None else
+                      np.argsort(scores[g.name], kind="stable")
                       for tied in self.ties.values() for g in tied}
         self.order.update({f.name: np.argsort(scores[f.name], kind="stable")
                            for linked in self.links.values() for f, _ in linked})
@@ -210,12 +218,15 @@ class _Search:
         else:
             self.ranked_owner = np.zeros(0, dtype=np.int64)
         self.free = free
-        self.guard = DimGuard(analysis, scores)
+        self.guard = DimGuard(analysis, scores, atoms=_atom_labels(
+            analysis, [g for tied in self.ties.values() for g in tied]))
 
     def _slot_scores(self, b: _Bounds, scores: Mapping[str, np.ndarray]) -> np.ndarray:
         """A group's scores; for a kind, the mean over its groups of the j-th lowest score
         (+inf where any group's j-th unit may never go)."""
         tied = self.ties[b.name]
+        if len(tied) == 1 and tied[0].name == b.name and b.tied is not None:
+            return b.tied.unit_scores(scores[b.name])  # an atom's units rank together
         if len(tied) == 1 and tied[0].name == b.name:
             return scores[b.name]
         ranked = np.stack([np.sort(scores[g.name]) for g in tied])
@@ -265,6 +276,19 @@ class _Search:
             [f for linked in self.links.values() for f, _ in linked]
         return {g.name: np.flatnonzero(kept[g.labels]).tolist()
                 for g in groups if not kept[g.labels].all()}
+
+
+def _atom_labels(analysis: GroupAnalysis, bounds: Iterable[_Bounds]) -> np.ndarray | None:
+    """Atom id per global label (-1: untied), so that DimGuard puts back whole atoms."""
+    tied = [b for b in bounds if b.tied is not None]
+    if not tied:
+        return None
+    out = np.full(analysis.num_units, -1, dtype=np.int64)
+    offset = 0
+    for b in tied:
+        out[b.labels] = b.tied.atom + offset
+        offset += b.size
+    return out
 
 
 # ----------------------------------------------------------------------------------
@@ -318,7 +342,7 @@ def _uniform_ties(analysis: GroupAnalysis, bounds: list[_Bounds]
         cap = min([b.max_remove for b in tied] + [f.max_remove // k for f, k in lead.get(kind, ())])
         if cap > 0:
             out.append(_Bounds(kind, first.size, first.labels, cap, first.round_to,
-                               first.fixed_ratio))
+                               first.fixed_ratio, first.tied))
             ties[kind] = tied
     return out, ties, {k: v for k, v in lead.items() if k in ties}
 
@@ -351,7 +375,8 @@ def plan(analysis: GroupAnalysis, importance: str | Importance | Callable = "l1"
          ignore: Iterable[str] = (), overrides: Mapping[str, float] | None = None,
          steps: int = 1, schedule: str | Callable[[int, int], float] = "linear",
          cost: Any = None, latency: Any = None, tolerance: float = TOLERANCE,
-         include_softmax: bool = False, uniform: bool = False) -> Plan:
+         include_softmax: bool = False, uniform: bool = False,
+         split_ties: bool = True) -> Plan:
     """A ``Plan`` that meets one budget, removing the lowest-scored units.
 
     ``importance``: a criterion name (``fxprune.importance.CRITERIA``), an
@@ -374,6 +399,12 @@ def plan(analysis: GroupAnalysis, importance: str | Importance | Callable = "l1"
     whole; groups in ``uniform_links`` follow their leader's kind (BERT's hidden size loses
     head_dim units per head); a kind prunable in some layers only (``ignore``, caps,
     overrides), or a linked group left whole, raises ``PlanError``.
+    ``split_ties`` (default True): a chunk / split that the forward cuts into equal pieces
+    (``analysis.split_ties``: ShuffleNetV2's ``chunk(2)``, CSPNet's split) keeps equal
+    counts in its pieces, units tied into atoms, so ``compile(output="module")`` can
+    follow the plan; announced in ``meta["split_ties"]`` (``split_ties_whole``: groups the
+    ties leave whole). ``False``: any counts (the GraphModule takes them; the module
+    output refuses such a plan), ``meta["split_ties"] == "off"``.
     """
     kind, value = _parse_budget(ratio, {"macs": target_macs, "params": target_params,
                                         "latency": target_latency})
@@ -416,14 +447,18 @@ def plan(analysis: GroupAnalysis, importance: str | Importance | Callable = "l1"
     kept = np.ones(analysis.num_units, dtype=bool)
     counts: dict[str, int] = {}
     search: _Search | None = None
+    held: dict[str, str] = {}
+    tied: dict[str, TiedOrder] = {}
     for step in range(1, steps + 1):
         fraction = 1.0 if step == steps else float(fraction_of(step, steps))
         if not 0.0 <= fraction <= 1.0:
             raise PlanError(f"schedule gave {fraction} at step {step}; fractions lie in [0, 1]")
         scores = _rescored(imp, analysis, kept, cost)
+        tied, held = tied_orders(analysis, scores) if split_ties and analysis.split_ties \
+            else ({}, {})  # equal chunk / split pieces
         bounds = _bounds(analysis, scores, round_to=multiples, max_ratio=max_ratio_per_group,
                          ignore=ignore, overrides=overrides, include_softmax=include_softmax,
-                         whole=whole)
+                         whole=whole + tuple(held), tied=tied)
         ties = links = None
         if uniform:
             bounds, ties, links = _uniform_ties(analysis, bounds)
@@ -443,6 +478,19 @@ def plan(analysis: GroupAnalysis, importance: str | Importance | Callable = "l1"
                      "dense_params": cost.dense.params})
     if kind == "latency":
         meta["latency_ms"] = cost_fn(kept)
+    if analysis.split_ties and not split_ties:
+        meta["split_ties"] = "off"
+    elif tied or held or analysis.split_ties:
+        meta["split_ties"] = {n: t.summary() for n, t in tied.items()}
+        meta["split_ties_whole"] = dict(held)
+        if untied_ties(analysis):
+            meta["split_ties_untied"] = untied_ties(analysis)
+    broken = broken_ties(analysis, kept) if split_ties else []
+    if broken:
+        raise PlanError("the plan keeps unequal counts in the pieces of a chunk/split the "
+                        f"forward cuts equally: {'; '.join(broken[:3])}"
+                        + (" (uniform=True ties groups whose atoms differ: plan without it)"
+                           if uniform else ""))
     base = Plan.from_indices(analysis, search.keep_indices(counts))
     if uniform:
         check_uniform(analysis, base.keep)

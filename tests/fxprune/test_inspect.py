@@ -140,3 +140,17 @@ def test_verify_report_table(check_pruned):
     text = report.table()
     assert text.splitlines()[0].startswith("slice == mask: OK")
     assert "stem.weight[0]" in text and "c1.weight[0]" not in text  # untouched: not listed
+
+
+def test_group_lookup_by_any_slice_module_or_parameter(analysis):
+    stem = analysis.group("stem.weight[0]")
+    for key in (0, "stem", "stem.weight", "c2.weight[0]", "c2.bias[0]", "c1.weight[1]",
+                "head.weight[1]"):
+        assert analysis.group(key) is stem, key
+    assert analysis.group("ln.weight[0]") is analysis.group("c1") is analysis.group(1)
+    assert analysis.groups_of("c2") == (stem, analysis.group("c1"))  # outputs, inputs
+    assert analysis.groups_of("nothing") == ()
+    with pytest.raises(KeyError, match="left whole .*pins"):
+        analysis.group("head.weight[0]")  # the model output
+    with pytest.raises(KeyError, match="did you mean 'stem.weight"):
+        analysis.group("stem.wieght[0]")

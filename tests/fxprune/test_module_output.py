@@ -228,9 +228,10 @@ def test_user_norm_subclass_attributes_follow():
 
 @pytest.mark.slow
 def test_uneven_head_dim_is_refused_naming_the_attention_module():
-    """GPT-2 with head_dim units kept unevenly across heads: GPT2Attention has one
-    head_dim, so the module output refuses, naming the layer (was a LiteralSizeError
-    blaming layer_norm's shape, from a ValueError in c_attn's split)."""
+    """GPT-2 keeping fewer value than query/key features (c_attn's q.k and v features are
+    separate units): GPT2Attention splits q, k, v in equal pieces with one head_dim, so
+    the module output refuses, naming the layer (was a LiteralSizeError blaming
+    layer_norm's shape, from a ValueError in c_attn's split)."""
     transformers = pytest.importorskip("transformers")
     cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4,
                                   n_positions=16, n_inner=48, use_cache=False)
@@ -239,9 +240,10 @@ def test_uneven_head_dim_is_refused_naming_the_attention_module():
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
     analysis = fxprune.analyze(model, (ids,), frontend="export")
     attn = next(g for g in analysis.groups if "c_attn" in g.name)
-    # one unit fewer: 22 query features over 4 heads, not a multiple of the head count
+    # one unit fewer: the last value feature (units 0-7: q.k features, 8-15: v features)
     plan = fxprune.Plan.from_indices(analysis, {attn.name: range(attn.size - 1)})
-    with pytest.raises(ModuleOutputError, match=r"transformer\.h\.0\.attn.*split_policy"):
+    with pytest.raises(ModuleOutputError, match=r"transformer\.h\.0\.attn.*32 query/key but "
+                                                r"28 value.*split_policy"):
         fxprune.compile(model, plan, output="module")
 
 

@@ -1,5 +1,5 @@
 """compile(output="module") on torchvision models whose module cannot follow a plan:
-ShuffleNetV2's chunk(2) kept unevenly, GoogLeNet's / Inception-v3's train-only heads."""
+ShuffleNetV2's chunk(2) kept unevenly by a hand-made plan, GoogLeNet's / Inception-v3's train-only heads."""
 import pytest
 import torch
 import torchvision
@@ -18,12 +18,18 @@ def _compile(name: str, size: int, **kwargs):
 
 
 def test_shufflenet_uneven_chunk_names_the_line():
-    m, _, plan = _compile("shufflenet_v2_x0_5", 64)
+    """Default plans keep chunk(2)'s pieces equal (analysis.split_ties); a hand-made plan
+    that does not is refused, naming the line."""
+    m, a, plan = _compile("shufflenet_v2_x0_5", 64)
+    assert plan.meta["split_ties"]
+    fxprune.compile(m, plan, output="module")
+    tied = a.group(a.split_ties[0].groups[0])
+    uneven = Plan.from_indices(a, {tied.name: list(range(1, tied.size))})
     with pytest.raises(LiteralSizeError, match=r"chunk\(2\) of \d+ kept channels: the plan "
                        r"keeps \[\d+, \d+\], chunk cuts") as err:
-        fxprune.compile(m, plan, output="module")
+        fxprune.compile(m, uneven, output="module")
     assert "shufflenetv2.py, line" in str(err.value) and "x.chunk(2, dim=1)" in str(err.value)
-    fxprune.compile(m, plan)  # the GraphModule takes the plan
+    fxprune.compile(m, uneven)  # the GraphModule takes the plan
 
 
 @pytest.mark.parametrize("name,size,head", [("googlenet", 64, "aux1, aux2; the sliced model "

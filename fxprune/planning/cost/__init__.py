@@ -12,8 +12,8 @@
 from fxprune.planning.cost.flops import node_flops
 from fxprune.planning.cost.latency import LatencyTable, measure_latency
 from fxprune.planning.cost.rounding import RoundingTable, auto_round_to, measure_rounding
-from fxprune.planning.cost.model import COST_KINDS, Cost, CostModel, CostTerm, compute_cost, uniform_kept
+from fxprune.planning.cost.model import COST_KINDS, Cost, CostModel, CostTerm, compute_cost, uniform_kept, unit_classes
 
-__all__ = ["Cost", "CostTerm", "CostModel", "compute_cost", "node_flops", "uniform_kept",
+__all__ = ["Cost", "CostTerm", "CostModel", "compute_cost", "node_flops", "uniform_kept", "unit_classes",
            "LatencyTable", "measure_latency", "COST_KINDS",
            "RoundingTable", "measure_rounding", "auto_round_to"]

@@ -34,7 +34,7 @@ from passes.rules.registry import MacContext, MacRule, Terms, lookup
 from fxprune.planning.cost.flops import node_flops
 from passes.shape_prop import tensor_shapes
 
-__all__ = ["Cost", "CostTerm", "CostModel", "compute_cost", "node_flops", "uniform_kept",
+__all__ = ["Cost", "CostTerm", "CostModel", "compute_cost", "node_flops", "uniform_kept", "unit_classes",
            "COST_KINDS", "generic_scaling"]
 
 COST_KINDS = ("macs", "params", "memory")
@@ -289,10 +289,29 @@ def _unit_savings(axes: list[np.ndarray], terms: list[CostTerm], n_units: int
     return out
 
 
+def unit_classes(group: ChannelGroup) -> list[np.ndarray]:
+    """The group's local units split by the member slices they appear in: one class for
+    most groups; one per piece where the group spans a concat's inputs or a split's
+    pieces (units of one class are interchangeable in shape and cost)."""
+    if not group.members:
+        return [np.arange(group.size)]
+    sig = np.zeros((group.size, len(group.members)), dtype=bool)
+    for j, m in enumerate(group.members):
+        u = m.units[(m.units >= 0) & (m.units < group.size)]
+        sig[u, j] = True
+    _, inverse = np.unique(sig, axis=0, return_inverse=True)
+    inverse = np.asarray(inverse).reshape(-1)
+    return [np.flatnonzero(inverse == c) for c in range(int(inverse.max()) + 1)]
+
+
 def uniform_kept(analysis: GroupAnalysis, fraction: float) -> np.ndarray:
-    """Kept labels that keep the first ``ceil(fraction * size)`` units of every group."""
+    """Kept labels that keep the first ``ceil(fraction * n)`` (at least one) units of
+    every class of every group (``unit_classes``: each piece of a concat keeps some)."""
     kept = np.zeros(analysis.num_units, dtype=bool)
     for g in analysis.groups:
         labels = np.flatnonzero(analysis.group_of == g.id)
-        kept[labels[:max(1, math.ceil(fraction * g.size))]] = True
+        local = analysis.local_of[labels]
+        order = labels[np.argsort(local, kind="stable")]  # by local unit
+        for units in unit_classes(g):
+            kept[order[units[:max(1, math.ceil(fraction * len(units)))]]] = True
     return kept

@@ -34,6 +34,40 @@ def _meta_of(value: Any) -> Any:
 _BATCH_NORMS = (torch.nn.modules.batchnorm._BatchNorm,)
 
 
+def _plain_linear(m: torch.nn.Module) -> bool:
+    """``nn.Linear``'s own forward, no hooks: ``F.linear(x, weight, bias)`` and nothing
+    else runs when the module is called."""
+    return isinstance(m, torch.nn.Linear) and type(m).forward is torch.nn.Linear.forward \
+        and not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                 or m._backward_pre_hooks) and not _global_module_hooks()
+
+
+def _global_module_hooks() -> bool:
+    from torch.nn.modules import module as nn_module
+    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
+                or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks)
+
+
+def _linear_like(m: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, m.weight, m.bias)`` on fake tensors: the same checks as its kernel
+    (input features, dtypes, devices, bias length), output ``empty`` of ``(*x[:-1], out)``.
+
+    Fake tensors run a linear on a 3-D or 4-D input as view + addmm + view, ~0.55 ms a
+    call against 0.07 ms for the output alone: 40% of a ConvNeXt's shape propagation.
+    """
+    w, b = m.weight, m.bias
+    if x.dim() < 1 or w.dim() != 2 or x.shape[-1] != w.shape[1]:
+        raise RuntimeError(f"linear: input of shape {tuple(x.shape)} against weight of shape "
+                           f"{tuple(w.shape)} (in_features {w.shape[1] if w.dim() == 2 else '?'})")
+    for name, t in (("weight", w), ("bias", b)):
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise RuntimeError(f"linear: {name} is {t.dtype} on {t.device}, input is "
+                               f"{x.dtype} on {x.device}")
+    if b is not None and tuple(b.shape) != (w.shape[0],):
+        raise RuntimeError(f"linear: bias of shape {tuple(b.shape)} for {w.shape[0]} outputs")
+    return torch.empty(*x.shape[:-1], w.shape[0], dtype=x.dtype, device=x.device)
+
+
 class _Recorder(torch.fx.Interpreter):
     def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
         """Eval-mode BatchNorm: the same checks as its kernel, output ``empty_like``.
@@ -52,6 +86,9 @@ class _Recorder(torch.fx.Interpreter):
                     raise RuntimeError(f"{name} has shape {tuple(t.shape)}, input has "
                                        f"{x.shape[1]} channels")
             return torch.empty_like(x)
+        if _plain_linear(m) and len(args) == 1 and not kwargs \
+                and isinstance(args[0], torch.Tensor):
+            return _linear_like(m, args[0])
         return super().call_module(target, args, kwargs)
 
     def run_node(self, n: torch.fx.Node) -> Any:

@@ -15,6 +15,7 @@ Before/after (ResNet block, 25% of conv1's channels removed)::
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import numpy as np
@@ -244,11 +245,17 @@ def _slice_tensors(gm: torch.nn.Module, analysis: GroupAnalysis, kept: np.ndarra
 
 def _take(t: torch.Tensor, index: dict[int, np.ndarray]) -> torch.Tensor:
     """``t`` keeping ``index[d]`` along each dim ``d``, as a new tensor. Output and input
-    dims of a weight (0 and 1) are gathered in one pass, not two (the second
-    ``index_select`` read a half-size copy the first had written)."""
+    dims of a conv weight with a kernel (0 and 1) are gathered in one pass, not two (the
+    second ``index_select`` read a half-size copy the first had written); a matrix or a
+    1x1 kernel takes two ``index_select``: 2-3x faster than the advanced-index gather,
+    whose per-element overhead the kernel no longer amortises."""
     idx = {d: torch.as_tensor(i, device=t.device) for d, i in sorted(index.items())}
     if list(idx) == [0, 1]:
-        return t[idx[0][:, None], idx[1]]
+        if t.dim() > 2 and math.prod(t.shape[2:]) > 1:
+            return t[idx[0][:, None], idx[1]]
+        matrix = t.reshape(t.shape[0], t.shape[1])
+        out = matrix.index_select(0, idx[0]).index_select(1, idx[1])
+        return out.reshape(len(idx[0]), len(idx[1]), *t.shape[2:])
     for d, i in idx.items():
         t = t.index_select(d, i)
     return t

@@ -126,10 +126,10 @@ class UnitStore:
             return False
         parent[b0:b0 + n] = roots
         space_of = self.space_of
-        order = itemgetter(*np.lexsort((b, a)).tolist())  # the general loop's pair order
-        pairs = zip(order(itemgetter(*roots)(space_of)), order(space_of[b0:b0 + n]))
-        for sx, sy in dict.fromkeys(p for p in pairs if p[0] != p[1]):
-            self._union_spaces(sx, sy, why)
+        sx = np.array(itemgetter(*roots)(space_of), dtype=np.int64)
+        sy = np.array(space_of[b0:b0 + n], dtype=np.int64)
+        for x, y in _space_pairs(sx, sy, a, b):
+            self._union_spaces(x, y, why)
         return True
 
     def union_along(self, arr: np.ndarray, keep_axis: int, why: str) -> np.ndarray:
@@ -167,6 +167,25 @@ class UnitStore:
 
     def space_roots(self) -> np.ndarray:
         return _resolve(self.space_parent)
+
+
+def _space_pairs(sx: np.ndarray, sy: np.ndarray, a: np.ndarray,
+                 b: np.ndarray) -> list[tuple[int, int]]:
+    """Distinct ``(sx[i], sy[i])`` with ``sx[i] != sy[i]``, in the order the general
+    union loop meets them (pairs sorted by ``(a, b)``), by array ops instead of a Python
+    generator per unit (0.1 s of a ResNet-50 analysis under cProfile)."""
+    differ = sx != sy
+    if not differ.any():
+        return []
+    sx, sy = sx[differ], sy[differ]
+    if (sx == sx[0]).all() and (sy == sy[0]).all():  # the usual case: one pair of spaces
+        return [(int(sx[0]), int(sy[0]))]
+    order = np.lexsort((b[differ], a[differ]))
+    sx, sy = sx[order], sy[order]
+    keys = sx * (int(sy.max()) + 1) + sy
+    _, first = np.unique(keys, return_index=True)
+    first.sort()
+    return list(zip(sx[first].tolist(), sy[first].tolist()))
 
 
 def _resolve(parent_list: list[int]) -> np.ndarray:

@@ -128,10 +128,11 @@ class Plan:
         rng = np.random.default_rng(seed)
         out: dict[str, tuple[int, ...]] = {}
         scored: dict[str, np.ndarray] = {}
+        power_sums: dict = {}  # per weight dim, shared by the groups on its two dims
         groups = [g for g in analysis.groups if not (exact_only and not g.exact)]
         ties = analysis.split_ties if split_ties else ()
         if any(len(t.groups) == 1 for t in ties):  # scores first: atoms
-            scored = {g.name: _scores(analysis, g, criterion, rng) for g in groups}
+            scored = {g.name: _scores(analysis, g, criterion, rng, power_sums) for g in groups}
         tied, held = tied_orders(analysis, scored) if ties else ({}, {})
         for g in groups:
             if g.name in held:
@@ -150,7 +151,7 @@ class Plan:
             if n_keep >= g.size:
                 continue
             if g.name not in scored:
-                scored[g.name] = _scores(analysis, g, criterion, rng)
+                scored[g.name] = _scores(analysis, g, criterion, rng, power_sums)
             order = tied[g.name].order[::-1] if g.name in tied else \
                 np.argsort(-scored[g.name], kind="stable")
             out[g.name] = tuple(sorted(order[:n_keep].tolist()))
@@ -374,10 +375,20 @@ class DimGuard:
         for g in analysis.groups:
             if g.name in scores:
                 best[analysis.group_of == g.id] = scores[g.name]
-        pieces = [np.unique(lab) for lab in analysis.tensor_labels.values()
-                  if len(lab) and (lab >= 0).all()]
         sizes = np.bincount(analysis.group_of, minlength=len(analysis.groups))
-        self.pieces = [p for p in pieces if len(p) < self._group_size(analysis, p, sizes)]
+        self.pieces = []
+        for lab in analysis.tensor_labels.values():
+            if not len(lab) or lab[0] < 0:
+                continue
+            gs = analysis.group_of[lab] if len(lab) > 1 and (np.diff(lab) == 1).all() else None
+            if gs is not None and (np.diff(gs) >= 0).all():  # a run of labels: no sort
+                touched = gs[np.concatenate([[True], gs[1:] != gs[:-1]])]
+                if len(lab) < sizes[touched].sum():
+                    self.pieces.append(lab)
+            elif (lab >= 0).all():
+                piece = np.unique(lab)
+                if len(piece) < self._group_size(analysis, piece, sizes):
+                    self.pieces.append(piece)
         self.best = best
         lengths = np.array([len(p) for p in self.pieces], dtype=np.int64)
         self.flat = np.concatenate(self.pieces) if self.pieces else np.zeros(0, np.int64)
@@ -427,10 +438,13 @@ def _check_no_empty_slice(analysis: GroupAnalysis, keep: Mapping[str, Iterable[i
                             "leave its group whole with ignore=...")
 
 
-def magnitude_scores(analysis: GroupAnalysis, group: ChannelGroup, *, p: int = 1) -> np.ndarray:
+def magnitude_scores(analysis: GroupAnalysis, group: ChannelGroup, *, p: int = 1,
+                     cache: dict | None = None) -> np.ndarray:
     """The L``p`` norm of each unit's parameters (buffers such as running statistics are
     not weights and do not count), every member slice of the group together: ``sum |w|`` (p=1), ``sqrt(sum w^2)`` (p=2, the standard L2 norm, as
     ``fxprune.importance.l2`` for one member). Shape ``(group.size,)``; meta tensors: zeros.
+    ``cache``: a dict shared by the calls of one plan (a weight's dim-0 and dim-1 sums
+    come from one pass over it, and the group on its other dim reads them back).
     Raises ``PlanError`` for another ``p``."""
     if p not in (1, 2):
         raise PlanError(f"magnitude_scores: p must be 1 or 2, got {p!r}")
@@ -440,10 +454,51 @@ def magnitude_scores(analysis: GroupAnalysis, group: ChannelGroup, *, p: int = 1
         t = _tensor(gm, m.fqn)
         if not isinstance(t, torch.nn.Parameter) or t.is_meta or not t.is_floating_point():
             continue
-        per_index = _per_index_power_sum(t.detach(), m.dim, p).cpu().numpy()
-        inside = m.units >= 0
-        np.add.at(scores, m.units[inside], per_index[inside])
+        per_index = _cached_power_sum(t, m.fqn, m.dim, p, cache)
+        inside = m.units >= 0  # bincount, not np.add.at: same sums, ~10x less time
+        scores += np.bincount(m.units[inside], weights=per_index[inside],
+                              minlength=group.size)
     return np.sqrt(scores) if p == 2 else scores
+
+
+def _cached_power_sum(t: torch.Tensor, fqn: str, dim: int, p: int,
+                      cache: dict | None) -> np.ndarray:
+    """``_per_index_power_sum`` as numpy; with ``cache``, dims 0 and 1 of a weight are
+    summed together from one pass over ``|w|^p`` (half the time of two passes)."""
+    if cache is None or t.dim() < 2 or dim > 1:
+        return _per_index_power_sum(t.detach(), dim, p).cpu().numpy()
+    key = (fqn, dim, p, t.data_ptr(), tuple(t.shape))
+    if key not in cache:
+        rows, cols = _row_col_power_sums(t.detach().float(), p)
+        cache[(fqn, 0, p, t.data_ptr(), tuple(t.shape))] = rows
+        cache[(fqn, 1, p, t.data_ptr(), tuple(t.shape))] = cols
+    return cache[key]
+
+
+_CHUNK = 1 << 18  # elements of |w|^p written at a time: a cache-sized scratch, reused
+
+
+def _row_col_power_sums(w: torch.Tensor, p: int) -> tuple[np.ndarray, np.ndarray]:
+    """``sum |w|^p`` over every dim but 0, and over every dim but 1, in float32.
+
+    Rows are powered a block at a time into one small scratch buffer: a weight-sized
+    temporary is fresh memory at every weight (page faults took 5 ms of a 9 MB ViT or
+    ConvNeXt weight, against 1 ms for the arithmetic)."""
+    w3 = w.reshape(w.shape[0], w.shape[1], -1)
+    n_out, n_in, k = w3.shape
+    step = max(1, _CHUNK // max(1, n_in * k))
+    scratch = torch.empty(min(step, n_out) * n_in * k, dtype=w.dtype, device=w.device)
+    rows = torch.empty(n_out, dtype=w.dtype, device=w.device)
+    cols = torch.zeros(n_in, dtype=w.dtype, device=w.device)
+    with torch.no_grad():
+        for start in range(0, n_out, step):
+            block = w3[start:start + step]
+            out = scratch[:block.numel()].view(block.shape)
+            torch.abs(block, out=out) if p == 1 else torch.mul(block, block, out=out)
+            pairs = out.sum(2) if k > 1 else out[:, :, 0]  # (out, in): kernel summed
+            rows[start:start + len(block)] = pairs.sum(1)
+            cols += pairs.sum(0)
+    return rows.cpu().numpy(), cols.cpu().numpy()
 
 
 def _per_index_power_sum(t: torch.Tensor, dim: int, p: int) -> torch.Tensor:
@@ -544,8 +599,9 @@ def _module_name(gm: torch.nn.Module, module: torch.nn.Module) -> str:
 
 def _scores(analysis: GroupAnalysis, g: ChannelGroup,
             criterion: str | Callable[[GroupAnalysis, ChannelGroup], np.ndarray],
-            rng: np.random.Generator) -> np.ndarray:
-    """One score per unit of ``g``: random, a user callable, or L1/L2 magnitude."""
+            rng: np.random.Generator, cache: dict | None = None) -> np.ndarray:
+    """One score per unit of ``g``: random, a user callable, or L1/L2 magnitude
+    (``cache``: shared by one plan's calls, see ``magnitude_scores``)."""
     if criterion == "random":
         return rng.random(g.size)
     if callable(criterion):
@@ -554,7 +610,7 @@ def _scores(analysis: GroupAnalysis, g: ChannelGroup,
         raise PlanError(f"unknown criterion {criterion!r} for Plan.from_ratio/from_counts: use "
                         f"'l1', 'l2', 'random' or a callable fn(analysis, group) -> scores "
                         "(data-driven criteria: fxprune.plan(analysis, name, ...))")
-    return magnitude_scores(analysis, g, p=_MAGNITUDE_P[criterion])
+    return magnitude_scores(analysis, g, p=_MAGNITUDE_P[criterion], cache=cache)
 
 
 _MAGNITUDE_P = {"l1": 1, "l2": 2}

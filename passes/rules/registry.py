@@ -614,6 +614,34 @@ def _rename_aliases(kwargs: Mapping[str, Any], sigs: list) -> dict[str, Any]:
              and NUMPY_ALIASES[k] in params else k): v for k, v in kwargs.items()}
 
 
+_FORWARD_SIGNATURES: dict[type, inspect.Signature | None] = {}
+_BINDABLE = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def _bind_module_call(root: torch.nn.Module, node: torch.fx.Node) -> dict[str, Any] | None:
+    """What ``node.normalized_arguments(root, normalize_to_only_use_kwargs=True)`` gives
+    for a call_module (torch.nn classes only; None otherwise), with each class's forward
+    signature read once, not per call (``inspect.signature`` per node was 5% of an
+    analysis)."""
+    module = root.get_submodule(node.target)
+    cls = type(module)
+    if "forward" in vars(module):  # an instance-level forward: torch's own path
+        pair = node.normalized_arguments(root, normalize_to_only_use_kwargs=True)
+        return None if pair is None else dict(pair.kwargs)
+    if cls not in _FORWARD_SIGNATURES:
+        sig = inspect.signature(inspect.unwrap(module.forward)) \
+            if getattr(torch.nn, cls.__name__, None) is cls else None
+        if sig is not None and any(p.kind not in _BINDABLE for p in sig.parameters.values()):
+            sig = None  # torch.fx normalises only these kinds (no *args / **kwargs)
+        _FORWARD_SIGNATURES[cls] = sig
+    sig = _FORWARD_SIGNATURES[cls]
+    if sig is None:
+        return None
+    bound = sig.bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    return {name: bound.arguments[name] for name in sig.parameters}
+
+
 def normalized_call(node: torch.fx.Node, root: torch.nn.Module | None = None) -> NormalizedCall:
     """Bind a call's args/kwargs to its op's schema once, before any rule or fixup reads
     them. Uses ``torch.fx.operator_schemas.normalize_function`` (and
@@ -628,11 +656,11 @@ def normalized_call(node: torch.fx.Node, root: torch.nn.Module | None = None) ->
         if root is None:
             return raw
         try:
-            pair = node.normalized_arguments(root, normalize_to_only_use_kwargs=True)
+            values = _bind_module_call(root, node)
         except Exception:  # noqa: BLE001 - forward(*args) and friends
-            pair = None
-        return raw if pair is None else NormalizedCall(
-            tuple(pair.kwargs), dict(pair.kwargs), raw.args, raw.kwargs)
+            values = None
+        return raw if values is None else NormalizedCall(
+            tuple(values), values, raw.args, raw.kwargs)
     fn = _torch_callable(node)
     if fn is None:
         return raw

@@ -274,3 +274,28 @@ def test_meta_model_scores_are_zero_and_ties_keep_lowest_indices():
     assert not magnitude_scores(a, g).any()
     plan = fxprune.Plan.from_ratio(a, 0.5)
     assert plan.keep["conv1.weight[0]"] == (0, 1, 2, 3)  # stable sort of equal scores
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_shared_score_cache_matches_per_group_norms(monkeypatch, p):
+    """One plan's cache sums a weight's dims 0 and 1 in blocks of rows (a 1-row block
+    here): the same scores as each group's own sums, whatever the block size."""
+    import fxprune.core.plan as plan_mod
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 5, 3), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(5 * 2 * 2, 7), nn.ReLU(), nn.Linear(7, 2))
+    a = fxprune.analyze(model, torch.randn(1, 3, 6, 6))
+    monkeypatch.setattr(plan_mod, "_CHUNK", 1)
+    cache: dict = {}
+    shared = [magnitude_scores(a, g, p=p, cache=cache) for g in a.groups]
+    assert len(cache) >= 6  # dims 0 and 1 of the three weights between free groups
+    for g, got in zip(a.groups, shared):
+        np.testing.assert_allclose(got, magnitude_scores(a, g, p=p), rtol=1e-6)
+    w = model[2].weight.detach()
+    conv2_out = next(g for g in a.groups if any(m.fqn == "2.weight" and m.dim == 0
+                                                for m in g.members))
+    want = (w.abs() ** p).sum((1, 2, 3)) + (model[5].weight.detach().abs() ** p) \
+        .reshape(7, 5, 4).sum((0, 2)) + model[2].bias.detach().abs() ** p
+    want = want.sqrt() if p == 2 else want
+    np.testing.assert_allclose(shared[a.groups.index(conv2_out)], want.numpy(), rtol=1e-5)

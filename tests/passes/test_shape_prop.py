@@ -71,3 +71,44 @@ def test_mismatching_input_raises_shape_propagation_error_naming_the_node():
         propagate_shapes(gm, (torch.randn(2, 4, 8, 8),))
     text = str(info.value)
     assert "node 'conv'" in text and "example inputs" in text
+
+
+class _Tokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 6), nn.Linear(6, 4, bias=False)
+
+    def forward(self, x):  # (B, C, H, W) -> tokens (B, H, W, C): a 4-D, permuted input
+        return self.fc2(torch.relu(self.fc1(x.permute(0, 2, 3, 1))))
+
+
+def test_linear_shortcut_records_what_fake_linear_records(monkeypatch):
+    """nn.Linear's output is made without running F.linear on fakes: the same tensor_meta
+    (shape, strides, dtype) as the fake kernel, on 4-D and permuted inputs."""
+    import passes.shape_prop as shape_prop
+
+    gm = fxprune.trace(_Tokens())
+    x = torch.randn(2, 8, 3, 5)
+    propagate_shapes(gm, (x,))
+    fast = {n.name: n.meta.get("tensor_meta") for n in gm.graph.nodes}
+    monkeypatch.setattr(shape_prop, "_plain_linear", lambda m: False)
+    propagate_shapes(gm, (x,))
+    assert fast == {n.name: n.meta.get("tensor_meta") for n in gm.graph.nodes}
+    assert fast["fc2"].shape == (2, 3, 5, 4)
+
+
+@pytest.mark.parametrize("bad", ["in_features", "dtype", "bias"])
+def test_linear_shortcut_fails_closed_like_the_kernel(bad):
+    """A Linear whose weight no longer fits its input (a slice gone wrong) stops shape
+    propagation at that node, as F.linear would."""
+    model = _Tokens()
+    with torch.no_grad():
+        if bad == "in_features":
+            model.fc2.weight = nn.Parameter(torch.randn(4, 5))
+        elif bad == "dtype":
+            model.fc2.weight = nn.Parameter(torch.randn(4, 6, dtype=torch.float64))
+        else:
+            model.fc1.bias = nn.Parameter(torch.randn(5))
+    gm = fxprune.trace(model)
+    with pytest.raises(fxprune.ShapePropagationError, match="fc[12]"):
+        propagate_shapes(gm, (torch.randn(2, 8, 3, 5),))

@@ -14,8 +14,10 @@ raises ``BackendUnavailableError`` naming what to install.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
+import os
 import shutil
 import statistics
 import time
@@ -93,22 +95,48 @@ def _onnxruntime(model: torch.nn.Module, inputs: tuple) -> Callable[[], Any]:
     buf = io.BytesIO()
     names = [f"input_{i}" for i in range(len(inputs))]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):  # its failure prints the IR
             torch.onnx.export(model.eval(), tuple(inputs), buf, input_names=names,
                               dynamo=False, opset_version=17)
+        payload = buf.getvalue()
     except Exception as exc:  # the exporter's errors are untyped
-        raise FxpruneError(f"backend 'onnxruntime': torch.onnx.export failed "
-                           f"({type(exc).__name__}: {exc}); use 'eager' or 'compile'") from exc
+        payload = _export_fallback(model, inputs, exc)
+        names = None
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
     opts.inter_op_num_threads = 1
-    session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(payload, opts, providers=["CPUExecutionProvider"])
+    names = names or [i.name for i in session.get_inputs()]
     feed = {n: x.detach().cpu().numpy() for n, x in zip(names, inputs)}
 
     def run() -> Any:
         return session.run(None, feed)
 
     return run
+
+
+def _export_fallback(model: torch.nn.Module, inputs: tuple, first: BaseException) -> bytes:
+    """The deployment exporter (``fxprune.deploy.export_onnx``: dynamo, then legacy) where
+    the TorchScript exporter fails (torchvision's fused MultiheadAttention); announced."""
+    import tempfile
+    import warnings
+
+    from fxprune.deploy import export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        try:
+            export_onnx(model, inputs, path, dynamic_batch=False)
+        except Exception as exc:
+            raise FxpruneError(f"backend 'onnxruntime': torch.onnx.export failed "
+                               f"({type(first).__name__}: {first}; then {exc}); use 'eager' "
+                               f"or 'compile'") from exc
+        warnings.warn(f"backend 'onnxruntime': the TorchScript exporter failed on "
+                      f"{type(model).__name__} ({type(first).__name__}); measured the "
+                      f"fxprune.export_onnx (dynamo) graph instead", stacklevel=3)
+        with open(path, "rb") as fh:
+            return fh.read()
 
 
 _PREPARE = {"eager": _eager, "compile": _compiled, "onnxruntime": _onnxruntime}

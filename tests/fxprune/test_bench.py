@@ -1,6 +1,8 @@
 """fxprune.bench: interleaved model latency, backends behind typed errors."""
 import importlib.util
 
+import numpy as np
+
 import pytest
 import torch
 from torch import nn
@@ -77,3 +79,18 @@ def test_cli_lists_the_backends_bench_knows():
     from fxprune.cli_bench import BENCH_BACKENDS
 
     assert BENCH_BACKENDS == BACKENDS
+
+
+def test_onnxruntime_falls_back_to_the_deployment_exporter_and_says_so():
+    if importlib.util.find_spec("onnxruntime") is None or \
+            importlib.util.find_spec("onnxscript") is None:
+        pytest.skip("onnxruntime / onnxscript not installed")
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(32, 16, 1, 2, 16, 32, num_classes=3).eval()  # fused MHA in eval
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.warns(UserWarning, match="TorchScript exporter failed on VisionTransformer"):
+        run = prepare_backend("onnxruntime", vit, (x,))
+    with torch.no_grad():
+        assert np.allclose(run()[0], vit(x).numpy(), atol=1e-5)

@@ -261,10 +261,13 @@ def plan_for_measured_latency(model: torch.nn.Module, inputs: tuple, target_ms: 
     fraction by target / measured. Raises ``LatencyTargetError`` with both figures in ms
     when the floor model (every group at one unit or its minimum) measures above
     ``target_ms``; returns the closest plan found after ``max_iters`` otherwise (check the
-    measured figure). ``round_to="auto"`` (default) rounds kept counts to the multiples
-    ``backend`` runs fastest, measured here (``measure_rounding``)."""
+    measured figure). A fraction below what the latency table's floor allows (its
+    prediction can be above the measured floor) is moved halfway back towards the last one
+    that planned; ``LatencyTargetError`` when no try planned. ``round_to="auto"``
+    (default) rounds kept counts to the multiples ``backend`` runs fastest, measured here
+    (``measure_rounding``)."""
     import fxprune
-    from fxprune.core.errors import LatencyTargetError
+    from fxprune.core.errors import BudgetError, LatencyTargetError
 
     if target_ms <= 0:
         raise ValueError(f"target_ms must be > 0 ms, got {target_ms}")
@@ -281,9 +284,17 @@ def plan_for_measured_latency(model: torch.nn.Module, inputs: tuple, target_ms: 
             f"or use a faster backend")
     fraction, best = min(target_ms / dense_ms, 1.0), None
     rounding = measure_rounding(backend) if round_to == "auto" else None
+    reachable = 1.0  # the lowest fraction the latency table's floor was seen to allow
     for _ in range(max_iters):
-        plan = fxprune.plan(analysis, criterion, target_latency=fraction, scope=scope,
-                            round_to=round_to, rounding=rounding)
+        try:
+            plan = fxprune.plan(analysis, criterion, target_latency=fraction, scope=scope,
+                                round_to=round_to, rounding=rounding)
+        except BudgetError:
+            # below the table's floor (its prediction, not the measurement): halfway back
+            # towards the last fraction that planned
+            fraction = 0.5 * (fraction + reachable)
+            continue
+        reachable = min(reachable, fraction)
         pruned = fxprune.compile(model, plan).eval()
         ms = measure_model_latency({"dense": model, "pruned": pruned}, inputs, backend=backend,
                                    repeats=repeats)["pruned"].median_ms
@@ -292,5 +303,10 @@ def plan_for_measured_latency(model: torch.nn.Module, inputs: tuple, target_ms: 
         if abs(ms - target_ms) <= tolerance * target_ms:
             break
         fraction = min(max(fraction * target_ms / ms, 1e-3), 1.0)
-    assert best is not None
+    if best is None:
+        raise LatencyTargetError(
+            f"target latency {target_ms:.3f} ms: no plan in {max_iters} tries (the latency "
+            f"table's floor is above every fraction tried; floor model measured "
+            f"{floor_ms:.3f} ms on '{backend}', dense {dense_ms:.3f} ms); raise the target "
+            f"or max_iters")
     return best

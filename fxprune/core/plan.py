@@ -12,7 +12,7 @@ import torch
 
 from fxprune.core.errors import PlanError
 from fxprune.core.groups import ChannelGroup, GroupAnalysis
-from fxprune.core.ties import tied_orders, untied_ties
+from fxprune.core.ties import ties_meta, tied_orders
 
 __all__ = ["Plan", "magnitude_scores"]
 
@@ -157,13 +157,7 @@ class Plan:
             out[g.name] = tuple(sorted(order[:n_keep].tolist()))
         out = _guarded(analysis, out, scored, tied)
         meta = {"ratio": ratio, "criterion": criterion_name(criterion)}
-        if analysis.split_ties and not split_ties:
-            meta["split_ties"] = "off"
-        elif tied or held or analysis.split_ties:
-            meta["split_ties"] = {n: t.summary() for n, t in tied.items()}
-            meta["split_ties_whole"] = dict(held)
-            if untied_ties(analysis):
-                meta["split_ties_untied"] = untied_ties(analysis)
+        meta.update(ties_meta(analysis, tied, held, split_ties))
         return cls._make(analysis, out, meta=meta)
 
     @classmethod

@@ -21,12 +21,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from fxprune.core.groups import GroupAnalysis, SplitTie
 
-__all__ = ["TiedOrder", "tied_orders", "broken_ties", "untied_ties", "tie_atoms"]
+__all__ = ["TiedOrder", "tied_orders", "broken_ties", "untied_ties", "tie_atoms", "ties_meta"]
 
 
 @dataclass(frozen=True)
@@ -280,3 +281,20 @@ def broken_ties(analysis: GroupAnalysis, kept: np.ndarray) -> list[str]:
         if len(set(counts)) > 1:
             out.append(f"{tie.describe()}: kept {counts}")
     return out
+
+
+def ties_meta(analysis: GroupAnalysis, tied: Mapping[str, "TiedOrder"],
+              held: Mapping[str, str], enabled: bool = True) -> dict[str, Any]:
+    """What a plan's meta says of the ties: ``split_ties`` (per tied group, its atoms;
+    ``"off"`` when the caller turned the ties off), ``split_ties_whole`` (groups left
+    whole -> why) and ``split_ties_untied`` (ties spanning groups); empty without ties."""
+    if not analysis.split_ties:
+        return {}
+    if not enabled:
+        return {"split_ties": "off"}
+    meta: dict[str, Any] = {"split_ties": {n: t.summary() for n, t in tied.items()},
+                            "split_ties_whole": dict(held)}
+    untied = untied_ties(analysis)
+    if untied:
+        meta["split_ties_untied"] = untied
+    return meta

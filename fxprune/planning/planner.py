@@ -43,7 +43,7 @@ from fxprune.core.errors import BudgetError, PlanError
 from fxprune.core.groups import ChannelGroup, GroupAnalysis
 from fxprune.planning.importance import Importance
 from fxprune.core.plan import DimGuard, Plan, resolve_ignore
-from fxprune.core.ties import TiedOrder, broken_ties, tied_orders, untied_ties
+from fxprune.core.ties import TiedOrder, broken_ties, ties_meta, tied_orders
 
 __all__ = ["plan", "Budget", "SCHEDULES", "TOLERANCE", "group_kind", "check_uniform"]
 
@@ -478,13 +478,7 @@ def plan(analysis: GroupAnalysis, importance: str | Importance | Callable = "l1"
                      "dense_params": cost.dense.params})
     if kind == "latency":
         meta["latency_ms"] = cost_fn(kept)
-    if analysis.split_ties and not split_ties:
-        meta["split_ties"] = "off"
-    elif tied or held or analysis.split_ties:
-        meta["split_ties"] = {n: t.summary() for n, t in tied.items()}
-        meta["split_ties_whole"] = dict(held)
-        if untied_ties(analysis):
-            meta["split_ties_untied"] = untied_ties(analysis)
+    meta.update(ties_meta(analysis, tied, held, split_ties))
     broken = broken_ties(analysis, kept) if split_ties else []
     if broken:
         raise PlanError("the plan keeps unequal counts in the pieces of a chunk/split the "

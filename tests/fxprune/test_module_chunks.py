@@ -3,6 +3,8 @@ count in every piece, so compile(output="module") follows the forward's chunk/sp
 (fxprune/core/ties.py; the analysis records ``split_ties``)."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -138,12 +140,17 @@ def plan_kept(analysis, plan) -> np.ndarray:
     return kept
 
 
-def test_torchvision_shufflenet_v2_x0_5_module_output():
+@functools.lru_cache(maxsize=1)
+def _shufflenet_x0_5():
     tv = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     model = tv.models.shufflenet_v2_x0_5(weights=None, num_classes=10).eval()
     x = torch.randn(2, 3, 32, 32)
-    analysis = fxprune.analyze(model, (x,))
+    return model, x, fxprune.analyze(model, (x,))
+
+
+def test_torchvision_shufflenet_v2_x0_5_module_output():
+    model, x, analysis = _shufflenet_x0_5()
     plan = fxprune.Plan.from_ratio(analysis, 0.3, criterion="random", seed=0)
     small = fxprune.compile(model, plan, output="module")
     assert type(small) is type(model) and "split_ties" in plan.meta
@@ -195,11 +202,7 @@ def test_pieces_of_two_groups_are_announced_untied():
 
 
 def test_split_ties_off_prunes_what_the_ties_hold_whole_for_the_graph_only():
-    tv = pytest.importorskip("torchvision")
-    torch.manual_seed(0)
-    model = tv.models.shufflenet_v2_x0_5(weights=None, num_classes=10).eval()
-    x = torch.randn(2, 3, 32, 32)
-    analysis = fxprune.analyze(model, (x,))
+    model, x, analysis = _shufflenet_x0_5()
     tied = fxprune.plan(analysis, "l1", ratio=0.3)
     assert tied.meta["split_ties_whole"]  # stage3's nested chunks tie every unit
     free = fxprune.plan(analysis, "l1", ratio=0.3, split_ties=False)

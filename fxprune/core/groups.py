@@ -228,7 +228,13 @@ class GroupAnalysis:
 
     def groups_of(self, name: str) -> tuple[ChannelGroup, ...]:
         """Every group that slices parameter (or buffer) ``name``, or any parameter of
-        module ``name``, on any dim, in group order (empty when none does)."""
+        module ``name``, on any dim, in group order (empty when none does); a slice key
+        ``"fqn[dim]"`` (as ``group`` takes it) gives the groups holding part of that dim."""
+        if not isinstance(name, str):
+            raise TypeError(f"groups_of takes a parameter, module or slice name (str), not "
+                            f"{type(name).__name__} {name!r}; by id: analysis.group({name!r})")
+        if name.endswith("]"):
+            return self._by_slice.get(name, ())
         seen: dict[int, ChannelGroup] = {}
         for g in self.groups:
             if any(m.fqn == name or m.fqn.startswith(name + ".") for m in g.members):

@@ -154,3 +154,13 @@ def test_group_lookup_by_any_slice_module_or_parameter(analysis):
         analysis.group("head.weight[0]")  # the model output
     with pytest.raises(KeyError, match="did you mean 'stem.weight"):
         analysis.group("stem.wieght[0]")
+
+
+def test_groups_of_takes_the_slice_key_that_group_refers_to(analysis):
+    """group(key) names groups_of(key) when a slice spans several groups: every slice
+    key group() takes must list its group there (groups_of returned () for them)."""
+    for key in ("stem.weight[0]", "c2.bias[0]", "c1.weight[1]", "head.weight[1]"):
+        assert analysis.groups_of(key) == (analysis.group(key),), key
+    assert analysis.groups_of("head.weight[0]") == ()  # left whole: the model output
+    with pytest.raises(TypeError, match="analysis.group"):
+        analysis.groups_of(0)

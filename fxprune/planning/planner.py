@@ -533,6 +533,10 @@ def _cost_fn(kind: str, cost: Any, latency: Any) -> CostFn | None:
             from fxprune.planning.cost import measure_latency
 
             latency = measure_latency(cost)
+        from fxprune.planning.cost.latency import latency_table_mismatch
+
+        if latency_table_mismatch(latency, cost):
+            raise PlanError(f"plan(target_latency=...): {latency_table_mismatch(latency, cost)}")
         return _LatencyCost(latency, cost)
     return _KindCost(cost, kind)
 

@@ -243,6 +243,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     print(f"{args.model}: {_analysis_summary(analysis)}; analysed in {seconds:.2f}s")
     print(_group_rows(analysis, None, None if args.all else args.limit, args.wide))
+    from fxprune.core.report import ties_footer
+
+    if ties_footer(analysis):
+        print(ties_footer(analysis))
     return 0
 
 

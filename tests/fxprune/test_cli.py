@@ -203,6 +203,8 @@ def test_prune_announces_equal_piece_ties(capsys):
     assert main(["prune", "_cli_models:tiny_resnet", "--input-shape", "1,3,8,8",
                  "--ratio", "0.5", "--no-verify"]) == 0
     assert "equal pieces" not in capsys.readouterr().out
+    assert main(["inspect", "test_module_chunks:TinyShuffle", "--input-shape", "1,3,8,8"]) == 0
+    assert "equal pieces (chunk / split(int))" in capsys.readouterr().out  # as table()
     from types import SimpleNamespace
 
     from fxprune.cli import _ties_summary

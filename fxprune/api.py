@@ -119,6 +119,12 @@ def compile(model: torch.nn.Module | GroupAnalysis, plan: Plan, *,
     if fold_bn and output == "module":
         raise ValueError("fold_bn=True rewrites the graph (BatchNorm folded away): use it "
                          "with output='graph'")
+    if not isinstance(plan, Plan):
+        raise PlanError(f"compile takes a fxprune.Plan, not {type(plan).__name__}: "
+                        "Plan.from_indices(analysis, {group: kept units}) or fxprune.plan(...)")
+    if not isinstance(model, (torch.nn.Module, GroupAnalysis)):
+        raise PlanError(f"compile takes the model (an nn.Module) or its GroupAnalysis, not "
+                        f"{type(model).__name__}")
     analysis = _analysis_for(model, plan, example_inputs)
     kept = plan.kept_labels(analysis)
     points = get_meta(analysis.gm, "specialised")

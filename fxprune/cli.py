@@ -160,6 +160,28 @@ def _pins_summary(analysis: Any) -> str:
             "see fxprune inspect --pins")
 
 
+def _ties_summary(plan: Any) -> str:
+    """What equal chunk / split pieces did to the plan (``plan.meta["split_ties"]``): the
+    groups balanced in atoms, those held whole (kept in full: the table alone does not
+    say why), pieces left untied; '' when the graph has no such ties."""
+    ties = plan.meta.get("split_ties")
+    if ties is None:
+        return ""
+    if ties == "off":
+        return ("equal pieces (chunk / split): ties off (--no-split-ties): pieces may keep "
+                "unequal counts; --output module refuses such plans")
+    whole = plan.meta.get("split_ties_whole") or {}
+    lines = [f"equal pieces (chunk / split): the same count kept in every piece; groups "
+             f"balanced: {len(ties)}, held whole: {len(whole)} (plan.meta['split_ties'], "
+             "['split_ties_whole'])"]
+    lines += [f"  held whole: {name}: {why}" for name, why in whole.items()]
+    untied = plan.meta.get("split_ties_untied") or {}
+    if untied:
+        lines.append(f"  untied (pieces of several groups): {len(untied)}, see "
+                     "plan.meta['split_ties_untied']")
+    return "\n".join(lines)
+
+
 def _group_rows(analysis: Any, plan: Any, limit: int | None, wide: bool = False) -> str:
     """The group table; without ``wide`` it fits ``TABLE_WIDTH`` columns (the slices
     column dropped, long group names shortened in the middle)."""
@@ -221,6 +243,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     print(f"{args.model}: {_analysis_summary(analysis)}; analysed in {seconds:.2f}s")
     print(_group_rows(analysis, None, None if args.all else args.limit, args.wide))
+    from fxprune.core.report import ties_footer
+
+    if ties_footer(analysis):
+        print(ties_footer(analysis))
     return 0
 
 
@@ -321,6 +347,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"{args.model}: {_analysis_summary(analysis)}")
         print(_group_rows(analysis, plan, None if args.all else args.limit, args.wide))
         print(_pins_summary(analysis))
+        if _ties_summary(plan):
+            print(_ties_summary(plan))
         print()
     print(f"pruned {len(removed)}/{len(analysis.groups)} groups at {_budget(args)}: "
           f"units {units:,} -> {units - sum(removed.values()):,}")

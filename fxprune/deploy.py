@@ -134,7 +134,7 @@ def save(model: torch.nn.Module, path: str | os.PathLike, *,
     path = os.fspath(path)
     with atomic_write(path) as tmp:
         if example_inputs is not None:
-            _save_program(model, tuple(example_inputs), tmp)
+            _save_program(model, _as_inputs(example_inputs), tmp)
             return path
         try:
             torch.save(portable(model), tmp)
@@ -187,6 +187,14 @@ def onnx_exporter() -> str:
     return "dynamo" if importlib.util.find_spec("onnxscript") is not None else "legacy"
 
 
+def _as_inputs(example_inputs: Any) -> tuple:
+    """One tensor is one input, as ``fxprune.analyze`` reads it (``tuple(x)`` would pass
+    its batch rows as inputs: a 3-D input where the model wants 4-D)."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    return tuple(example_inputs)
+
+
 def export_onnx(model: torch.nn.Module, example_inputs: Sequence[Any],
                 path: str | os.PathLike, *, exporter: str = "auto",
                 opset_version: int | None = None, dynamic_batch: bool = True) -> str:
@@ -202,7 +210,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[Any],
     Raises ``OnnxExportError`` naming the graph node the exporter failed on (when it can
     be found) and the exporter's first message line; nothing is written then.
     """
-    inputs = tuple(example_inputs)
+    inputs = _as_inputs(example_inputs)
     chosen = onnx_exporter() if exporter == "auto" else exporter
     if chosen not in ("dynamo", "legacy"):
         raise OnnxExportError(f"unknown exporter {exporter!r}: use auto, dynamo or legacy")

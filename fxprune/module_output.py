@@ -263,10 +263,12 @@ def update_hf_config(small: torch.nn.Module, original: torch.nn.Module,
             m.nf = m.weight.shape[1]
     cfg0 = original.config
     hd0 = getattr(cfg0, "head_dim", None) or cfg0.hidden_size // cfg0.num_attention_heads
+    kept_scale = []  # layers whose softmax scale a reloaded config would recompute
     for layer in layers:
         _set_attention_attributes(small.get_submodule(layer["path"]), layer)
-        _set_attention_scale(small.get_submodule(layer["path"]), hd0, layer["head_dim"],
-                             RewriteOptions(attention_scale))
+        if _set_attention_scale(small.get_submodule(layer["path"]), hd0, layer["head_dim"],
+                                RewriteOptions(attention_scale)):
+            kept_scale.append(f"{layer['path']} (head_dim {hd0} -> {layer['head_dim']})")
     mlp = {_linear_out(m) for path, m in small.named_modules()
            if (path.rpartition(".")[2] in _MLP_UP or path.endswith("intermediate.dense"))
            and hasattr(m, "weight")}  # BERT-family MLPs are ``intermediate.dense``
@@ -308,6 +310,13 @@ def update_hf_config(small: torch.nn.Module, original: torch.nn.Module,
     if rejected:  # e.g. a hidden size that is no multiple of the head count
         small.save_pretrained = functools.partial(
             _refuse_save, f"{type(cfg).__name__} rejects the pruned sizes: {rejected}")
+    elif kept_scale:  # from_pretrained would compute 1/sqrt(new head_dim): another model
+        small.save_pretrained = functools.partial(_refuse_save_scale, hd0, kept_scale)
+    elif _sliced_rotary(small, original):  # from_pretrained recomputes every frequency
+        small.save_pretrained = functools.partial(
+            _refuse_save, f"the rotary frequencies keep {_sliced_rotary(small, original)} of "
+            f"the original head_dim's (inv_freq sliced); a config recomputes them from the "
+            f"pruned head_dim, another model. Prune whole heads instead")
 
 
 def _embedding_width(emb: torch.nn.Module | None) -> set[int]:
@@ -336,12 +345,36 @@ def _set_attention_attributes(m: torch.nn.Module, layer: dict[str, int]) -> None
 
 
 def _set_attention_scale(m: torch.nn.Module, hd0: int, hd: int,
-                         options: RewriteOptions) -> None:
+                         options: RewriteOptions) -> bool:
     """The ``scaling`` the forward passes to SDPA (1/sqrt(head_dim)) becomes the scale
-    ``slice_weights`` wrote into the graph (recomputed or kept, ``attention_scale``)."""
+    ``slice_weights`` wrote into the graph (recomputed or kept, ``attention_scale``);
+    True where the original scale was kept for a changed head_dim."""
     value = getattr(m, "scaling", None)
     if hd != hd0 and isinstance(value, float) and math.isclose(value, hd0 ** -0.5):
         m.scaling = options.softmax_scale(hd0, hd)
+        return not math.isclose(m.scaling, hd ** -0.5)  # kept: no config says so
+    return False
+
+
+def _sliced_rotary(small: torch.nn.Module, original: torch.nn.Module) -> str:
+    """'a of b' where a rotary ``inv_freq`` buffer lost entries (head_dim pairs pruned),
+    else ''."""
+    before = {n: b.numel() for n, b in original.named_buffers() if n.endswith("inv_freq")}
+    for name, buf in small.named_buffers():
+        if name in before and buf.numel() != before[name]:
+            return f"{buf.numel()} of {before[name]}"
+    return ""
+
+
+def _refuse_save_scale(hd0: int, layers: list[str], *args: Any, **kwargs: Any) -> None:
+    raise NonUniformPlanError(
+        f"save_pretrained: the pruned attention keeps the original softmax scale "
+        f"1/sqrt({hd0}) (attention_scale=\"original\") in {len(layers)} layers "
+        f"({', '.join(layers[:2])}{', ...' if len(layers) > 2 else ''}), but a model loaded "
+        f"from the config computes 1/sqrt(head_dim) of the pruned head_dim, so it would not "
+        f"reproduce this one. Compile with attention_scale=\"recompute\" (CLI: "
+        f"--attention-scale recompute), prune whole heads (analyze(..., "
+        f"split_policy=\"heads\")), or save with torch.save.")
 
 
 def _refuse_save(detail: str, *args: Any, **kwargs: Any) -> None:

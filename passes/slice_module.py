@@ -451,7 +451,8 @@ def refuse_uneven_chunks(analysis: GroupAnalysis, pruned: torch.fx.GraphModule) 
             f"a chunk or split: {'; '.join(uneven[:3])}{' ...' if len(uneven) > 3 else ''}. The "
             f"forward cuts equal pieces, so the module cannot take these sizes. "
             f"Use output=\"graph\" (the GraphModule), a plan that keeps the same count in "
-            f"every piece (Plan.from_indices), or keep those channels (ignore=[...]).")
+            f"every piece (fxprune.plan / Plan.from_ratio with split_ties=True, the default; "
+            f"CLI: without --no-split-ties), or keep those channels (ignore=[...]).")
 
 
 def uneven_chunks(analysis: GroupAnalysis, pruned: torch.fx.GraphModule) -> list[str]:

@@ -165,7 +165,9 @@ class LiteralSizeError(ModuleOutputError):
 class NonUniformPlanError(PlanError):
     """A plan keeps different head counts, head_dims or MLP widths in different layers, so
     a Hugging Face config (one number per model) cannot describe it for
-    ``save_pretrained``; says how to make the plan uniform."""
+    ``save_pretrained``; says how to make the plan uniform. Also raised where pruned
+    heads keep the original softmax scale (``attention_scale="original"``), which a config
+    cannot express: a reloaded model would recompute it from the new head_dim."""
 
 
 class ControlFlowError(VerificationError):

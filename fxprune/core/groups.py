@@ -191,7 +191,8 @@ class GroupAnalysis:
     def group(self, key: int | str) -> ChannelGroup:
         """A group by id, by name (``"conv1.weight[0]"``), by any slice it holds
         (``"bn1.weight[0]"``, ``"conv2.weight[1]"``), or by a parameter or module whose
-        output channels start it (``"conv1.weight"``, ``"conv1"``).
+        output channels start it (``"conv1.weight"``, ``"conv1"``, a container such as
+        timm's ``ConvNormAct`` when one group is produced inside it).
 
         Raises ``KeyError`` naming the nearest group names when nothing matches, and the
         candidates when a slice spans several groups (a concat consumer's columns: use
@@ -213,6 +214,16 @@ class GroupAnalysis:
         import difflib
         import re
 
+        if isinstance(key, str) and not key.endswith("]"):  # a container module (timm's
+            outs = [g for g in self.groups  # ConvNormAct): the groups produced inside it
+                    if any(m.role == "out" and m.fqn.startswith(key + ".") for m in g.members)]
+            if len(outs) == 1:
+                return outs[0]
+            if outs:
+                raise KeyError(f"module {key!r} produces {len(outs)} groups "
+                               f"({', '.join(g.name for g in outs[:4])}"
+                               f"{', ...' if len(outs) > 4 else ''}); pick one by name, or "
+                               f"list them with analysis.groups_of({key!r})")
         if isinstance(key, str):
             m = re.fullmatch(r"(.+)\[(\d+)\]", key)
             fqn, dim = (m.group(1), int(m.group(2))) if m else (key, 0)
@@ -228,7 +239,13 @@ class GroupAnalysis:
 
     def groups_of(self, name: str) -> tuple[ChannelGroup, ...]:
         """Every group that slices parameter (or buffer) ``name``, or any parameter of
-        module ``name``, on any dim, in group order (empty when none does)."""
+        module ``name``, on any dim, in group order (empty when none does); a slice key
+        ``"fqn[dim]"`` (as ``group`` takes it) gives the groups holding part of that dim."""
+        if not isinstance(name, str):
+            raise TypeError(f"groups_of takes a parameter, module or slice name (str), not "
+                            f"{type(name).__name__} {name!r}; by id: analysis.group({name!r})")
+        if name.endswith("]"):
+            return self._by_slice.get(name, ())
         seen: dict[int, ChannelGroup] = {}
         for g in self.groups:
             if any(m.fqn == name or m.fqn.startswith(name + ".") for m in g.members):

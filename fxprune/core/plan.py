@@ -14,7 +14,7 @@ from fxprune.core.errors import PlanError
 from fxprune.core.groups import ChannelGroup, GroupAnalysis
 from fxprune.core.ties import ties_meta, tied_orders
 
-__all__ = ["Plan", "magnitude_scores"]
+__all__ = ["Plan", "magnitude_scores", "require_analysis"]
 
 PLAN_VERSION = 1
 
@@ -43,6 +43,7 @@ class Plan:
     def from_indices(cls, analysis: GroupAnalysis, keep: Mapping[int | str, Iterable[int]],
                      *, remove: bool = False) -> "Plan":
         """From explicit unit indices per group (by id or name); ``remove=True`` inverts."""
+        require_analysis(analysis, "Plan.from_indices")
         out: dict[str, tuple[int, ...]] = {}
         for key, idx in keep.items():
             g = analysis.group(key)
@@ -119,8 +120,10 @@ class Plan:
         ``compile(output="module")`` can follow it); the GraphModule takes any counts,
         the module output then refuses the plan (``LiteralSizeError``).
         """
-        if not 0.0 <= ratio < 1.0 or math.isnan(ratio):
-            raise PlanError(f"ratio must lie in [0, 1), got {ratio}")
+        require_analysis(analysis, "Plan.from_ratio")
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or \
+                not 0.0 <= ratio < 1.0 or math.isnan(ratio):
+            raise PlanError(f"ratio must lie in [0, 1), got {ratio!r}")
         if round_to < 1:
             raise PlanError("round_to must be >= 1")
         ignore = resolve_ignore(analysis, ignore)
@@ -525,6 +528,15 @@ def _tensor(gm: torch.nn.Module, fqn: str) -> torch.Tensor | None:
 #: (``fxprune.importance.resolve_criterion``: one registry, unknown names raise); until
 #: then only the built-in magnitude/random names and callables are accepted.
 criterion_resolver: Callable[[GroupAnalysis, Any], Any] | None = None
+
+
+def require_analysis(analysis: Any, where: str) -> None:
+    """``PlanError`` unless ``analysis`` is a ``GroupAnalysis`` (a model passed where the
+    analysis goes failed as ``AttributeError: ... no attribute 'gm'``)."""
+    if not isinstance(analysis, GroupAnalysis):
+        raise PlanError(f"{where} takes the GroupAnalysis of fxprune.analyze(model, "
+                        f"example_inputs), not {type(analysis).__name__}: "
+                        f"analysis = fxprune.analyze(model, (x,)); {where}(analysis, ...)")
 
 
 def resolve_criterion(analysis: GroupAnalysis, criterion: Any) -> Any:

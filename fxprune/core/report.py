@@ -25,16 +25,22 @@ def analysis_table(analysis: "GroupAnalysis", *, max_members: int = 4,
                      len(g.merged_by)))
     head = ["id", "group", "units", "gran", "exact", "#slices", "slices", "#merges"]
     table = tabulate(rows, headers=head, tablefmt=tablefmt)
+    footer = ties_footer(analysis)
+    return table + ("\n" + footer if footer else "")
+
+
+def ties_footer(analysis: "GroupAnalysis") -> str:
+    """The chunk / split(int) nodes whose equal pieces tie each group ('' when none)."""
     if not analysis.split_ties:
-        return table
+        return ""
     tied = {}
     for t in analysis.split_ties:
         tied.setdefault(t.groups if len(t.groups) > 1 else t.groups[0], []).append(t.node)
     lines = [f"  {g if isinstance(g, str) else ' + '.join(g) + ' (untied)'}: "
              f"{', '.join(nodes[:4])}{' ...' if len(nodes) > 4 else ''}"
              for g, nodes in tied.items()]
-    return table + ("\nequal pieces (chunk / split(int)): default plans keep the same count "
-                    "in each piece of a group's ties (fxprune.core.ties)\n" + "\n".join(lines))
+    return ("equal pieces (chunk / split(int)): default plans keep the same count "
+            "in each piece of a group's ties (fxprune.core.ties)\n" + "\n".join(lines))
 
 
 def group_graph(group: "ChannelGroup"):

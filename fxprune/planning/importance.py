@@ -631,12 +631,16 @@ def _latency_saving(ctx: ScoreContext, g: ChannelGroup) -> np.ndarray:
     units of its class (``fxprune.cost.unit_classes``: one piece of a concat...) are
     removed from ``ctx.kept``; units of one class are interchangeable in shape."""
     from fxprune.planning.cost import measure_latency, unit_classes
+    from fxprune.planning.cost.latency import latency_table_mismatch
 
     table = ctx.settings.latency
     if table is None:
         table = ctx._stats.get("_latency_table")
         if table is None:
             table = ctx._stats["_latency_table"] = measure_latency(ctx.cost)
+    elif latency_table_mismatch(table, ctx.cost):
+        raise ImportanceError(f"Importance(normalize='latency'): "
+                              f"{latency_table_mismatch(table, ctx.cost)}")
     base = ctx._stats.get("_latency_base")
     if base is None:
         base = ctx._stats["_latency_base"] = table.predict(ctx.cost, ctx.kept)

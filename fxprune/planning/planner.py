@@ -42,7 +42,7 @@ import numpy as np
 from fxprune.core.errors import BudgetError, PlanError
 from fxprune.core.groups import ChannelGroup, GroupAnalysis
 from fxprune.planning.importance import Importance
-from fxprune.core.plan import DimGuard, Plan, resolve_ignore
+from fxprune.core.plan import DimGuard, Plan, require_analysis, resolve_ignore
 from fxprune.core.ties import TiedOrder, broken_ties, ties_meta, tied_orders
 
 __all__ = ["plan", "Budget", "SCHEDULES", "TOLERANCE", "group_kind", "check_uniform"]
@@ -406,6 +406,7 @@ def plan(analysis: GroupAnalysis, importance: str | Importance | Callable = "l1"
     ties leave whole). ``False``: any counts (the GraphModule takes them; the module
     output refuses such a plan), ``meta["split_ties"] == "off"``.
     """
+    require_analysis(analysis, "fxprune.plan")
     kind, value = _parse_budget(ratio, {"macs": target_macs, "params": target_params,
                                         "latency": target_latency})
     if scope not in SCOPES:
@@ -527,6 +528,10 @@ def _cost_fn(kind: str, cost: Any, latency: Any) -> CostFn | None:
             from fxprune.planning.cost import measure_latency
 
             latency = measure_latency(cost)
+        from fxprune.planning.cost.latency import latency_table_mismatch
+
+        if latency_table_mismatch(latency, cost):
+            raise PlanError(f"plan(target_latency=...): {latency_table_mismatch(latency, cost)}")
         return _LatencyCost(latency, cost)
     return _KindCost(cost, kind)
 

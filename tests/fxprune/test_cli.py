@@ -187,3 +187,28 @@ def test_prune_record_frontend_needs_the_module_output(capsys):
     with pytest.warns(UserWarning, match="control flow"):
         assert main(args + ["--output", "module"]) == 0
     assert "output: the model's own class Branchy" in capsys.readouterr().out
+
+
+def test_prune_announces_equal_piece_ties(capsys):
+    """A group the ties hold whole shows "kept == units" in the table: the output says
+    why (plan.meta['split_ties']), and says when --no-split-ties turned the ties off."""
+    spec = ["prune", "test_module_chunks:TinyShuffle", "--input-shape", "1,3,8,8",
+            "--ratio", "0.4", "--no-verify"]
+    assert main(spec) == 0
+    out = capsys.readouterr().out
+    assert "equal pieces (chunk / split): the same count kept in every piece; groups " \
+        "balanced: 1, held whole: 0" in out
+    assert main(spec + ["--no-split-ties"]) == 0
+    assert "ties off (--no-split-ties)" in capsys.readouterr().out
+    assert main(["prune", "_cli_models:tiny_resnet", "--input-shape", "1,3,8,8",
+                 "--ratio", "0.5", "--no-verify"]) == 0
+    assert "equal pieces" not in capsys.readouterr().out
+    assert main(["inspect", "test_module_chunks:TinyShuffle", "--input-shape", "1,3,8,8"]) == 0
+    assert "equal pieces (chunk / split(int))" in capsys.readouterr().out  # as table()
+    from types import SimpleNamespace
+
+    from fxprune.cli import _ties_summary
+    text = _ties_summary(SimpleNamespace(meta={"split_ties": {}, "split_ties_whole": {
+        "stage3.0.branch1.2.weight[0]": "equal pieces at chunk_3 tie every unit"}}))
+    assert "held whole: 1" in text and "held whole: stage3.0.branch1.2.weight[0]: " \
+        "equal pieces at chunk_3 tie every unit" in text

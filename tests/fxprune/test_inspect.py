@@ -154,3 +154,28 @@ def test_group_lookup_by_any_slice_module_or_parameter(analysis):
         analysis.group("head.weight[0]")  # the model output
     with pytest.raises(KeyError, match="did you mean 'stem.weight"):
         analysis.group("stem.wieght[0]")
+
+
+def test_groups_of_takes_the_slice_key_that_group_refers_to(analysis):
+    """group(key) names groups_of(key) when a slice spans several groups: every slice
+    key group() takes must list its group there (groups_of returned () for them)."""
+    for key in ("stem.weight[0]", "c2.bias[0]", "c1.weight[1]", "head.weight[1]"):
+        assert analysis.groups_of(key) == (analysis.group(key),), key
+    assert analysis.groups_of("head.weight[0]") == ()  # left whole: the model output
+    with pytest.raises(TypeError, match="analysis.group"):
+        analysis.groups_of(0)
+
+
+def test_group_by_a_container_module_that_produces_one_group():
+    """timm's ConvNormAct ("stages.0.conv_exp") holds conv and bn: the container's name
+    finds the group its conv produces; a container producing several names them."""
+    cna = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU())
+    tail = nn.Sequential(nn.Conv2d(8, 6, 1), nn.ReLU(), nn.Conv2d(6, 4, 1))
+    model = nn.Sequential(nn.Sequential(cna, tail), nn.AdaptiveAvgPool2d(1)).eval()
+    an = fxprune.analyze(model, torch.randn(1, 3, 4, 4))
+    assert an.group("0.0") is an.group("0.0.0.weight[0]")
+    assert an.group("0.1") is an.group("0.1.0")  # 0.1.2's output is the model's output
+    with pytest.raises(KeyError, match=r"module '0' produces 2 groups .*groups_of\('0'\)"):
+        an.group("0")
+    with pytest.raises(KeyError, match="no group '0.2'"):
+        an.group("0.2")

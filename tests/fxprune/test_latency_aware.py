@@ -34,7 +34,7 @@ def _table(analysis, slow: str, factor: float):
         costs = cost.node_costs(kept)
         samples.append((costs, {n: 1e-6 * c.macs * (factor if n == slow else 1.0) + 1e-4
                                 for n, c in costs.items()}))
-    return cost, _build_table("test", "cpu", cost, samples)
+    return cost, _build_table(f"{analysis.fingerprint}|test", "cpu", cost, samples)
 
 
 @pytest.mark.parametrize("slow", ["a", "b"])
@@ -70,3 +70,24 @@ def test_latency_normalize_measures_a_table_when_none_is_given():
     scores = Importance("l1", normalize="latency").scores(analysis)
     assert set(scores) == {g.name for g in analysis.groups}
     assert all(np.all(s > 0) for s in scores.values())
+
+
+def test_a_latency_table_of_another_graph_or_input_is_refused():
+    """Another model's table reads its own node names' curves ("conv1", "add"... exist in
+    both): refused by graph fingerprint and input shapes, as is a table that is not one."""
+    torch.manual_seed(0)
+    mine = fxprune.analyze(Two().eval(), torch.randn(1, 3, 8, 8))
+    other = fxprune.analyze(nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1)),
+                            torch.randn(1, 3, 8, 8))
+    _, table = _table(other, "0", 1.0)
+    larger = fxprune.analyze(Two().eval(), torch.randn(1, 3, 12, 12))
+    for bad, why in ((table, "another graph"), ({"a": 1.0}, "not dict")):
+        with pytest.raises(fxprune.ImportanceError, match=why):
+            Importance("l1", normalize="latency", latency=bad).scores(mine)
+        with pytest.raises(fxprune.PlanError, match=why):
+            fxprune.plan(mine, "l1", target_latency=0.8, latency=bad)
+    from fxprune.planning.cost import measure_latency
+    measured = measure_latency(compute_cost(mine), fractions=(0.5,), repeats=1)
+    assert Importance("l1", normalize="latency", latency=measured).scores(mine)
+    with pytest.raises(fxprune.ImportanceError, match=r"shapes \[\(1, 3, 8, 8\)\]"):
+        Importance("l1", normalize="latency", latency=measured).scores(larger)

@@ -210,7 +210,8 @@ def test_split_ties_off_prunes_what_the_ties_hold_whole_for_the_graph_only():
     whole = set(tied.meta["split_ties_whole"])
     assert any(len(free.keep[n]) < free.sizes[n] for n in whole)  # now pruned
     assert fxprune.verify(model, fxprune.compile(model, free), free, (x,)).ok
-    with pytest.raises(LiteralSizeError, match="chunk"):
+    with pytest.raises(LiteralSizeError, match=r"chunk.*shufflenetv2.py, line \d+.*"
+                       r"split_ties=True, the default"):  # names the line and the remedy
         fxprune.compile(model, free, output="module")
     loose = fxprune.Plan.from_ratio(analysis, 0.3, split_ties=False)
     assert loose.meta["split_ties"] == "off" and any(n in loose.keep for n in whole)

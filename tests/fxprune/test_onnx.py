@@ -126,3 +126,18 @@ def test_failed_export_names_the_node_and_writes_nothing(tmp_path):
     with pytest.raises(fxprune.OnnxExportError, match="bessel_j0"):
         fxprune.export_onnx(small, (x,), tmp_path / "bad.onnx", exporter="legacy")
     assert os.listdir(tmp_path) == []
+
+
+def test_one_tensor_is_one_input_as_analyze_reads_it(tmp_path):
+    """export_onnx / save(example_inputs=x) with a bare tensor: tuple(x) passed its batch
+    rows as inputs, so an MLP exported for (4,) inputs instead of (2, 4)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    x = torch.randn(2, 4)
+    small = _prune(model.eval(), x)
+    fxprune.export_onnx(small, x, tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert len(session.get_inputs()) == 1 and session.get_inputs()[0].shape == ["batch", 4]
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(got, small(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+    fxprune.save(small, tmp_path / "m.pt2", example_inputs=x)
+    assert torch.export.load(tmp_path / "m.pt2").module()(x).shape == (2, 3)

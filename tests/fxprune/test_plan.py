@@ -299,3 +299,20 @@ def test_shared_score_cache_matches_per_group_norms(monkeypatch, p):
         .reshape(7, 5, 4).sum((0, 2)) + model[2].bias.detach().abs() ** p
     want = want.sqrt() if p == 2 else want
     np.testing.assert_allclose(shared[a.groups.index(conv2_out)], want.numpy(), rtol=1e-5)
+
+
+def test_wrong_argument_types_are_plan_errors_naming_the_remedy(analysis):
+    """A model where the analysis goes, a dict where the plan goes, a string ratio: typed
+    errors (they were AttributeError 'no attribute gm' / 'analysis', TypeError '<=')."""
+    model = Net().eval()
+    for make in (lambda: fxprune.plan(model, "l1", ratio=0.3),
+                 lambda: fxprune.Plan.from_ratio(model, 0.3),
+                 lambda: fxprune.Plan.from_indices(model, {0: [0]})):
+        with pytest.raises(fxprune.PlanError, match=r"GroupAnalysis of fxprune.analyze.*not Net"):
+            make()
+    with pytest.raises(fxprune.PlanError, match="ratio must lie in"):
+        fxprune.Plan.from_ratio(analysis, "0.3")
+    plan = fxprune.Plan.from_ratio(analysis, 0.5)
+    with pytest.raises(fxprune.PlanError, match="compile takes a fxprune.Plan, not dict"):
+        fxprune.compile(model, {"conv1.weight[0]": [0, 1]})
+    assert plan.keep

@@ -102,7 +102,7 @@ def _macs_latency(analysis):
         costs = cost.node_costs(kept)
         samples.append((costs, {n: 1e-6 * c.macs + 1e-7 * c.memory + 1e-3
                                 for n, c in costs.items()}))
-    return _build_table("macs", "cpu", cost, samples)
+    return _build_table(f"{analysis.fingerprint}|macs", "cpu", cost, samples)
 
 
 def test_latency_targets_round_by_default(monkeypatch):

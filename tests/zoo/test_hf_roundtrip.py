@@ -49,3 +49,30 @@ def test_module_output_and_roundtrip(make, tmp_path):
         gen = loaded.generate(_ids(1, 4), max_new_tokens=3, do_sample=False,
                               pad_token_id=0)
         assert gen.shape == (1, 7)
+
+
+@pytest.mark.parametrize("make", [gpt2, llama], ids=lambda f: f.__name__)
+def test_pruned_head_dim_with_the_original_scale_is_not_saved_as_another_model(make, tmp_path):
+    """head_dim 8 -> 6 with attention_scale="original": from_pretrained would recompute
+    1/sqrt(6) and silently compute another model (GPT-2 reloaded 7e-5 away); refused,
+    nothing written. With "recompute" the reload equals the module; LLaMA's rotary
+    inv_freq keeps original frequencies that a config recomputes (1.3e-3 away): refused."""
+    torch.manual_seed(0)
+    model, inputs, auto = make()
+    analysis = fxprune.analyze(model, inputs, frontend="export")  # head_dim units
+    plan = fxprune.Plan.from_ratio(analysis, 0.25)
+    small = fxprune.compile(model, plan, output="module")
+    with pytest.raises(NonUniformPlanError, match=r"1/sqrt\(8\).*attention_scale=\"recompute\""):
+        small.save_pretrained(tmp_path / "kept")
+    assert not (tmp_path / "kept").exists()
+    small = fxprune.compile(model, plan, output="module", attention_scale="recompute")
+    if make is llama:  # rotary pairs kept at their original frequencies: refused too
+        with pytest.raises(NonUniformPlanError, match=r"rotary frequencies keep 3 of 4"):
+            small.save_pretrained(tmp_path / "ok")
+        assert not (tmp_path / "ok").exists()
+        return
+    small.save_pretrained(tmp_path / "ok")
+    loaded = getattr(transformers, auto).from_pretrained(tmp_path / "ok").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*inputs).logits, small(*inputs).logits,
+                                   rtol=0, atol=1e-6)

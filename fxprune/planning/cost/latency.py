@@ -20,7 +20,7 @@ import torch.fx
 
 from fxprune.planning.cost.model import Cost, CostModel, uniform_kept
 
-__all__ = ["LatencyTable", "measure_latency"]
+__all__ = ["LatencyTable", "measure_latency", "latency_table_mismatch"]
 
 
 # ----------------------------------------------------------------------------------
@@ -67,6 +67,26 @@ class LatencyTable:
         d = json.loads(text)
         return cls(d["key"], d["device"], tuple(d["nodes"]), tuple(d["kinds"]),
                    tuple(tuple(x) for x in d["sizes"]), tuple(tuple(x) for x in d["times_ms"]))
+
+
+def latency_table_mismatch(table: Any, cost: CostModel) -> str | None:
+    """Why ``table`` cannot predict ``cost``'s graph (not a ``LatencyTable``, or measured
+    on another graph: its node names would read another model's curves), else None."""
+    if not isinstance(table, LatencyTable):
+        return (f"latency= takes a fxprune.cost.LatencyTable, not {type(table).__name__} "
+                "(measure_latency(cost); a saved one: LatencyTable.from_json(text))")
+    made_on = table.key.split("|", 1)[0]
+    if made_on != cost.analysis.fingerprint:
+        return (f"the latency table was measured on another graph (fingerprint "
+                f"{made_on[:12]} != {cost.analysis.fingerprint[:12]}): measure it on this "
+                "model and inputs (measure_latency(compute_cost(analysis)))")
+    shapes = str([tuple(x.shape) if isinstance(x, torch.Tensor) else None
+                  for x in cost.analysis.example_inputs])
+    parts = table.key.split("|")
+    if len(parts) > 2 and parts[2] != shapes:
+        return (f"the latency table was measured on inputs of shapes {parts[2]}, this "
+                f"analysis has {shapes}: measure it on these inputs")
+    return None
 
 
 _LATENCY_CACHE: dict[str, LatencyTable] = {}

@@ -48,6 +48,11 @@ def _global_module_hooks() -> bool:
                 or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks)
 
 
+def _same_dtype_device(m: torch.nn.Linear, x: torch.Tensor) -> bool:
+    return all(t is None or (t.dtype == x.dtype and t.device == x.device)
+               for t in (m.weight, m.bias))
+
+
 def _linear_like(m: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, m.weight, m.bias)`` on fake tensors: the same checks as its kernel
     (input features, dtypes, devices, bias length), output ``empty`` of ``(*x[:-1], out)``.
@@ -87,8 +92,8 @@ class _Recorder(torch.fx.Interpreter):
                                        f"{x.shape[1]} channels")
             return torch.empty_like(x)
         if _plain_linear(m) and len(args) == 1 and not kwargs \
-                and isinstance(args[0], torch.Tensor):
-            return _linear_like(m, args[0])
+                and isinstance(args[0], torch.Tensor) and _same_dtype_device(m, args[0]):
+            return _linear_like(m, args[0])  # else the kernel itself decides (fake tensors)
         return super().call_module(target, args, kwargs)
 
     def run_node(self, n: torch.fx.Node) -> Any:

@@ -97,7 +97,7 @@ def test_linear_shortcut_records_what_fake_linear_records(monkeypatch):
     assert fast["fc2"].shape == (2, 3, 5, 4)
 
 
-@pytest.mark.parametrize("bad", ["in_features", "dtype", "bias"])
+@pytest.mark.parametrize("bad", ["in_features", "bias"])
 def test_linear_shortcut_fails_closed_like_the_kernel(bad):
     """A Linear whose weight no longer fits its input (a slice gone wrong) stops shape
     propagation at that node, as F.linear would."""
@@ -105,10 +105,26 @@ def test_linear_shortcut_fails_closed_like_the_kernel(bad):
     with torch.no_grad():
         if bad == "in_features":
             model.fc2.weight = nn.Parameter(torch.randn(4, 5))
-        elif bad == "dtype":
-            model.fc2.weight = nn.Parameter(torch.randn(4, 6, dtype=torch.float64))
         else:
             model.fc1.bias = nn.Parameter(torch.randn(5))
     gm = fxprune.trace(model)
     with pytest.raises(fxprune.ShapePropagationError, match="fc[12]"):
         propagate_shapes(gm, (torch.randn(2, 8, 3, 5),))
+
+
+def test_linear_of_another_dtype_is_left_to_the_kernel(monkeypatch):
+    """A weight of another dtype than its input skips the shortcut: the fake kernel decides,
+    as before the shortcut (fxprune.sparsify names an int weight itself)."""
+    import passes.shape_prop as shape_prop
+
+    model = _Tokens()
+    model.fc2.weight = nn.Parameter(torch.randn(4, 6, dtype=torch.float64))
+    gm = fxprune.trace(model)
+    real, asked = shape_prop._linear_like, []
+    monkeypatch.setattr(shape_prop, "_linear_like",
+                        lambda m, x: asked.append(m) or real(m, x))
+    try:
+        propagate_shapes(gm, (torch.randn(2, 8, 3, 5),))
+    except fxprune.ShapePropagationError:
+        pass  # whatever the kernel says; the shortcut was not asked
+    assert gm.get_submodule("fc1") in asked and gm.get_submodule("fc2") not in asked

@@ -59,7 +59,11 @@ def test_random_ratio_plan_never_empties_a_layer(check_pruned, seed):
     model = ShuffleStage().eval()
     x = torch.randn(2, 3, 5, 5)
     a = fxprune.analyze(model, x)
-    plan = fxprune.Plan.from_ratio(a, 0.4, criterion="random", seed=seed)
+    # split_ties=False: the graph-only path this regression is about (the default ties the
+    # nested chunks' units into one atom, and the group stays whole: announced)
+    assert "stem.weight[0]" in fxprune.Plan.from_ratio(a, 0.4, criterion="random",
+                                                       seed=seed).meta["split_ties_whole"]
+    plan = fxprune.Plan.from_ratio(a, 0.4, criterion="random", seed=seed, split_ties=False)
     assert {g.name for g in a.groups if g.size >= 2} <= set(plan.keep)
     g = a.group("stem.weight[0]")
     assert 0 in plan.keep[g.name]  # unit 0 is the whole late stream
@@ -81,7 +85,7 @@ def test_ratio_plan_keeps_best_scored_unit_of_an_emptied_dim():
     def criterion(analysis, group):
         return scores if group.name == g.name else np.ones(group.size)
 
-    plan = fxprune.Plan.from_ratio(a, 0.4, criterion=criterion)
+    plan = fxprune.Plan.from_ratio(a, 0.4, criterion=criterion, split_ties=False)
     assert plan.keep[g.name] == (0, 1, 3, 4, 5, 6, 7)
 
 

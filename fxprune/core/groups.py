@@ -196,8 +196,11 @@ class GroupAnalysis:
 
         Raises ``KeyError`` naming the nearest group names when nothing matches, and the
         candidates when a slice spans several groups (a concat consumer's columns: use
-        ``groups_of``)."""
-        found = self._by_key.get(key)
+        ``groups_of``); ``TypeError`` for a key that is neither an int id nor a str."""
+        if isinstance(key, bool) or not isinstance(key, (int, str, np.integer)):
+            raise TypeError(f"a group key is an int id or a str name, got {type(key).__name__} "
+                            f"{key!r}")
+        found = self._by_key.get(int(key) if isinstance(key, np.integer) else key)
         if found is not None:
             return found
         if isinstance(key, str):

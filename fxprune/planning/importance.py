@@ -706,6 +706,10 @@ class Importance:
             raise ImportanceError(f"layer_norm must be None or one of {sorted(LAYER_NORMS)}")
         if self.normalize not in (None, "auto") + COST_NORMALIZERS:
             raise ImportanceError(f"normalize must be None, 'auto' or one of {COST_NORMALIZERS}")
+        if self.latency is not None and self.normalize != "latency":
+            raise ImportanceError("latency= is read by normalize='latency' only; pass both, or "
+                                  "give the table to fxprune.plan(latency=...) for a latency "
+                                  "target")
         if self.batches < 1 or self.probes < 1 or not self.eps > 0:
             raise ImportanceError("batches and probes must be >= 1 and eps > 0")
         if self.spec is not None and self.spec.needs_data and self.closure is None and (

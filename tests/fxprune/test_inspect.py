@@ -179,3 +179,10 @@ def test_group_by_a_container_module_that_produces_one_group():
         an.group("0")
     with pytest.raises(KeyError, match="no group '0.2'"):
         an.group("0.2")
+
+
+def test_group_keys_are_ints_or_strings(analysis):
+    assert analysis.group(np.int64(0)) is analysis.group(0)
+    for bad in (True, 3.0, None):
+        with pytest.raises(TypeError, match="int id or a str"):
+            analysis.group(bad)

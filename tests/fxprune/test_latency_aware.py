@@ -91,3 +91,12 @@ def test_a_latency_table_of_another_graph_or_input_is_refused():
     assert Importance("l1", normalize="latency", latency=measured).scores(mine)
     with pytest.raises(fxprune.ImportanceError, match=r"shapes \[\(1, 3, 8, 8\)\]"):
         Importance("l1", normalize="latency", latency=measured).scores(larger)
+
+
+def test_a_latency_table_without_latency_normalize_is_refused():
+    from fxprune.core.errors import ImportanceError
+
+    analysis = fxprune.analyze(Two().eval(), torch.randn(1, 3, 8, 8))
+    _, table = _table(analysis, "a", 2.0)
+    with pytest.raises(ImportanceError, match="normalize='latency' only"):
+        Importance("l1", latency=table)

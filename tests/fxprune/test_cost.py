@@ -231,3 +231,11 @@ def test_latency_table_is_measured_cached_and_predicts(tmp_path):
     assert stored["key"] == table.key and len(stored["nodes"]) == len(table.nodes)
     for xs, ts in zip(table.sizes, table.times_ms):
         assert list(ts) == sorted(ts)  # monotone in size
+
+
+def test_latency_on_meta_is_a_typed_plan_error_with_the_remedy():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    analysis = fxprune.analyze(model, torch.randn(2, 8, device="meta"))
+    with pytest.raises(fxprune.PlanError, match="meta device.*latency=table"):
+        fxprune.plan(analysis, "random", target_latency=0.5)

@@ -18,7 +18,12 @@ import numpy as np
 import torch
 import torch.fx
 
+from fxprune.core.errors import PlanError
 from fxprune.planning.cost.model import Cost, CostModel, uniform_kept
+
+
+class MetaLatencyError(PlanError, ValueError):
+    """A latency table asked of a model on the meta device (no real forward to time)."""
 
 __all__ = ["LatencyTable", "measure_latency", "latency_table_mismatch"]
 
@@ -133,7 +138,11 @@ def measure_latency(cost: CostModel, *, fractions: Sequence[float] = (0.25, 0.5,
     inputs = tuple(analysis.example_inputs)
     device = next((t.device for t in analysis.gm.parameters()), torch.device("cpu"))
     if device.type == "meta" or any(isinstance(x, torch.Tensor) and x.is_meta for x in inputs):
-        raise ValueError("latency needs real weights and inputs; this model lives on meta")
+        raise MetaLatencyError(
+            "a latency table times real forwards: this analysis lives on the meta device. "
+            "Measure one on a real copy (fxprune.cost.measure_latency(compute_cost("
+            "fxprune.analyze(real_model, real_inputs)))) and pass latency=table, or plan "
+            "with target_macs / target_params")
     fractions = tuple(sorted(set(float(f) for f in fractions) | {0.0, 1.0}))  # 0: one unit each
     shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in inputs]
     key = f"{analysis.fingerprint}|{device}|{shapes}|{fractions}|{repeats}|{torch.get_num_threads()}"

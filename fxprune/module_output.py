@@ -312,9 +312,9 @@ def update_hf_config(small: torch.nn.Module, original: torch.nn.Module,
             _refuse_save, f"{type(cfg).__name__} rejects the pruned sizes: {rejected}")
     elif kept_scale:  # from_pretrained would compute 1/sqrt(new head_dim): another model
         small.save_pretrained = functools.partial(_refuse_save_scale, hd0, kept_scale)
-    elif _sliced_rotary(small, original):  # from_pretrained recomputes every frequency
+    elif rotary := _sliced_rotary(small, original):  # from_pretrained recomputes them
         small.save_pretrained = functools.partial(
-            _refuse_save, f"the rotary frequencies keep {_sliced_rotary(small, original)} of "
+            _refuse_save, f"the rotary frequencies keep {rotary} of "
             f"the original head_dim's (inv_freq sliced); a config recomputes them from the "
             f"pruned head_dim, another model. Prune whole heads instead")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -24,8 +25,9 @@ import torch.fx
 
 import passes.rules  # noqa: F401  (registers the rule families)
 from fxprune.core.errors import UnsupportedOpError, describe_node, source_line
-from fxprune.core.groups import ChannelGroup, GroupAnalysis, Member, SplitTie
+from fxprune.core.groups import ChannelGroup, CountTie, GroupAnalysis, Member, SplitTie
 from passes.rules.registry import AnalysisState, RuleContext, iter_units, lookup_rule, op_key
+from passes.rules.shape import size_read, sizes_from_args
 from passes.shape_prop import tensor_shapes
 
 __all__ = ["find_groups", "graph_fingerprint"]
@@ -168,7 +170,8 @@ def _build(state: AnalysisState, example_inputs: tuple) -> GroupAnalysis:
         local_of=local_of, barriers=tuple(state.barriers), example_inputs=example_inputs,
         module_notes=dict(state.module_notes), tensor_aliases=_alias_table(state),
         pin_reasons=_tensor_pin_reasons(state, roots, pinned, space_of, space_roots),
-        split_ties=_split_ties(state.gm, node_labels, group_of, groups))
+        split_ties=_split_ties(state.gm, node_labels, group_of, groups),
+        count_ties=_count_ties(state.gm, node_labels, group_of, groups))
 
 
 EQUAL_SPLITS = ("chunk", "unsafe_chunk", "split", "unsafe_split")
@@ -196,6 +199,108 @@ def _split_ties(gm: torch.fx.GraphModule, node_labels: dict, group_of: np.ndarra
             names = tuple(groups[g].name for g in np.unique(group_of[inside]).tolist())
             out.append(SplitTie(node.name, int(axis), labs, names, source_line(node)))
     return tuple(out)
+
+
+# ops whose size arguments define their output dims (the same ops ``fix_sizes`` rewrites)
+SIZED_OPS = ("view", "reshape", "expand", "broadcast_to", "_reshape_alias")
+
+
+def _count_ties(gm: torch.fx.GraphModule, node_labels: dict, group_of: np.ndarray,
+                groups: tuple[ChannelGroup, ...]) -> tuple[CountTie, ...]:
+    """Reshape/view sizes of prunable dims computed (int arithmetic) from the size of
+    another group's prunable dim (``C // num_heads``, ``reshape(B, N, C)`` with ``C`` read
+    off the block input): the forward ties the two groups' kept counts."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method") or op_key(node) not in SIZED_OPS:
+            continue
+        dims, shape = node_labels.get(node.name), tensor_shapes(node)
+        sizes, _ = sizes_from_args(node)
+        if not isinstance(dims, dict) or not _is_tensor(shape) or len(sizes) != len(shape):
+            continue
+        for axis, size in enumerate(sizes):
+            lab = dims.get(axis)
+            if not isinstance(size, torch.fx.Node) or lab is None or not (lab >= 0).any():
+                continue
+            reads = _pruned_reads(size, node_labels)
+            if reads:
+                tie = _count_tie(node, axis, size, reads, lab, group_of, groups)
+                if tie is not None:
+                    out.append(tie)
+    return tuple(out)
+
+
+def _pruned_reads(value: torch.fx.Node, node_labels: dict) -> list[tuple]:
+    """(read node, tensor, dim, labels) of every ``t.shape[k]`` / ``t.size(k)`` of a dim
+    holding prunable units that the int arithmetic computing ``value`` reads."""
+    found, seen, stack = [], set(), [value]
+    while stack:
+        n = stack.pop()
+        if not isinstance(n, torch.fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        read = size_read(n)
+        if read is not None:
+            t, k = read
+            dims, shape = node_labels.get(t.name), tensor_shapes(t)
+            if isinstance(dims, dict) and _is_tensor(shape) and -len(shape) <= k < len(shape):
+                lab = dims.get(k % len(shape))
+                if lab is not None and (lab >= 0).any():
+                    found.append((n, t, k % len(shape), lab))
+            continue
+        if not _is_tensor(tensor_shapes(n)) or tensor_shapes(n) == ():
+            stack.extend(n.all_input_nodes)  # size arithmetic, not a tensor
+    return found
+
+
+def _count_tie(node: torch.fx.Node, axis: int, size: torch.fx.Node, reads: list,
+               labels: np.ndarray, group_of: np.ndarray, groups: tuple[ChannelGroup, ...]
+               ) -> CountTie | None:
+    """The tie of ``node``'s ``axis`` to the width it reads; None when both dims hold
+    the same single group (a head split of its own width: the group's structure keeps it)."""
+    read_node, t, k, source = reads[0]
+    lead = np.unique(group_of[source[source >= 0]]).tolist()
+    follow = np.unique(group_of[labels[labels >= 0]]).tolist()
+    if lead == follow and len(lead) == 1 and len(reads) == 1:
+        return None
+    ratio = Fraction(len(labels), len(source))
+    why = ""
+    if len(reads) > 1:
+        why = f"the size reads {len(reads)} prunable widths"
+    elif len(lead) > 1 or len(follow) > 1:
+        why = "a dim holds units of several groups"
+    elif not _linear(size, read_node, len(source), ratio):
+        why = "the size is not a fixed multiple of the width it reads"
+    return CountTie(node.name, axis, f"{t.name}.shape[{k}]", source, labels,
+                    groups[lead[0]].name if len(lead) == 1 else "",
+                    groups[follow[0]].name if len(follow) == 1 else "",
+                    ratio.numerator, ratio.denominator, source_line(node), why)
+
+
+def _linear(size: torch.fx.Node, read: torch.fx.Node, width: int, ratio: Fraction) -> bool:
+    """``size`` computes ``ratio * C`` from ``C = read`` at the traced width and at two
+    smaller multiples of the ratio's denominator (``C // heads`` is; ``C - 1`` is not)."""
+    step = ratio.denominator
+    probes = [c for c in (width, width - step, width - 2 * step) if c > 0]
+    try:
+        return all(_evaluate(size, {read: c}) == ratio * c for c in probes)
+    except (TypeError, ValueError, ZeroDivisionError, ArithmeticError):
+        return False
+
+
+def _evaluate(n: Any, env: dict) -> Any:
+    """Int arithmetic of the graph (``operator`` functions of sizes) with ``env`` read
+    nodes replaced; other sizes read as traced; anything else raises ``TypeError``."""
+    if not isinstance(n, torch.fx.Node):
+        return n
+    if n in env:
+        return env[n]
+    read = size_read(n)
+    if read is not None:
+        return tensor_shapes(read[0])[read[1]]
+    if n.op == "call_function" and getattr(n.target, "__module__", "") in ("_operator", "operator"):
+        return n.target(*(_evaluate(a, env) for a in n.args))
+    raise TypeError(f"not size arithmetic: {n.format_node()}")
 
 
 def _tensor_pin_reasons(state: AnalysisState, roots: np.ndarray, pinned: np.ndarray,

@@ -37,6 +37,7 @@ import torch.fx
 
 from fxprune.core.errors import (LiteralSizeError, ModuleOutputError, RewriteError,
                                  UnprovenBranchWarning, exception_line, source_line)
+from fxprune.core.count_ties import broken_count_ties
 from fxprune.core.groups import GroupAnalysis
 from fxprune.core.graph_meta import get_meta
 from passes.slice_weights import keep_mask
@@ -44,7 +45,7 @@ from passes.rules.registry import (MODULE_FIXUPS, RewriteOptions, apply_module_f
                                    find_module_entry)
 
 __all__ = ["slice_module", "literal_rewrites", "check_module_output", "uneven_chunks",
-           "refuse_uneven_chunks", "check_unrun_modules", "head_reading"]
+           "refuse_uneven_chunks", "refuse_broken_count_ties", "check_unrun_modules", "head_reading"]
 
 
 def slice_module(model: torch.nn.Module, analysis: GroupAnalysis, kept: np.ndarray,
@@ -56,8 +57,10 @@ def slice_module(model: torch.nn.Module, analysis: GroupAnalysis, kept: np.ndarr
     graph was captured from another model), ``ModuleOutputError`` when the copy's
     outputs differ from ``pruned``'s, ``LiteralSizeError`` when they differ and the
     forward holds a literal size that fxprune rewrote in the graph (the error names the
-    source line; ``output="graph"`` is the remedy).
+    source line; ``output="graph"`` is the remedy), or before slicing when ``kept``
+    breaks a count tie (``refuse_broken_count_ties``).
     """
+    refuse_broken_count_ties(analysis, kept)
     small = copy.deepcopy(model)
     touched = _copy_tensors(small, pruned)
     parents = {p.rsplit(".", k)[0] for p in touched for k in range(1, p.count(".") + 1)}
@@ -453,6 +456,24 @@ def refuse_uneven_chunks(analysis: GroupAnalysis, pruned: torch.fx.GraphModule) 
             f"Use output=\"graph\" (the GraphModule), a plan that keeps the same count in "
             f"every piece (fxprune.plan / Plan.from_ratio with split_ties=True, the default; "
             f"CLI: without --no-split-ties), or keep those channels (ignore=[...]).")
+
+
+def refuse_broken_count_ties(analysis: GroupAnalysis, kept: np.ndarray) -> None:
+    """Raise ``LiteralSizeError`` where the plan breaks a count tie (``analysis.count_ties``:
+    a reshape size the forward computes from another group's width, torchvision Swin's
+    ``C // num_heads`` with ``C`` read off the block input): the module computes that
+    size from the kept width, so it cannot take other counts."""
+    if not analysis.count_ties:
+        return
+    broken = broken_count_ties(analysis, np.asarray(kept, dtype=bool))
+    if broken:
+        raise LiteralSizeError(
+            f"compile(output=\"module\"): the forward computes a size from another "
+            f"layer's width, and the plan keeps counts that size cannot take: "
+            f"{'; '.join(broken[:3])}{' ...' if len(broken) > 3 else ''}. Use "
+            f"output=\"graph\" (the GraphModule), a plan that keeps the tie (fxprune.plan / "
+            f"Plan.from_ratio with split_ties=True, the default; CLI: without "
+            f"--no-split-ties), or keep those channels (ignore=[...]).")
 
 
 def uneven_chunks(analysis: GroupAnalysis, pruned: torch.fx.GraphModule) -> list[str]:

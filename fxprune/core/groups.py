@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch.fx
 
-__all__ = ["Member", "ChannelGroup", "GroupAnalysis", "Pin", "SplitTie"]
+__all__ = ["Member", "ChannelGroup", "GroupAnalysis", "Pin", "SplitTie", "CountTie"]
 
 
 @dataclass(frozen=True)
@@ -156,6 +156,40 @@ class SplitTie:
 
 
 @dataclass(frozen=True)
+class CountTie:
+    """A reshape/view size computed from another tensor's prunable dim (torchvision's
+    ``qkv.reshape(B, N, 3, num_heads, C // num_heads)`` with ``C = x.shape[-1]``): the
+    forward derives the width of ``axis`` of ``node`` from the width of ``read``, so a
+    plan must keep ``kept(labels) * den == kept(source_labels) * num`` (a tie of counts
+    between two groups, ``fxprune.core.count_ties``).
+
+    ``source_labels`` / ``labels``: the global unit label of every index of the read dim
+    and of the reshaped dim (-1: never pruned); ``leader`` / ``follower``: the groups
+    whose units they hold ("" when several do); ``why``: "" when a plan can keep the tie
+    by the follower following the leader, else why not (default plans then hold both
+    groups whole).
+    """
+
+    node: str
+    axis: int
+    read: str  # the size read, e.g. "norm.shape[2]"
+    source_labels: np.ndarray = field(repr=False, compare=False)
+    labels: np.ndarray = field(repr=False, compare=False)
+    leader: str
+    follower: str
+    num: int
+    den: int
+    source: str = ""
+    why: str = ""
+
+    def describe(self) -> str:
+        ratio = "" if self.num == self.den == 1 else \
+            (f" // {self.den}" if self.num == 1 else f" * {self.num}/{self.den}")
+        return (f"{self.node} (dim {self.axis} = {self.read}{ratio}"
+                + (f" at {self.source})" if self.source else ")"))
+
+
+@dataclass(frozen=True)
 class GroupAnalysis:
     """Result of ``find_groups``: groups plus the per-node unit labels the rewrites use.
 
@@ -187,6 +221,10 @@ class GroupAnalysis:
     # chunk / split(int) nodes whose equal pieces cut a group's channels: default plans
     # keep the same count in each piece (``fxprune.core.ties``)
     split_ties: tuple[SplitTie, ...] = field(repr=False, compare=False, default=())
+    # reshape/view sizes computed from another group's width (``C // num_heads`` with C
+    # read off the block input): default plans make the follower's count follow the
+    # leader's (``fxprune.core.count_ties``)
+    count_ties: tuple["CountTie", ...] = field(repr=False, compare=False, default=())
 
     def group(self, key: int | str) -> ChannelGroup:
         """A group by id, by name (``"conv1.weight[0]"``), by any slice it holds

@@ -12,6 +12,8 @@ import torch
 
 from fxprune.core.errors import PlanError
 from fxprune.core.groups import ChannelGroup, GroupAnalysis
+from fxprune.core.count_ties import (count_links, count_ties_meta, follow_counts,
+                                     hold_links, leader_multiple)
 from fxprune.core.ties import ties_meta, tied_orders
 
 __all__ = ["Plan", "magnitude_scores", "require_analysis"]
@@ -117,8 +119,10 @@ class Plan:
         since removing units changes what the distribution can express.
         ``split_ties=False``: ignore the analysis' ``split_ties`` (a chunk / split the
         forward cuts into equal pieces keeps equal counts in them by default, so that
-        ``compile(output="module")`` can follow it); the GraphModule takes any counts,
-        the module output then refuses the plan (``LiteralSizeError``).
+        ``compile(output="module")`` can follow it) and ``count_ties`` (a reshape size
+        computed from another group's width, Swin's ``C // num_heads``: by default that
+        group follows the width's group, ``fxprune.core.count_ties``); the GraphModule
+        takes any counts, the module output then refuses the plan (``LiteralSizeError``).
         """
         require_analysis(analysis, "Plan.from_ratio")
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or \
@@ -137,15 +141,24 @@ class Plan:
         if any(len(t.groups) == 1 for t in ties):  # scores first: atoms
             scored = {g.name: _scores(analysis, g, criterion, rng, power_sums) for g in groups}
         tied, held = tied_orders(analysis, scored) if ties else ({}, {})
+        links, count_held = count_links(analysis) if split_ties and analysis.count_ties \
+            else ({}, {})  # widths read off another group's width: followers follow
+
+        def prunable(g: ChannelGroup) -> bool:
+            return g.name not in held and not ("softmax" in g.inexact_kinds and not
+                                               include_softmax) and not any(
+                m.fqn == p or m.fqn.startswith(p + ".") for m in g.members for p in ignore)
+
+        eligible = {g.name for g in groups if prunable(g)}
+        links, count_held, multiple, floor = _leaders(analysis, links, count_held, eligible,
+                                                      round_to)
+        followers = {f for link in links.values() for f, _ in link.followers}
         for g in groups:
-            if g.name in held:
+            if g.name not in eligible or g.name in count_held or g.name in followers:
                 continue
-            if "softmax" in g.inexact_kinds and not include_softmax:
-                continue
-            if any(m.fqn == p or m.fqn.startswith(p + ".") for m in g.members for p in ignore):
-                continue
-            n_keep = max(round_to, int(round(g.size * (1 - ratio) / round_to)) * round_to)
-            n_keep = min(n_keep, g.size)
+            step = multiple.get(g.name, round_to)
+            n_keep = max(step, int(round(g.size * (1 - ratio) / step)) * step)
+            n_keep = min(max(n_keep, floor.get(g.name, 0)), g.size)
             if g.name in tied:  # the nearest count of whole atoms (removed lowest first)
                 t = tied[g.name]
                 cuts = t.cuts[((g.size - t.cuts) % round_to == 0) & (t.cuts < g.size)]
@@ -158,9 +171,14 @@ class Plan:
             order = tied[g.name].order[::-1] if g.name in tied else \
                 np.argsort(-scored[g.name], kind="stable")
             out[g.name] = tuple(sorted(order[:n_keep].tolist()))
+        if links:
+            out = _followed(analysis, out, links, {
+                f: scored[f] if f in scored else _scores(analysis, analysis.group(f), criterion,
+                                                         rng, power_sums) for f in followers})
         out = _guarded(analysis, out, scored, tied)
         meta = {"ratio": ratio, "criterion": criterion_name(criterion)}
         meta.update(ties_meta(analysis, tied, held, split_ties))
+        meta.update(count_ties_meta(analysis, links, count_held, split_ties))
         return cls._make(analysis, out, meta=meta)
 
     @classmethod
@@ -328,6 +346,51 @@ def _ranges(idx: Iterable[int]) -> str:
             parts.append(f"{start}-{a}" if a != start else f"{a}")
             start = None
     return ",".join(parts) if len(parts) <= 12 else ",".join(parts[:12]) + ",..."
+
+
+def _leaders(analysis: GroupAnalysis, links: dict, held: dict, eligible: set[str],
+             round_to: int) -> tuple[dict, dict, dict[str, int], dict[str, int]]:
+    """Count-tie leaders of ``Plan.from_ratio``: (links kept, groups held whole -> why,
+    each leader's kept-count multiple, the fewest units it keeps so that every follower
+    keeps ``round_to``)."""
+    sizes = {g.name: g.size for g in analysis.groups}
+    multiple: dict[str, int] = {}
+    floor: dict[str, int] = {}
+    held = dict(held)
+    for lead, link in links.items():
+        blocked = [f for f, _ in [(lead, 1), *link.followers] if f not in eligible]
+        m = leader_multiple(link, sizes, {n: round_to for n in sizes}, round_to)
+        cap = min(int((sizes[f] - round_to) / r) for f, r in link.followers)
+        if blocked:
+            held[lead] = ("it is left whole (ignore=, softmax, exact_only)" if blocked[0] == lead
+                          else f"its count-tie follower {blocked[0]} is left whole (ignore=, "
+                          f"softmax, exact_only), and it must follow this group's count")
+        elif m == 0 or cap < m:
+            held[lead] = (f"its followers lose whole units only if it loses multiples of "
+                          f"{m or link.step}, which its size {sizes[lead]} does not allow")
+        else:
+            multiple[lead] = m
+            floor[lead] = -(-(sizes[lead] - cap) // m) * m
+    links, held = hold_links(links, held)
+    return links, held, {n: m for n, m in multiple.items() if n in links}, floor
+
+
+def _followed(analysis: GroupAnalysis, keep: Mapping[str, tuple[int, ...]], links: Mapping,
+              scores: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """``keep`` with every count-tie follower keeping what its leader's count implies."""
+    kept = np.ones(analysis.num_units, dtype=bool)
+    for name, idx in keep.items():
+        mine = np.flatnonzero(analysis.group_of == analysis.group(name).id)
+        kept[mine] = False
+        kept[mine[list(idx)]] = True
+    kept = follow_counts(analysis, kept, links, scores)
+    out = dict(keep)
+    for link in links.values():
+        for name, _ in link.followers:
+            mine = kept[analysis.group_of == analysis.group(name).id]
+            if not mine.all():
+                out[name] = tuple(np.flatnonzero(mine).tolist())
+    return out
 
 
 def _guarded(analysis: GroupAnalysis, keep: Mapping[str, tuple[int, ...]],

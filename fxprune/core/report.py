@@ -25,8 +25,24 @@ def analysis_table(analysis: "GroupAnalysis", *, max_members: int = 4,
                      len(g.merged_by)))
     head = ["id", "group", "units", "gran", "exact", "#slices", "slices", "#merges"]
     table = tabulate(rows, headers=head, tablefmt=tablefmt)
-    footer = ties_footer(analysis)
+    footer = "\n".join(f for f in (ties_footer(analysis), count_ties_footer(analysis)) if f)
     return table + ("\n" + footer if footer else "")
+
+
+def count_ties_footer(analysis: "GroupAnalysis") -> str:
+    """The reshapes whose size is read off another group's width, per leader ('' when none)."""
+    if not analysis.count_ties:
+        return ""
+    tied: dict[tuple[str, str, str], list[str]] = {}
+    for t in analysis.count_ties:
+        tied.setdefault((t.leader or "several groups", t.follower or "several groups",
+                         t.why), []).append(t.node)
+    lines = [f"  {follow} follows {lead}: {', '.join(nodes[:4])}"
+             f"{' ...' if len(nodes) > 4 else ''}" + (f" (held whole: {why})" if why else "")
+             for (lead, follow, why), nodes in tied.items()]
+    return ("count ties (a reshape size read off another group's width): default plans "
+            "make the follower keep what the leader's count implies "
+            "(fxprune.core.count_ties)\n" + "\n".join(lines))
 
 
 def ties_footer(analysis: "GroupAnalysis") -> str:

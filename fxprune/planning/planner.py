@@ -43,6 +43,9 @@ from fxprune.core.errors import BudgetError, PlanError
 from fxprune.core.groups import ChannelGroup, GroupAnalysis
 from fxprune.planning.importance import Importance
 from fxprune.core.plan import DimGuard, Plan, require_analysis, resolve_ignore
+from fxprune.core.count_ties import (CountLink, broken_count_ties, count_links,
+                                     count_ties_meta, follow_counts, follower_cap, hold_links,
+                                     leader_multiple)
 from fxprune.core.ties import TiedOrder, broken_ties, ties_meta, tied_orders
 
 __all__ = ["plan", "Budget", "SCHEDULES", "TOLERANCE", "group_kind", "check_uniform"]
@@ -197,8 +200,10 @@ class _Search:
     def __init__(self, analysis: GroupAnalysis, bounds: list[_Bounds],
                  scores: Mapping[str, np.ndarray], scope: str,
                  ties: Mapping[str, tuple[_Bounds, ...]] | None = None,
-                 links: Mapping[str, list[tuple[_Bounds, int]]] | None = None) -> None:
+                 links: Mapping[str, list[tuple[_Bounds, int]]] | None = None,
+                 follow: Mapping[str, CountLink] | None = None) -> None:
         self.analysis, self.bounds, self.scope = analysis, bounds, scope
+        self.follow, self.scores = dict(follow or {}), scores
         self.uniform = ties is not None
         self.ties = dict(ties) if ties is not None else {b.name: (b,) for b in bounds}
         self.links = dict(links or {})
@@ -268,14 +273,21 @@ class _Search:
                 kept[g.labels[self.order[g.name][:n]]] = False
             for f, factor in self.links.get(b.name, ()):
                 kept[f.labels[self.order[f.name][:n * factor]]] = False
+        if self.follow:  # count ties: followers keep what their leader's count implies
+            kept = follow_counts(self.analysis, kept, self.follow, self.scores)
         return self.guard(kept)
 
     def keep_indices(self, counts: Mapping[str, int]) -> dict[str, list[int]]:
         kept = self.kept(counts)
-        groups = [g for tied in self.ties.values() for g in tied] + \
-            [f for linked in self.links.values() for f, _ in linked]
-        return {g.name: np.flatnonzero(kept[g.labels]).tolist()
-                for g in groups if not kept[g.labels].all()}
+        names = [g.name for tied in self.ties.values() for g in tied] + \
+            [f.name for linked in self.links.values() for f, _ in linked] + \
+            [f for link in self.follow.values() for f, _ in link.followers]
+        out = {}
+        for name in names:
+            mine = kept[self.analysis.group_of == self.analysis.group(name).id]
+            if not mine.all():
+                out[name] = np.flatnonzero(mine).tolist()
+        return out
 
 
 def _atom_labels(analysis: GroupAnalysis, bounds: Iterable[_Bounds]) -> np.ndarray | None:
@@ -289,6 +301,44 @@ def _atom_labels(analysis: GroupAnalysis, bounds: Iterable[_Bounds]) -> np.ndarr
         out[b.labels] = b.tied.atom + offset
         offset += b.size
     return out
+
+
+def _follow_bounds(analysis: GroupAnalysis, bounds: list[_Bounds],
+                   links: Mapping[str, CountLink], multiples: int | Mapping[str, int]
+                   ) -> tuple[list[_Bounds], dict[str, CountLink], dict[str, str]]:
+    """Bounds with count-tie followers taken out (they follow their leader) and each
+    leader's removals in its ``leader_multiple``, capped so that no follower passes its
+    own cap; the links kept, and the groups held whole -> why (a leader whose follower
+    is left whole, or whose size no multiple fits)."""
+    by = {b.name: b for b in bounds}
+    held: dict[str, str] = {}
+    rounding = multiples if isinstance(multiples, Mapping) else \
+        {g.name: multiples for g in analysis.groups}
+    sizes = {g.name: g.size for g in analysis.groups}
+    adjusted: dict[str, _Bounds] = {}
+    for lead, link in links.items():
+        missing = [f for f, _ in link.followers if f not in by]
+        if lead not in by:
+            held[lead] = "it is left whole (ignore=, caps, softmax)"
+            continue
+        if missing:
+            held[lead] = (f"its count tie's follower {missing[0]} is left whole (ignore=, "
+                          f"caps, softmax), and it must follow this group's count")
+            continue
+        b = by[lead]
+        multiple = leader_multiple(link, sizes, rounding, b.round_to)
+        cap = min(b.max_remove, b.size - multiple,
+                  follower_cap(link, {f: by[f].max_remove for f, _ in link.followers}))
+        if multiple == 0 or cap < multiple:
+            held[lead] = (f"its followers lose whole units only if it loses multiples of "
+                          f"{multiple or link.step}, which its size {b.size} or caps do not allow")
+            continue
+        adjusted[lead] = _Bounds(b.name, b.size, b.labels, cap, multiple, b.fixed_ratio, b.tied)
+    links, held = hold_links(links, held)
+    followers = {f for link in links.values() for f, _ in link.followers}
+    out = [adjusted.get(b.name, b) for b in bounds
+           if b.name not in followers and b.name not in held]
+    return out, links, held
 
 
 # ----------------------------------------------------------------------------------
@@ -403,8 +453,12 @@ def plan(analysis: GroupAnalysis, importance: str | Importance | Callable = "l1"
     (``analysis.split_ties``: ShuffleNetV2's ``chunk(2)``, CSPNet's split) keeps equal
     counts in its pieces, units tied into atoms, so ``compile(output="module")`` can
     follow the plan; announced in ``meta["split_ties"]`` (``split_ties_whole``: groups the
-    ties leave whole). ``False``: any counts (the GraphModule takes them; the module
-    output refuses such a plan), ``meta["split_ties"] == "off"``.
+    ties leave whole). It also keeps ``analysis.count_ties`` (a reshape size computed from
+    another group's width, Swin's ``C // num_heads``): the follower group loses what its
+    leader's count implies (``fxprune.core.count_ties``), announced in
+    ``meta["count_ties"]`` / ``["count_ties_whole"]``. ``False``: any counts (the
+    GraphModule takes them; the module output refuses such a plan),
+    ``meta["split_ties"] == "off"`` (and ``meta["count_ties"]``).
     """
     require_analysis(analysis, "fxprune.plan")
     kind, value = _parse_budget(ratio, {"macs": target_macs, "params": target_params,
@@ -450,6 +504,8 @@ def plan(analysis: GroupAnalysis, importance: str | Importance | Callable = "l1"
     search: _Search | None = None
     held: dict[str, str] = {}
     tied: dict[str, TiedOrder] = {}
+    follow: dict[str, CountLink] = {}
+    count_held: dict[str, str] = {}
     for step in range(1, steps + 1):
         fraction = 1.0 if step == steps else float(fraction_of(step, steps))
         if not 0.0 <= fraction <= 1.0:
@@ -457,13 +513,18 @@ def plan(analysis: GroupAnalysis, importance: str | Importance | Callable = "l1"
         scores = _rescored(imp, analysis, kept, cost)
         tied, held = tied_orders(analysis, scores) if split_ties and analysis.split_ties \
             else ({}, {})  # equal chunk / split pieces
+        follow, count_held = count_links(analysis) if split_ties and analysis.count_ties \
+            else ({}, {})  # widths read off another group's width
         bounds = _bounds(analysis, scores, round_to=multiples, max_ratio=max_ratio_per_group,
                          ignore=ignore, overrides=overrides, include_softmax=include_softmax,
-                         whole=whole + tuple(held), tied=tied)
+                         whole=whole + tuple(held) + tuple(count_held), tied=tied)
+        if follow:
+            bounds, follow, more = _follow_bounds(analysis, bounds, follow, multiples)
+            count_held = {**count_held, **more}
         ties = links = None
         if uniform:
             bounds, ties, links = _uniform_ties(analysis, bounds)
-        search = _Search(analysis, bounds, scores, scope, ties, links)
+        search = _Search(analysis, bounds, scores, scope, ties, links, follow)
         counts = _solve(search, budget.at(fraction), cost_fn, tolerance,
                         final=step == steps, previous=counts)
         kept = search.kept(counts)
@@ -480,7 +541,9 @@ def plan(analysis: GroupAnalysis, importance: str | Importance | Callable = "l1"
     if kind == "latency":
         meta["latency_ms"] = cost_fn(kept)
     meta.update(ties_meta(analysis, tied, held, split_ties))
-    broken = broken_ties(analysis, kept) if split_ties else []
+    meta.update(count_ties_meta(analysis, follow, count_held, split_ties))
+    broken = broken_ties(analysis, kept) + broken_count_ties(analysis, kept) \
+        if split_ties else []
     if broken:
         raise PlanError("the plan keeps unequal counts in the pieces of a chunk/split the "
                         f"forward cuts equally: {'; '.join(broken[:3])}"

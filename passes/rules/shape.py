@@ -472,7 +472,7 @@ def split(ctx: RuleContext) -> None:
 # ----------------------------------------------------------------------------------
 # Fixups: rewrite literal sizes after slicing
 # ----------------------------------------------------------------------------------
-def _sizes_from_args(node: torch.fx.Node) -> tuple[list, bool]:
+def sizes_from_args(node: torch.fx.Node) -> tuple[list, bool]:
     """(sizes, packed): sizes of view/reshape/expand, and whether they came as one list."""
     args = list(node.args[1:])
     if "shape" in node.kwargs or "size" in node.kwargs:
@@ -488,7 +488,7 @@ def fix_sizes(fctx) -> None:
     input would be wrong); -1 and symbolic batch/spatial sizes stay."""
     node = fctx.node
     new = fctx.new_shape(node)
-    sizes, packed = _sizes_from_args(node)
+    sizes, packed = sizes_from_args(node)
     if len(sizes) == 1 and isinstance(sizes[0], torch.fx.Node) and len(new) != 1:
         _fix_computed_sizes(fctx, sizes[0], new)
         return
@@ -519,7 +519,7 @@ def _reads_pruned_size(fctx, value: Any) -> bool:
         if not isinstance(n, torch.fx.Node) or n in seen:
             continue
         seen.add(n)
-        read = _size_read(n)
+        read = size_read(n)
         if read is not None:
             t, k = read
             old, new = fctx.old_shape(t), fctx.new_shape(t)
@@ -534,7 +534,7 @@ def _reads_pruned_size(fctx, value: Any) -> bool:
     return False
 
 
-def _size_read(n: torch.fx.Node) -> tuple[torch.fx.Node, int] | None:
+def size_read(n: torch.fx.Node) -> tuple[torch.fx.Node, int] | None:
     """(t, k) when ``n`` is ``t.size(k)``, ``t.size()[k]`` or ``t.shape[k]``."""
     t = k = None
     if n.op == "call_method" and n.target == "size" and len(n.args) == 2:
@@ -628,7 +628,7 @@ def _keep_original_size(fctx) -> bool:
     it (an attention scale ``q.shape[-1] ** -0.5`` stays as trained, as in the masked
     model); reshape sizes are made literal by their own fixups."""
     node = fctx.node
-    read = _size_read(node)
+    read = size_read(node)
     if read is None:
         return False
     t, k = read

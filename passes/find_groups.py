@@ -171,7 +171,8 @@ def _build(state: AnalysisState, example_inputs: tuple) -> GroupAnalysis:
         module_notes=dict(state.module_notes), tensor_aliases=_alias_table(state),
         pin_reasons=_tensor_pin_reasons(state, roots, pinned, space_of, space_roots),
         split_ties=_split_ties(state.gm, node_labels, group_of, groups),
-        count_ties=_count_ties(state.gm, node_labels, group_of, groups))
+        count_ties=_count_ties(state.gm, node_labels, group_of, groups)
+        + _declared_count_ties(state, labels, group_of, groups))
 
 
 EQUAL_SPLITS = ("chunk", "unsafe_chunk", "split", "unsafe_split")
@@ -227,6 +228,32 @@ def _count_ties(gm: torch.fx.GraphModule, node_labels: dict, group_of: np.ndarra
                 tie = _count_tie(node, axis, size, reads, lab, group_of, groups)
                 if tie is not None:
                     out.append(tie)
+    return tuple(out)
+
+
+def _declared_count_ties(state: AnalysisState, labels: np.ndarray, group_of: np.ndarray,
+                         groups: tuple[ChannelGroup, ...]) -> tuple[CountTie, ...]:
+    """The count ties compound ops' rules declared (``RuleContext.count_tie``)."""
+    by_name = {n.name: n for n in state.gm.graph.nodes}
+    out = []
+    for name, read, source, units, num, den in state.count_ties:
+        src, lab = labels[source], labels[units]
+        if not (src >= 0).any() and not (lab >= 0).any():
+            continue
+        lead = np.unique(group_of[src[src >= 0]]).tolist()
+        follow = np.unique(group_of[lab[lab >= 0]]).tolist()
+        if lead == follow and len(lead) == 1:
+            continue
+        ratio = Fraction(num, den)
+        why = "a dim holds units of several groups" if len(lead) > 1 or len(follow) > 1 else \
+            "" if lead and follow else "one of the dims holds no prunable unit"
+        if not why and Fraction(len(lab), len(src)) != ratio:
+            why = "the traced sizes do not keep the declared ratio"
+        out.append(CountTie(name, -1, read, src, lab,
+                            groups[lead[0]].name if len(lead) == 1 else "",
+                            groups[follow[0]].name if len(follow) == 1 else "",
+                            ratio.numerator, ratio.denominator,
+                            source_line(by_name[name]), why))
     return tuple(out)
 
 

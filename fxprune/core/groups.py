@@ -185,7 +185,8 @@ class CountTie:
     def describe(self) -> str:
         ratio = "" if self.num == self.den == 1 else \
             (f" // {self.den}" if self.num == 1 else f" * {self.num}/{self.den}")
-        return (f"{self.node} (dim {self.axis} = {self.read}{ratio}"
+        where = f"dim {self.axis}" if self.axis >= 0 else "its inner width"
+        return (f"{self.node} ({where} = {self.read}{ratio}"
                 + (f" at {self.source})" if self.source else ")"))
 
 

@@ -380,6 +380,9 @@ class AnalysisState:
     module_notes: dict[str, dict] = field(default_factory=dict)
     # (canonical FQN, dim) -> the nodes whose rules use that tensor dim (for group graphs)
     tensor_users: dict[tuple[str, int], list[str]] = field(default_factory=dict)
+    # count ties a compound op's rule declares (its own ``C // num_heads``): (node, what
+    # it reads, the read dim's unit ids, the sized dim's unit ids, num, den)
+    count_ties: list[tuple] = field(default_factory=list)
 
 
 class RuleContext:
@@ -450,6 +453,15 @@ class RuleContext:
     def fresh(self, n: int) -> np.ndarray:
         """``n`` new unit ids, one new channel space born at this node."""
         return self.store.fresh(n, self.node.name)
+
+    def count_tie(self, source: np.ndarray | None, units: np.ndarray | None, read: str,
+                  num: int = 1, den: int = 1) -> None:
+        """Inside this op, a size computed from ``read`` (the width of ``source``) sizes
+        the dim holding ``units``: a plan must keep ``kept(units) * den == kept(source) *
+        num`` (``GroupAnalysis.count_ties``; torchvision Swin's ``C // num_heads``)."""
+        if source is not None and units is not None and len(source) and len(units):
+            self.state.count_ties.append((self.node.name, read, np.asarray(source),
+                                          np.asarray(units), num, den))
 
     def union(self, a: np.ndarray, b: np.ndarray) -> None:
         """Merge ids ``a[i]`` and ``b[i]`` for every ``i`` (equal lengths, or broadcastable

@@ -64,6 +64,9 @@ def window_attention_rule(ctx: RuleContext) -> None:
     out = _attr_units(ctx, proj_w, 0, "out")
     if proj_b is not None:
         ctx.link(out, _attr_units(ctx, proj_b, 0, "dep"), "proj bias computed")
+    # torchvision reads C = x.shape[-1] and reshapes the heads' output to (.., C): the
+    # inner width (heads x head_dim) must keep the input's kept width
+    ctx.count_tie(dims.get(last), cols.reshape(-1), f"{getattr(x, 'name', x)}.shape[-1]")
     ctx.state.module_notes[ctx.node.name] = {"policy": ctx.state.split_policy,
                                              "num_heads": heads,
                                              "head_dim": rows.shape[2]}

@@ -221,14 +221,30 @@ def _count_ties(gm: torch.fx.GraphModule, node_labels: dict, group_of: np.ndarra
             continue
         for axis, size in enumerate(sizes):
             lab = dims.get(axis)
-            if not isinstance(size, torch.fx.Node) or lab is None or not (lab >= 0).any():
-                continue
+            if not isinstance(size, torch.fx.Node) or lab is None:
+                continue  # a literal, or no channel dim (batch, tokens)
             reads = _pruned_reads(size, node_labels)
             if reads:
                 tie = _count_tie(node, axis, size, reads, lab, group_of, groups)
                 if tie is not None:
                     out.append(tie)
+            elif (lab >= 0).any() and (fixed := _pruned_reads(size, node_labels, fixed=True)):
+                out.append(_fixed_tie(node, axis, fixed[0], lab, group_of, groups))
     return tuple(out)
+
+
+def _fixed_tie(node: torch.fx.Node, axis: int, read: tuple, labels: np.ndarray,
+               group_of: np.ndarray, groups: tuple[ChannelGroup, ...]) -> CountTie:
+    """A prunable dim sized from a width no plan changes (timm CaiT/XCiT ``ClassAttn``:
+    ``C // num_heads`` with C read off the never-pruned class-token stream): the forward
+    keeps that size, so the dim's group must stay whole."""
+    _, t, k, width = read
+    follow = np.unique(group_of[labels[labels >= 0]]).tolist()
+    ratio = Fraction(len(labels), width)
+    return CountTie(node.name, axis, f"{t.name}.shape[{k}]", np.full(width, -1, np.int64),
+                    labels, "", groups[follow[0]].name if len(follow) == 1 else "",
+                    ratio.numerator, ratio.denominator, source_line(node),
+                    "the width it reads is never pruned, so the dim it sizes must stay whole")
 
 
 def _declared_count_ties(state: AnalysisState, labels: np.ndarray, group_of: np.ndarray,
@@ -257,9 +273,11 @@ def _declared_count_ties(state: AnalysisState, labels: np.ndarray, group_of: np.
     return tuple(out)
 
 
-def _pruned_reads(value: torch.fx.Node, node_labels: dict) -> list[tuple]:
+def _pruned_reads(value: torch.fx.Node, node_labels: dict, *, fixed: bool = False
+                  ) -> list[tuple]:
     """(read node, tensor, dim, labels) of every ``t.shape[k]`` / ``t.size(k)`` of a dim
-    holding prunable units that the int arithmetic computing ``value`` reads."""
+    holding prunable units that the int arithmetic computing ``value`` reads (``fixed``:
+    (read node, tensor, dim, size) of every read of a dim holding none)."""
     found, seen, stack = [], set(), [value]
     while stack:
         n = stack.pop()
@@ -272,8 +290,11 @@ def _pruned_reads(value: torch.fx.Node, node_labels: dict) -> list[tuple]:
             dims, shape = node_labels.get(t.name), tensor_shapes(t)
             if isinstance(dims, dict) and _is_tensor(shape) and -len(shape) <= k < len(shape):
                 lab = dims.get(k % len(shape))
-                if lab is not None and (lab >= 0).any():
+                prunable = lab is not None and (lab >= 0).any()
+                if prunable and not fixed:
                     found.append((n, t, k % len(shape), lab))
+                elif fixed and not prunable:
+                    found.append((n, t, k % len(shape), int(shape[k])))
             continue
         if not _is_tensor(tensor_shapes(n)) or tensor_shapes(n) == ():
             stack.extend(n.all_input_nodes)  # size arithmetic, not a tensor
@@ -292,7 +313,9 @@ def _count_tie(node: torch.fx.Node, axis: int, size: torch.fx.Node, reads: list,
         return None
     ratio = Fraction(len(labels), len(source))
     why = ""
-    if len(reads) > 1:
+    if not follow:  # EVA's attention width, pinned by its rotary embedding
+        why = "the dim it sizes is never pruned, so the width it reads must stay whole"
+    elif len(reads) > 1:
         why = f"the size reads {len(reads)} prunable widths"
     elif len(lead) > 1 or len(follow) > 1:
         why = "a dim holds units of several groups"

@@ -45,7 +45,8 @@ from passes.rules.registry import (MODULE_FIXUPS, RewriteOptions, apply_module_f
                                    find_module_entry)
 
 __all__ = ["slice_module", "literal_rewrites", "check_module_output", "uneven_chunks",
-           "refuse_uneven_chunks", "refuse_broken_count_ties", "check_unrun_modules", "head_reading"]
+           "refuse_uneven_chunks", "refuse_broken_count_ties",
+           "refuse_derived_scales", "check_unrun_modules", "head_reading"]
 
 
 def slice_module(model: torch.nn.Module, analysis: GroupAnalysis, kept: np.ndarray,
@@ -315,6 +316,7 @@ HEAD_DIM_ATTRIBUTES = ("head_dim", "dim_head", "attention_head_size", "head_size
 HEAD_TOTAL_ATTRIBUTES = ("attn_dim", "all_head_size", "inner_dim", "split_size")
 SCALE_ATTRIBUTES = ("scale", "scaling")
 QUERY_PROJECTIONS = ("qkv", "q", "query", "q_proj", "to_q", "to_qkv", "wq", "in_proj")
+FUSED_PROJECTIONS = ("qkv", "to_qkv", "in_proj")  # rows laid out (q/k/v, heads, head_dim)
 
 
 def _follow_heads(small: torch.nn.Module, path: str, analysis: GroupAnalysis,
@@ -337,7 +339,8 @@ def _follow_heads(small: torch.nn.Module, path: str, analysis: GroupAnalysis,
         return
     weight = f"{path}.{proj}.weight" if path else f"{proj}.weight"
     reading = head_reading(analysis, kept, weight, heads0,
-                            _int_attribute(module, HEAD_DIM_ATTRIBUTES))
+                            _int_attribute(module, HEAD_DIM_ATTRIBUTES),
+                            parts=(3, 1, 2) if proj in FUSED_PROJECTIONS else (1, 2, 3))
     if reading is None:
         return
     head_dim0, heads, head_dim = reading
@@ -358,15 +361,18 @@ def _follow_heads(small: torch.nn.Module, path: str, analysis: GroupAnalysis,
 
 
 def head_reading(analysis: GroupAnalysis, kept: np.ndarray, weight: str, heads0: int,
-                  head_dim0: int | None, *, dim: int = 0) -> tuple[int, int, int] | None:
+                  head_dim0: int | None, *, dim: int = 0, parts: tuple[int, ...] = (1, 2, 3)
+                  ) -> tuple[int, int, int] | None:
     """``(head_dim, kept heads, kept head_dim)`` read from the kept rows of ``weight``
     (its output dim ``dim``: 1 for transformers' Conv1D) as (q/k/v, heads, head_dim)
-    blocks, or None when no such reading is even."""
+    blocks, the first even reading in ``parts`` order (a fused qkv reads 3 parts first:
+    without a head_dim attribute, 1 part of 3 x head_dim rows per head is even too), or
+    None when no such reading is even."""
     labels = analysis.tensor_labels.get((weight, dim))
     if labels is None:
         return None
     rows = keep_mask(np.asarray(labels), kept)
-    for parts in (1, 2, 3):
+    for parts in parts:
         if len(rows) % (parts * heads0) or \
                 (head_dim0 is not None and len(rows) != parts * heads0 * head_dim0):
             continue
@@ -417,6 +423,7 @@ def check_module_output(small: torch.nn.Module, pruned: torch.fx.GraphModule,
     (``[x; x]``: each half of ``small``'s output must equal ``pruned(x)``, so a batch size
     the graph was not captured for is checked too)."""
     refuse_uneven_chunks(analysis, pruned)
+    refuse_derived_scales(analysis, pruned)
     inputs = analysis.example_inputs
     a, b = _double(small), _double(pruned)
     x = tuple(_to_double(t) for t in inputs)
@@ -456,6 +463,37 @@ def refuse_uneven_chunks(analysis: GroupAnalysis, pruned: torch.fx.GraphModule) 
             f"Use output=\"graph\" (the GraphModule), a plan that keeps the same count in "
             f"every piece (fxprune.plan / Plan.from_ratio with split_ties=True, the default; "
             f"CLI: without --no-split-ties), or keep those channels (ignore=[...]).")
+
+
+def refuse_derived_scales(analysis: GroupAnalysis, pruned: torch.fx.GraphModule) -> None:
+    """Raise ``LiteralSizeError`` where the GraphModule keeps an attention's original
+    softmax scale (``attention_scale="original"``) that the module computes from the kept
+    width: torchvision Swin v1's ``shifted_window_attention`` scales q by ``(C //
+    num_heads) ** -0.5`` (v2's cosine attention has no such scale), and no attribute
+    holds it; with ``attention_scale="recompute"`` the module follows."""
+    from fxprune.core.functional import window_attention
+
+    if get_meta(pruned, "attention_scale", "original") != "original":
+        return
+    lines = []
+    for node in pruned.graph.nodes:
+        note = analysis.module_notes.get(node.name)
+        if node.target is not window_attention or not note:
+            continue
+        cosine = node.kwargs.get("logit_scale", node.args[11] if len(node.args) > 11 else None)
+        if cosine is None and node.kwargs.get("head_dim") != note["head_dim"]:
+            where = source_line(node)
+            lines.append(f"{node.name} (head_dim {note['head_dim']} -> "
+                         f"{node.kwargs.get('head_dim')})" + (f" at {where}" if where else ""))
+    if lines:
+        raise LiteralSizeError(
+            f"compile(output=\"module\"): torchvision's shifted_window_attention computes its "
+            f"softmax scale from the kept width ((C // num_heads) ** -0.5), so the module "
+            f"cannot keep the original scale that the GraphModule keeps "
+            f"(attention_scale=\"original\"): {'; '.join(lines[:3])}"
+            f"{' ...' if len(lines) > 3 else ''}. Use attention_scale=\"recompute\" (the "
+            f"module then follows), output=\"graph\", or keep the attention's width "
+            f"(ignore=[...]).")
 
 
 def refuse_broken_count_ties(analysis: GroupAnalysis, kept: np.ndarray) -> None:

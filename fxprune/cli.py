@@ -160,6 +160,25 @@ def _pins_summary(analysis: Any) -> str:
             "see fxprune inspect --pins")
 
 
+def _count_ties_summary(plan: Any) -> str:
+    """What count ties did to the plan (``plan.meta["count_ties"]``): the leaders whose
+    count others follow, the groups held whole and why; '' without count ties."""
+    ties = plan.meta.get("count_ties")
+    if ties is None:
+        return ""
+    if ties == "off":
+        return ("count ties (a width read off another layer's): off (--no-split-ties): "
+                "--output module refuses plans that break them")
+    whole = plan.meta.get("count_ties_whole") or {}
+    lines = [f"count ties (a width read off another layer's, e.g. C // num_heads): leaders "
+             f"followed: {len(ties)}, groups held whole: {len(whole)} "
+             "(plan.meta['count_ties'], ['count_ties_whole'])"]
+    lines += [f"  held whole: {name}: {why}" for name, why in list(whole.items())[:8]]
+    if len(whole) > 8:
+        lines.append(f"  ... {len(whole) - 8} more")
+    return "\n".join(lines)
+
+
 def _ties_summary(plan: Any) -> str:
     """What equal chunk / split pieces did to the plan (``plan.meta["split_ties"]``): the
     groups balanced in atoms, those held whole (kept in full: the table alone does not
@@ -349,6 +368,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(_pins_summary(analysis))
         if _ties_summary(plan):
             print(_ties_summary(plan))
+        if _count_ties_summary(plan):
+            print(_count_ties_summary(plan))
         print()
     print(f"pruned {len(removed)}/{len(analysis.groups)} groups at {_budget(args)}: "
           f"units {units:,} -> {units - sum(removed.values()):,}")
@@ -542,8 +563,9 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
                    help="also prune groups whose units a softmax normalises")
     p.add_argument("--no-split-ties", action="store_true",
                    help="let the pieces of a chunk/split the forward cuts equally keep "
-                        "unequal counts (ShuffleNetV2, CSPNet): the graph output takes "
-                        "them, --output module refuses them")
+                        "unequal counts (ShuffleNetV2, CSPNet), and a width the forward "
+                        "reads off another layer's (Swin's C // num_heads) keep any count: "
+                        "the graph output takes them, --output module refuses them")
     p.add_argument("--round-to", type=_round_to, default=None, metavar="N|auto",
                    help="kept counts are multiples of N; auto: of what each op kind runs "
                    "fastest here, measured (default: auto for --target-latency, else 1)")

@@ -352,12 +352,28 @@ def _follow_heads(small: torch.nn.Module, path: str, analysis: GroupAnalysis,
     for name in SCALE_ATTRIBUTES:
         value = getattr(module, name, None)
         if isinstance(value, float) and math.isclose(value, head_dim0 ** -0.5):
+            if _multiplied_literally(analysis.gm, path, value):
+                continue  # the graph multiplies by it as a literal: it stays as traced
             setattr(module, name, options.softmax_scale(head_dim0, head_dim))
             if options.attention_scale == "original" and \
                     type(getattr(module, "fused_attn", None)) is bool:
                 # timm's fused path calls SDPA without a scale (1/sqrt(head_dim) of the
                 # pruned q): its explicit path multiplies by the scale kept above
                 module.fused_attn = False
+
+
+def _multiplied_literally(gm: torch.fx.GraphModule, path: str, value: float) -> bool:
+    """A node run by module ``path`` multiplies by ``value`` as a literal (timm Swin's
+    explicit ``q * self.scale``): the GraphModule keeps that scale whatever
+    ``attention_scale`` says (only SDPA / fxprune's own attention calls are rescaled)."""
+    for node in gm.graph.nodes:
+        stack = list((node.meta.get("nn_module_stack") or {}).values())
+        if not stack or stack[-1][0] != path or \
+                getattr(node.target, "__name__", node.target) not in ("mul", "mul_"):
+            continue
+        if any(isinstance(a, float) and math.isclose(a, value) for a in node.args):
+            return True
+    return False
 
 
 def head_reading(analysis: GroupAnalysis, kept: np.ndarray, weight: str, heads0: int,

@@ -77,7 +77,8 @@ def test_the_tie_is_recorded_with_its_line_groups_and_factor(swin):
     assert {t.follower for t in ties} == {analysis.group("blocks.0.attn.qkv").name,
                                           analysis.group("blocks.1.attn.qkv").name}
     assert sorted((t.num, t.den) for t in ties) == [(1, 1), (1, 1), (1, 3), (1, 3)]
-    assert all(not t.why and "C // num_heads" in t.source or "reshape(x.size(0), x.size(1), C)"
+    assert not any(t.why for t in ties)
+    assert all(("C // num_heads" if t.den == 3 else "reshape(x.size(0), x.size(1), C)")
                in t.source for t in ties)
     assert "count ties" in analysis.table()
 
@@ -129,3 +130,99 @@ def test_a_leader_left_whole_holds_its_followers_whole_and_says_so(swin, make):
     assert stream not in plan.keep and attn not in plan.keep
     assert f"it follows {stream}" in plan.meta["count_ties_whole"][attn]
     assert "blocks.0.fc1.weight[0]" in plan.keep  # the rest is still pruned
+
+
+class _SdpaAttention(nn.Module):
+    """timm's Attention as Nest has it: fused qkv, a scale attribute, no head_dim one."""
+
+    def __init__(self, dim: int, heads: int, fused: bool) -> None:
+        super().__init__()
+        self.num_heads, self.fused_attn = heads, fused
+        self.scale = (dim // heads) ** -0.5
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            x = ((q * self.scale) @ k.transpose(-2, -1)).softmax(-1) @ v
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class TinyNest(nn.Module):
+    def __init__(self, fused: bool, dim: int = 24, heads: int = 3) -> None:
+        super().__init__()
+        self.embed, self.norm = nn.Linear(8, dim), nn.LayerNorm(dim)
+        self.attn, self.head = _SdpaAttention(dim, heads, fused), nn.Linear(dim, 5)
+
+    def forward(self, x):
+        x = self.embed(x)
+        return self.head((x + self.attn(self.norm(x))).mean(1))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("scale", ["original", "recompute"])
+def test_sdpa_attention_follows_with_either_scale(fused, scale):
+    """The fused qkv's rows read as (q/k/v, heads, head_dim) (not one block of 3 x
+    head_dim per head), so the scale attribute follows where the graph rescales (SDPA)
+    and stays where the graph multiplies by it as a literal (the explicit path)."""
+    torch.manual_seed(0)
+    model = TinyNest(fused).eval()
+    analysis = fxprune.analyze(model, (torch.randn(2, 6, 8),))
+    assert analysis.count_ties
+    plan = fxprune.plan(analysis, "l1", ratio=0.3)
+    small = fxprune.compile(model, plan, output="module", attention_scale=scale)
+    head_dim = small.attn.qkv.weight.shape[0] // 9
+    assert head_dim < 8 and small.attn.num_heads == 3
+    recomputed = scale == "recompute" and fused
+    assert small.attn.scale == pytest.approx((head_dim if recomputed else 8) ** -0.5)
+
+
+class _ClassAttention(nn.Module):
+    """CaiT / XCiT ClassAttn: C read off a stream that is never pruned."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.num_heads = heads
+        self.q, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 5)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q = self.q(x).reshape(B, N, self.num_heads, C // self.num_heads)
+        return self.proj(q.flatten(2)).mean(1)
+
+
+def test_a_width_sized_from_a_never_pruned_width_stays_whole():
+    torch.manual_seed(0)
+    model = _ClassAttention(8, 2).eval()  # x is the model input: its width is pinned
+    analysis = fxprune.analyze(model, (torch.randn(2, 6, 8),))
+    q = analysis.group("q").name
+    assert [t.follower for t in analysis.count_ties] == [q]
+    assert "never pruned" in analysis.count_ties[0].why
+    plan = fxprune.Plan.from_ratio(analysis, 0.5)
+    assert q not in plan.keep and q in plan.meta["count_ties_whole"]
+    fxprune.compile(model, plan, output="module")
+    forced = fxprune.Plan.from_ratio(analysis, 0.5, split_ties=False)
+    assert q in forced.keep
+    with pytest.raises(LiteralSizeError, match="C // self.num_heads"):
+        fxprune.compile(model, forced, output="module")
+
+
+def test_torchvision_swin_follows_with_a_recomputed_scale_and_says_why_not_otherwise():
+    """shifted_window_attention (a leaf with a rule) declares its tie; v1 computes its
+    softmax scale from the kept width, so the original scale cannot be kept."""
+    swin = pytest.importorskip("torchvision.models.swin_transformer")
+    torch.manual_seed(0)
+    model = swin.SwinTransformer(patch_size=[4, 4], embed_dim=24, depths=[1, 1],
+                                 num_heads=[3, 6], window_size=[2, 2], num_classes=5).eval()
+    analysis = fxprune.analyze(model, (torch.randn(1, 3, 16, 16),))
+    assert len(analysis.count_ties) == 2 and not any(t.why for t in analysis.count_ties)
+    plan = fxprune.plan(analysis, "l1", ratio=0.3)
+    assert len(plan.meta["count_ties"]) == 2 and not plan.meta["count_ties_whole"]
+    small = fxprune.compile(model, plan, output="module", attention_scale="recompute")
+    assert small.features[1][0].attn.qkv.weight.shape[0] < 72
+    with pytest.raises(LiteralSizeError, match='attention_scale="recompute"'):
+        fxprune.compile(model, plan, output="module")

@@ -136,7 +136,8 @@ def run_zoo_model(name: str, seed: int = 0) -> dict:
     assert analysis.groups, f"{name}: no prunable group"
     plan = fxprune.Plan.from_ratio(analysis, RATIO, criterion="random", seed=seed,
                                    include_softmax=True)  # the sweep prunes every group
-    whole = plan.meta.get("split_ties_whole", {})  # equal chunk pieces tie all its units
+    whole = {**plan.meta.get("split_ties_whole", {}),  # equal chunk pieces tie all its
+             **plan.meta.get("count_ties_whole", {})}  # units; a width read off another's
     prunable = [g for g in analysis.groups if g.size >= 2 and g.name not in whole]
     assert {g.name for g in prunable} <= set(plan.keep), "a prunable group was not pruned"
 

@@ -13,7 +13,8 @@ Plans keep it by making B follow A: A's removals come in multiples of ``step`` (
 every follower loses whole units, and its kept count stays a multiple of its
 ``round_to``), B loses ``removed(A) * ratio`` units, its lowest-scored (per head: a unit
 of B is one index of every head). The cost model sees B's loss where it sees A's
-(``fxprune.plan`` evaluates the followed kept set). Where a tie cannot be followed (a
+(``fxprune.plan`` evaluates the followed kept set, and divides a leader unit's
+cost-normalised score by what B then saves too). Where a tie cannot be followed (a
 size reading several widths, dims holding several groups or parts of one, a follower
 tied to two leaders or at two ratios, a leader that follows another, a follower left
 whole by ``ignore`` / caps), both groups stay whole, with the reason (``held``).

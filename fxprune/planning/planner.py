@@ -303,6 +303,25 @@ def _atom_labels(analysis: GroupAnalysis, bounds: Iterable[_Bounds]) -> np.ndarr
     return out
 
 
+def _followed_scores(analysis: GroupAnalysis, scores: Mapping[str, np.ndarray],
+                     links: Mapping[str, CountLink], imp: Importance, cost: Any
+                     ) -> dict[str, np.ndarray]:
+    """Scores divided by a unit's cost saving (``normalize="macs"|"params"|"memory"``)
+    count, for a count-tie leader, what its followers then save too: a leader unit's
+    score becomes ``raw / (own saving + sum(ratio x the follower's mean unit saving))``."""
+    kind = imp.cost_kind
+    if kind not in ("macs", "params", "memory") or cost is None:
+        return dict(scores)
+    out = dict(scores)
+    for lead, link in links.items():
+        own = cost.unit_cost(lead, kind)
+        extra = sum(float(r) * float(np.mean(cost.unit_cost(f, kind))) for f, r in link.followers)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            factor = np.where(own > 0, own / (own + extra), 1.0)
+        out[lead] = np.asarray(scores[lead], dtype=float) * factor
+    return out
+
+
 def _follow_bounds(analysis: GroupAnalysis, bounds: list[_Bounds],
                    links: Mapping[str, CountLink], multiples: int | Mapping[str, int]
                    ) -> tuple[list[_Bounds], dict[str, CountLink], dict[str, str]]:
@@ -521,6 +540,8 @@ def plan(analysis: GroupAnalysis, importance: str | Importance | Callable = "l1"
         if follow:
             bounds, follow, more = _follow_bounds(analysis, bounds, follow, multiples)
             count_held = {**count_held, **more}
+        if follow:
+            scores = _followed_scores(analysis, scores, follow, imp, cost)
         ties = links = None
         if uniform:
             bounds, ties, links = _uniform_ties(analysis, bounds)

@@ -6,6 +6,7 @@ compile(output="module") follows the forward; a plan that breaks the tie is refu
 naming the line (fxprune/core/count_ties.py)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -226,3 +227,25 @@ def test_torchvision_swin_follows_with_a_recomputed_scale_and_says_why_not_other
     assert small.features[1][0].attn.qkv.weight.shape[0] < 72
     with pytest.raises(LiteralSizeError, match='attention_scale="recompute"'):
         fxprune.compile(model, plan, output="module")
+
+
+def test_cost_normalised_scores_of_a_leader_count_what_its_followers_save(swin):
+    """normalize="macs": a stream unit's saving includes the attention units that follow
+    it (1/3 unit of each block's attention per stream unit here)."""
+    from fxprune.core.count_ties import count_links
+    from fxprune.planning.cost import compute_cost
+    from fxprune.planning.planner import _followed_scores
+
+    _, analysis = swin
+    imp, cost = fxprune.Importance("l1", normalize="macs"), compute_cost(analysis)
+    scores = imp.scores(analysis, cost=cost)
+    links, _ = count_links(analysis)
+    stream = analysis.group("embed.weight").name
+    own = cost.unit_cost(stream, "macs")
+    extra = sum(cost.unit_cost(f"blocks.{i}.attn.qkv.weight[0]", "macs").mean() / 3
+                for i in range(2))
+    got = _followed_scores(analysis, scores, links, imp, cost)
+    np.testing.assert_allclose(got[stream], scores[stream] * own / (own + extra))
+    assert all((got[n] == scores[n]).all() for n in scores if n != stream)
+    plan = fxprune.plan(analysis, imp, target_macs=0.5, scope="global", cost=cost)
+    assert not broken_count_ties(analysis, plan.kept_labels(analysis))

@@ -10,8 +10,11 @@ module attributes are re-derived by the module fixups of ``passes.rules`` (the s
 changed follow (width names, a split's sections or a view's shape, slice bounds), the
 rest are left alone (a stale one is caught by the check); an int attribute of the module
 that runs a reshape/view/split follows one int of it (LeViT ``key_dim``); a chunk or
-split(int) whose pieces the plan keeps unevenly, and parametrised submodules the graph
-never ran whose input is sliced (train-only heads), are refused; the copy's outputs
+split(int) whose pieces the plan keeps unevenly, a plan breaking a count tie (a size the
+forward computes from another layer's width, ``analysis.count_ties``), an original
+softmax scale the forward derives from the kept width (torchvision Swin v1), and
+parametrised submodules the graph never ran whose input is sliced (train-only heads),
+are refused; the copy's outputs
 equal ``pruned``'s in float64 on the example inputs and on a
 doubled batch (float32 for a torch.export graph, which is specialised to its dtype),
 or ``ModuleOutputError`` / ``LiteralSizeError`` is raised.

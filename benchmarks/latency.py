@@ -2,6 +2,7 @@
 
     python benchmarks/latency.py [--models resnet50,mobilenet_v3_large] [--ratio 0.5]
         [--backends eager,onnxruntime,compile] [--batches 1,8] [--repeats 10] [--fold-bn]
+        [--channels-last]
 
 For each torchvision model (random init, eval, 224x224): L1 plan at ``--ratio``,
 ``fxprune.compile``; original and pruned measured interleaved (``fxprune.bench``), median
@@ -23,6 +24,7 @@ import torchvision
 import fxprune
 from fxprune.bench import bench_pruning, rows_table
 from fxprune.cli import count_macs
+from passes.memory_format import to_channels_last
 
 
 def main() -> None:
@@ -35,6 +37,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--fold-bn", action="store_true")
     ap.add_argument("--graph-vs-module", action="store_true")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="conv weights channels-last in both models (passes.memory_format)")
     args = ap.parse_args()
     torch.manual_seed(0)
     for name in args.models.split(","):
@@ -49,12 +53,15 @@ def main() -> None:
         ref = (fxprune.compile(model, fxprune.Plan.from_ratio(analysis, 0.0), fold_bn=True).eval()
                if args.fold_bn else model)
         red = count_macs(model, (x,)) / count_macs(small, (x,))
+        if args.channels_last:  # conv weights NHWC in both (compile(memory_format=...))
+            ref, small = to_channels_last(ref), to_channels_last(small)
         rows = bench_pruning(ref, small, lambda b: (torch.randn(b, 3, args.size, args.size),),
                              mac_reduction=red, batches=[int(b) for b in args.batches.split(",")],
                              backends=args.backends.split(","), repeats=args.repeats)
         print(f"\n{name}, ratio {args.ratio}, {args.size}x{args.size}, "
               f"{torch.get_num_threads()} threads, {args.repeats} interleaved repeats"
-              f"{', BN folded in both' if args.fold_bn else ''}")
+              f"{', BN folded in both' if args.fold_bn else ''}"
+              f"{', channels-last' if args.channels_last else ''}")
         print(rows_table(rows), flush=True)
 
 

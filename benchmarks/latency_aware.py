@@ -50,13 +50,17 @@ def _plans(analysis, args, cost, table, rounding):
                   max_ratio_per_group=args.max_ratio)
     by_macs = Importance("l1", layer_norm="mean", normalize="macs")
     by_ms = Importance("l1", layer_norm="mean", normalize="latency", latency=table)
-    return {
+    plans = {
         "uniform": uniform,
         "global-macs": fxprune.plan(analysis, by_macs, round_to=1, **common),
         "latency": fxprune.plan(analysis, by_ms, round_to=1, **common),
         "latency+auto": fxprune.plan(analysis, by_ms, round_to="auto", rounding=rounding,
                                      **common),
     }
+    for m in args.round_to:
+        plans[f"global-macs+{m}"] = fxprune.plan(analysis, by_macs, round_to=m, **common)
+        plans[f"latency+{m}"] = fxprune.plan(analysis, by_ms, round_to=m, **common)
+    return plans
 
 
 def equal_macs(args) -> None:
@@ -131,6 +135,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--round-to", type=lambda v: [int(m) for m in v.split(",") if m],
+                    default=[], help="also plans rounded to these fixed multiples, e.g. 16,32")
     ap.add_argument("--targets", default=None, help="mode 2: fractions of the dense latency")
     args = ap.parse_args()
     if args.threads:

@@ -23,6 +23,7 @@ from fxprune.core.plan import Plan
 from passes.find_groups import find_groups
 from passes.mask import insert_masks, insert_masks_shared, zero_slices
 from passes.fold_bn import fold_bn as fold_batchnorm
+from passes.memory_format import MEMORY_FORMATS, to_channels_last
 from passes.rules.registry import check_attention_scale
 from passes.shape_prop import eval_mode, output_shape, propagate_shapes
 from passes.slice_weights import check_sliced, slice_weights
@@ -84,7 +85,7 @@ def _lint(gm: torch.fx.GraphModule) -> None:
 def compile(model: torch.nn.Module | GroupAnalysis, plan: Plan, *,
             example_inputs: Any = None, check: bool = True,
             attention_scale: str = "original", output: str = "graph",
-            fold_bn: bool = False) -> torch.nn.Module:
+            fold_bn: bool = False, memory_format: str | None = None) -> torch.nn.Module:
     """A new, smaller GraphModule that applies ``plan``; ``model`` is left untouched.
 
     ``output="module"``: instead, a deep copy of ``model`` keeping its own class (its
@@ -97,6 +98,12 @@ def compile(model: torch.nn.Module | GroupAnalysis, plan: Plan, *,
     ``fold_bn=True`` folds eval-mode BatchNorm into the conv/linear before it after
     slicing (``passes.fold_bn``; ``passes.fold_bn.check_fold`` proves it in float64);
     graph output only.
+
+    ``memory_format="channels_last"`` stores every conv weight channels-last, so CPU
+    convolutions run NHWC (``passes.memory_format``; values unchanged, proven in float64
+    by ``check_memory_format`` when ``check``). Whether that is faster is measured, not
+    assumed: ``fxprune.bench.faster_memory_format``; ``None`` / ``"contiguous"`` keep the
+    layout.
 
     A capture that specialised data-dependent control flow (``frontend="record"``)
     compiles only with ``output="module"``; ``"graph"`` raises ``ControlFlowError``.
@@ -119,6 +126,9 @@ def compile(model: torch.nn.Module | GroupAnalysis, plan: Plan, *,
     if fold_bn and output == "module":
         raise ValueError("fold_bn=True rewrites the graph (BatchNorm folded away): use it "
                          "with output='graph'")
+    if memory_format not in (None, *MEMORY_FORMATS):
+        raise ValueError(f"memory_format must be None, 'contiguous' or 'channels_last', "
+                         f"got {memory_format!r}")
     if not isinstance(plan, Plan):
         raise PlanError(f"compile takes a fxprune.Plan, not {type(plan).__name__}: "
                         "Plan.from_indices(analysis, {group: kept units}) or fxprune.plan(...)")
@@ -141,6 +151,14 @@ def compile(model: torch.nn.Module | GroupAnalysis, plan: Plan, *,
         check_sliced(pruned, analysis, kept, analysis.example_inputs)
         return pruned
 
+    def checked_layout(converted: torch.nn.Module) -> torch.nn.Module:
+        from passes.memory_format import check_memory_format
+        contiguous = copy.deepcopy(converted)
+        for p in (*contiguous.parameters(), *contiguous.buffers()):
+            p.data = p.data.contiguous()
+        check_memory_format(contiguous, converted, analysis.example_inputs)
+        return converted
+
     def sliced(_: Any) -> torch.fx.GraphModule:
         return slice_weights(analysis, kept, attention_scale=attention_scale)
 
@@ -152,6 +170,10 @@ def compile(model: torch.nn.Module | GroupAnalysis, plan: Plan, *,
     if output == "module":
         from fxprune.module_output import module_steps  # API layer, imported when asked
         steps += module_steps(model, analysis, kept, plan, check=check)
+    if memory_format == "channels_last":
+        steps.append(Step("channels_last", to_channels_last))
+        if check:
+            steps.append(Step("check_memory_format", checked_layout))
     return run_steps("fxprune.compile", steps, None, error_type=RewriteError)
 
 

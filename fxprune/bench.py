@@ -30,7 +30,7 @@ import torch
 from fxprune.core.errors import BackendUnavailableError, FxpruneError
 
 __all__ = ["BACKENDS", "LatencyStats", "measure_model_latency", "bench_pruning",
-           "BenchRow", "prepare_backend"]
+           "BenchRow", "prepare_backend", "faster_memory_format"]
 
 BACKENDS = ("eager", "compile", "onnxruntime")
 
@@ -175,6 +175,24 @@ def measure_model_latency(models: Mapping[str, torch.nn.Module], inputs: tuple, 
             runs[name]()
             times[name].append((time.perf_counter() - t0) * 1e3)
     return {n: _stats(times[n]) for n in names}
+
+
+def faster_memory_format(model: torch.nn.Module, inputs: tuple, *, backend: str = "eager",
+                         repeats: int = 10, margin: float = 0.02
+                         ) -> tuple[str, dict[str, LatencyStats]]:
+    """Which conv-weight layout runs ``model(*inputs)`` faster on ``backend``, measured.
+
+    Returns ``("channels_last" or "contiguous", {layout: LatencyStats})``: both layouts
+    (``passes.memory_format.to_channels_last``; ``model`` is not modified) measured
+    interleaved; channels-last is chosen only when its median is more than ``margin``
+    (a fraction) below the contiguous one, so noise keeps the default. Pass the answer to
+    ``fxprune.compile(..., memory_format=...)``. Raises ``BackendUnavailableError`` for
+    a backend that is not installed."""
+    from passes.memory_format import to_channels_last
+    got = measure_model_latency({"contiguous": model, "channels_last": to_channels_last(model)},
+                                inputs, backend=backend, repeats=repeats)
+    faster = got["channels_last"].median_ms < (1 - margin) * got["contiguous"].median_ms
+    return ("channels_last" if faster else "contiguous"), got
 
 
 @dataclass(frozen=True)

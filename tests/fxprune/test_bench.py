@@ -94,3 +94,23 @@ def test_onnxruntime_falls_back_to_the_deployment_exporter_and_says_so():
         run = prepare_backend("onnxruntime", vit, (x,))
     with torch.no_grad():
         assert np.allclose(run()[0], vit(x).numpy(), atol=1e-5)
+
+
+def test_cli_bench_memory_format_auto_measures_and_says_which(capsys):
+    pytest.importorskip("torchvision")
+    from fxprune.cli import main
+
+    rc = main(["bench", "torchvision:resnet18", "--ratio", "0.5", "--input-shape", "1,3,32,32",
+               "--batch", "1", "--repeats", "2", "--memory-format", "auto"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "memory format: " in out and "channels-last " in out
+
+
+def test_faster_memory_format_keeps_contiguous_within_the_margin():
+    from fxprune.bench import faster_memory_format
+
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()).eval()
+    # margin 1.0: channels-last would have to take no time at all
+    layout, got = faster_memory_format(m, (torch.randn(1, 3, 16, 16),), repeats=2, margin=1.0)
+    assert layout == "contiguous" and set(got) == {"contiguous", "channels_last"}
+    assert all(p.is_contiguous() for p in m.parameters())

@@ -276,7 +276,10 @@ def plan_for_measured_latency(model: torch.nn.Module, inputs: tuple, target_ms: 
 
     Iterates plan (``fxprune.plan(target_latency=fraction)``, the latency table's
     prediction) -> compile -> measure (interleaved with the dense model) -> rescale the
-    fraction by target / measured. Raises ``LatencyTargetError`` with both figures in ms
+    fraction by target / measured. Each measurement is taken relative to the dense model
+    in the same interleaved run and scaled to the dense latency first measured (so a
+    machine that gets busier or quieter between runs does not move the answer); the
+    returned ms is that figure. Raises ``LatencyTargetError`` with both figures in ms
     when the floor model (every group at one unit or its minimum) measures above
     ``target_ms``; returns the closest plan found after ``max_iters`` otherwise (check the
     measured figure). A fraction below what the latency table's floor allows (its
@@ -314,8 +317,11 @@ def plan_for_measured_latency(model: torch.nn.Module, inputs: tuple, target_ms: 
             continue
         reachable = min(reachable, fraction)
         pruned = fxprune.compile(model, plan).eval()
-        ms = measure_model_latency({"dense": model, "pruned": pruned}, inputs, backend=backend,
-                                   repeats=repeats)["pruned"].median_ms
+        now = measure_model_latency({"dense": model, "pruned": pruned}, inputs, backend=backend,
+                                    repeats=repeats)
+        # the pruned/dense ratio of this run, at the first run's dense latency: load that
+        # changes between runs scales both models and cancels
+        ms = now["pruned"].median_ms * dense_ms / now["dense"].median_ms
         if best is None or abs(ms - target_ms) < abs(best[2] - target_ms):
             best = (plan, pruned, ms)
         if abs(ms - target_ms) <= tolerance * target_ms:

@@ -114,3 +114,33 @@ def test_faster_memory_format_keeps_contiguous_within_the_margin():
     layout, got = faster_memory_format(m, (torch.randn(1, 3, 16, 16),), repeats=2, margin=1.0)
     assert layout == "contiguous" and set(got) == {"contiguous", "channels_last"}
     assert all(p.is_contiguous() for p in m.parameters())
+
+
+def test_measured_latency_target_is_not_moved_by_load_between_runs(monkeypatch):
+    """The search compares each run's pruned/dense ratio: a machine twice, three times...
+    as busy at each run (both models slower alike) finds the same plan, with the same
+    figure, as a machine whose load never changes."""
+    import fxprune.bench as bench
+    from fxprune.bench import LatencyStats, plan_for_measured_latency
+    from fxprune.cli import count_macs
+
+    model, x = _tiny(32), (torch.randn(1, 3, 16, 16),)
+    dense_macs = count_macs(model, x)
+
+    def search(growing: bool):
+        calls = []
+
+        def fake(models, inputs, **kwargs):  # ms = 1 + 9 * MAC share, times the load
+            calls.append(1)
+            load = float(len(calls)) if growing else 1.0
+            return {k: LatencyStats(*(3 * [load * (1 + 9 * count_macs(m, inputs) / dense_macs)]),
+                                    1) for k, m in models.items()}
+
+        monkeypatch.setattr(bench, "measure_model_latency", fake)
+        plan, _, ms = plan_for_measured_latency(model, x, 6.0, round_to=1, scope="local",
+                                                max_iters=4)
+        return plan.keep, ms, len(calls)
+
+    steady, busier = search(False), search(True)
+    assert busier[2] >= 3  # several runs, each busier than the last
+    assert busier[0] == steady[0] and busier[1] == pytest.approx(steady[1])

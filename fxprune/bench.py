@@ -265,14 +265,18 @@ def measure_rounding(backend: str = "eager", **kwargs: Any) -> Any:
         backend, layer, inputs), **kwargs)
 
 
-def plan_for_measured_latency(model: torch.nn.Module, inputs: tuple, target_ms: float, *,
+def plan_for_measured_latency(model: torch.nn.Module, inputs: tuple,
+                              target_ms: float | None = None, *,
+                              target_fraction: float | None = None,
                               backend: str = "eager", tolerance: float = 0.05,
                               max_iters: int = 5, repeats: int = 10, scope: str = "global",
                               round_to: int | str = "auto",
                               criterion: str = "l1") -> tuple[Any, Any, float]:
     """(plan, pruned model, measured ms): a plan whose *measured* latency on ``backend``
     is within ``tolerance`` (relative) of ``target_ms`` (milliseconds, one forward of
-    ``inputs``).
+    ``inputs``). ``target_fraction`` instead asks for that fraction of the dense model's
+    latency, measured in the same runs (on a machine whose load changes, an absolute
+    target means something else from one minute to the next; a fraction does not).
 
     Iterates plan (``fxprune.plan(target_latency=fraction)``, the latency table's
     prediction) -> compile -> measure (interleaved with the dense model) -> rescale the
@@ -290,14 +294,21 @@ def plan_for_measured_latency(model: torch.nn.Module, inputs: tuple, target_ms: 
     import fxprune
     from fxprune.core.errors import BudgetError, LatencyTargetError
 
-    if target_ms <= 0:
+    if (target_ms is None) == (target_fraction is None):
+        raise ValueError("give one of target_ms (milliseconds) or target_fraction (of the "
+                         "dense latency)")
+    if target_ms is not None and not target_ms > 0:
         raise ValueError(f"target_ms must be > 0 ms, got {target_ms}")
+    if target_fraction is not None and not 0 < target_fraction <= 1:
+        raise ValueError(f"target_fraction must be in (0, 1], got {target_fraction}")
     analysis = fxprune.analyze(model, inputs)
     floor_plan = fxprune.Plan.from_ratio(analysis, 0.999, criterion=criterion)
     floor = fxprune.compile(model, floor_plan).eval()
     got = measure_model_latency({"dense": model, "floor": floor}, inputs, backend=backend,
                                 repeats=repeats)
     dense_ms, floor_ms = got["dense"].median_ms, got["floor"].median_ms
+    if target_ms is None:
+        target_ms = target_fraction * dense_ms
     if floor_ms > target_ms:
         raise LatencyTargetError(
             f"target latency {target_ms:.3f} ms is below what the floor model measures "

@@ -138,9 +138,31 @@ def test_measured_latency_target_is_not_moved_by_load_between_runs(monkeypatch):
 
         monkeypatch.setattr(bench, "measure_model_latency", fake)
         plan, _, ms = plan_for_measured_latency(model, x, 6.0, round_to=1, scope="local",
-                                                max_iters=4)
+                                                max_iters=4, tolerance=1e-9)  # all 4 tries
         return plan.keep, ms, len(calls)
 
     steady, busier = search(False), search(True)
     assert busier[2] >= 3  # several runs, each busier than the last
     assert busier[0] == steady[0] and busier[1] == pytest.approx(steady[1])
+
+
+def test_latency_target_as_a_fraction_of_dense(monkeypatch):
+    import fxprune.bench as bench
+    from fxprune.bench import LatencyStats, plan_for_measured_latency
+    from fxprune.cli import count_macs
+
+    model, x = _tiny(32), (torch.randn(1, 3, 16, 16),)
+    dense_macs = count_macs(model, x)
+    with pytest.raises(ValueError, match="one of target_ms"):
+        plan_for_measured_latency(model, x, 5.0, target_fraction=0.5)
+    with pytest.raises(ValueError, match="target_fraction must be"):
+        plan_for_measured_latency(model, x, target_fraction=1.5)
+    load = [3.0]  # the first (dense) run sets what the fraction means: 3x busier -> 30 ms
+    monkeypatch.setattr(bench, "measure_model_latency", lambda models, inputs, **kw: {
+        k: LatencyStats(*(3 * [load[0] * (1 + 9 * count_macs(m, inputs) / dense_macs)]), 1)
+        for k, m in models.items()})
+    by_fraction = plan_for_measured_latency(model, x, target_fraction=0.6, round_to=1,
+                                            scope="local", max_iters=3)
+    load[0] = 1.0
+    by_ms = plan_for_measured_latency(model, x, 6.0, round_to=1, scope="local", max_iters=3)
+    assert by_fraction[0].keep == by_ms[0].keep and by_fraction[2] == pytest.approx(3 * by_ms[2])

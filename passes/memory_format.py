@@ -25,9 +25,8 @@ import copy
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_leaves
-
 from fxprune.core.errors import RewriteError, VerificationError, exception_line
+from passes.fold_bn import compare_outputs
 
 __all__ = ["to_channels_last", "check_memory_format", "MEMORY_FORMATS"]
 
@@ -77,17 +76,8 @@ def check_memory_format(source: torch.nn.Module, converted: torch.nn.Module, inp
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
             f"{' at ' + exception_line(e) if exception_line(e) else ''}; remedy: "
             "memory_format=None (contiguous), or .contiguous() before that line") from e
-    worst = 0.0
-    for i, (u, v) in enumerate(zip(tree_leaves(ya), tree_leaves(yb), strict=True)):
-        if not torch.is_tensor(u):
-            continue
-        diff = float((u - v).abs().max()) if u.numel() else 0.0
-        if not torch.allclose(u, v, rtol=rtol, atol=atol):
-            raise VerificationError(
-                f"memory_format='channels_last': output {i} differs from the contiguous "
-                f"model in float64 by {diff:.3g} (rtol={rtol}, atol={atol}); report this model")
-        worst = max(worst, diff)
-    return worst
+    return compare_outputs(ya, yb, "memory_format='channels_last': output {i} differs from "
+                           "the contiguous model", rtol=rtol, atol=atol)
 
 
 def describe_formats(module: torch.nn.Module) -> dict[str, int]:

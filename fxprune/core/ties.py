@@ -148,6 +148,8 @@ def _set_excess_apart(atom: np.ndarray, tie: SplitTie, pieces: list[np.ndarray],
             not tie_holds(tie, [long - excess[0]] * (len(pieces) - 1) + [long - tie.shortfall]):
         return pieces, f"the pieces of {tie.describe()} hold never-pruned counts that " \
                        f"no kept width cuts alike", ()
+    if not excess.any():  # the shorter piece holds fewer never-pruned indices only
+        return pieces, "", f"{tie.node}: the last piece keeps {tie.shortfall} fewer"
     weights, held, chosen = _weights(atom, pieces), np.zeros_like(excess), []
     for a in sorted((a for a, w in weights.items() if w[-1] == 0), key=lambda a: (score[a], a)):
         if (held == excess).all():

@@ -146,3 +146,32 @@ def test_split_int_attribute_follows_a_plan_that_keeps_the_shorter_last_piece():
                                                          if i not in drop]})
     small = fxprune.compile(model, plan, output="module")
     assert small.split_size == 7 and [c.in_channels for c in small.convs] == [7, 7, 5]
+
+
+class PinnedShortfall(nn.Module):
+    """chunk(3) of 22 = [2 input channels + a, 2 input channels + b, c] (a, b, c added, so
+    one unit holds one index of every piece): the last piece is shorter by never-pruned
+    indices only, so every balanced removal keeps the cut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = (nn.Conv2d(3, 6, 1) for _ in range(3))
+        self.heads = nn.ModuleList(nn.Conv2d(s, 4, 1) for s in (8, 8, 6))
+        self.head_s = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        a, b, c = self.a(x), self.b(x), self.c(x)
+        parts = torch.cat([x[:, :2], a, x[:, :2], b, c], 1).chunk(3, dim=1)
+        return sum(h(parts[i]) for i, h in enumerate(self.heads)) + self.head_s(a + b + c)
+
+
+def test_a_last_piece_short_by_never_pruned_indices_balances_the_rest():
+    torch.manual_seed(0)
+    model = PinnedShortfall().eval()
+    analysis = fxprune.analyze(model, (torch.randn(2, 3, 4, 4),))
+    (tie,) = analysis.split_ties
+    assert tie.shortfall == 2 and [int((lab < 0).sum()) for lab in tie.pieces] == [2, 2, 0]
+    plan = fxprune.Plan.from_ratio(analysis, 0.5, criterion="random", seed=0)
+    assert "the last piece keeps 2 fewer" in plan.meta["split_ties"][tie.groups[0]]
+    small = fxprune.compile(model, plan, output="module")
+    assert [h.in_channels for h in small.heads] == [5, 5, 3]

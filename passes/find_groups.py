@@ -177,7 +177,9 @@ EQUAL_SPLITS = ("chunk", "unsafe_chunk", "split", "unsafe_split")
 def _split_ties(gm: torch.fx.GraphModule, node_labels: dict, group_of: np.ndarray,
                 groups: tuple[ChannelGroup, ...]) -> tuple[SplitTie, ...]:
     """``chunk(n)`` / ``split(int)`` nodes cutting prunable units into pieces that the
-    forward sizes alike (an int argument, not a list of sections an attribute can hold)."""
+    forward sizes alike (an int argument, not a list of sections an attribute can hold),
+    the last piece shorter where the width is not a multiple (EdgeNeXt's ``chunk(3)`` of
+    88 channels: 30 / 30 / 28)."""
     out = []
     for node in gm.graph.nodes:
         if node.op not in ("call_function", "call_method") or op_key(node) not in EQUAL_SPLITS:
@@ -191,10 +193,12 @@ def _split_ties(gm: torch.fx.GraphModule, node_labels: dict, group_of: np.ndarra
         for axis in sorted(axes):
             labs = tuple(p.get(axis, np.zeros(0, np.int64)) for p in pieces)
             inside = np.concatenate([lab[lab >= 0] for lab in labs])
-            if not len(inside) or any(len(lab) != len(labs[0]) for lab in labs):
-                continue  # nothing prunable, or a last piece shorter than the others
+            if not len(inside) or any(len(lab) != len(labs[0]) for lab in labs[:-1]) or \
+                    not 0 < len(labs[-1]) <= len(labs[0]):
+                continue  # nothing prunable, or not what chunk / split(int) cuts
             names = tuple(groups[g].name for g in np.unique(group_of[inside]).tolist())
-            out.append(SplitTie(node.name, int(axis), labs, names, source_line(node)))
+            chunks = arg if "chunk" in op_key(node) else 0
+            out.append(SplitTie(node.name, int(axis), labs, names, source_line(node), chunks))
     return tuple(out)
 
 

@@ -282,16 +282,21 @@ def _changed_sequences(before: torch.fx.Node, after: torch.fx.Node) -> list[tupl
 
 
 def _split_int_pairs(before: torch.fx.Node, after: torch.fx.Node) -> list[tuple[int, int]]:
-    """A ``split(int)`` the rewrite cut into equal kept pieces (a plan honouring the
-    analysis' ``split_ties``): the forward's section (``self.expand_chs // 2``) and the
-    total it was derived from follow, (old section, new) and (old total, new total)."""
+    """A ``split(int)`` the rewrite cut into the pieces ``split`` cuts (a plan honouring
+    the analysis' ``split_ties``): the forward's section (``self.expand_chs // 2``)
+    follows the first kept piece, (old section, new); where the pieces are all equal,
+    the total it was derived from too, (old total, new total). A shorter last piece
+    (``split(self.split_size)`` of 22: 8 / 8 / 6) leaves the total unknown here."""
     if getattr(before.target, "__name__", before.target) not in ("split", "unsafe_split"):
         return []
     arg = before.args[1] if len(before.args) > 1 else before.kwargs.get(
         "split_size", before.kwargs.get("split_size_or_sections"))
     new = after.args[1] if len(after.args) > 1 else None
-    if type(arg) is not int or not _int_seq(new) or len(set(new)) != 1 or new[0] == arg:
+    if type(arg) is not int or not _int_seq(new) or new[0] == arg or \
+            len(set(new[:-1])) > 1 or not 0 < new[-1] <= new[0]:
         return []
+    if new[-1] != new[0]:
+        return [(arg, int(new[0]))]
     return [(arg, int(new[0])), (arg * len(new), int(new[0]) * len(new))]
 
 

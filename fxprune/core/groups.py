@@ -136,12 +136,14 @@ class Pin:
 
 @dataclass(frozen=True)
 class SplitTie:
-    """A ``chunk(n)`` / ``split(int)`` along a channel dim: the forward cuts equal pieces,
-    so a plan must keep the same count in each (``fxprune.core.ties``).
+    """A ``chunk(n)`` / ``split(int)`` along a channel dim: the forward cuts equal pieces
+    (the last one shorter where the width is not a multiple), so a plan must keep the
+    counts that chunk / split cuts from its kept width (``fxprune.core.ties``).
 
     ``pieces[k]`` holds the global unit label of every index of piece ``k`` along ``dim``
     (-1: never pruned); ``groups`` names the groups whose units the pieces hold; ``source``
-    is the user's line of the node when the tracer recorded it.
+    is the user's line of the node when the tracer recorded it; ``chunks`` is ``n`` of a
+    ``chunk(n)`` (0 for ``split(int)``, whose int an attribute may hold).
     """
 
     node: str
@@ -149,9 +151,21 @@ class SplitTie:
     pieces: tuple[np.ndarray, ...] = field(repr=False, compare=False)
     groups: tuple[str, ...]
     source: str = ""
+    chunks: int = 0
+
+    @property
+    def shortfall(self) -> int:
+        """How many indices fewer the last piece holds than the others (0: all equal)."""
+        return len(self.pieces[0]) - len(self.pieces[-1])
+
+    @property
+    def cut(self) -> str:
+        """The pieces in words: "3 equal pieces", "3 pieces, the last 2 shorter"."""
+        return f"{len(self.pieces)} " + (f"pieces, the last {self.shortfall} shorter"
+                                         if self.shortfall else "equal pieces")
 
     def describe(self) -> str:
-        return f"{self.node} ({len(self.pieces)} equal pieces" + \
+        return f"{self.node} ({self.cut}" + \
             (f" at {self.source})" if self.source else ")")
 
 

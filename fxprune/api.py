@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from fxprune.capture import trace
+from fxprune.capture import capture_other_modes, trace
 from fxprune.core.errors import (ControlFlowError, PlanError, RewriteError, ShapePropagationError,
                             VerificationError)
 from fxprune.core.graph_meta import get_meta
@@ -62,7 +62,11 @@ def analyze(model: torch.nn.Module, example_inputs: Any, *, leaf_modules: Sequen
         return gm
 
     def groups(gm: torch.fx.GraphModule) -> GroupAnalysis:
-        return find_groups(gm, strict=strict, split_policy=split_policy, example_inputs=inputs)
+        others = {} if pre_traced else capture_other_modes(
+            model, gm, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
+            autowrap_functions=autowrap_functions)  # train-only heads: merged
+        return find_groups(gm, strict=strict, split_policy=split_policy, example_inputs=inputs,
+                           other_modes=others)
 
     steps = [Step("trace", capture), Step("propagate_shapes", shapes, _lint),
              Step("find_groups", groups)]
@@ -176,6 +180,10 @@ def _same_model(gm: torch.fx.GraphModule, model: torch.nn.Module) -> bool:
     theirs = {id(p) for p in gm.parameters()}
     if bool(own) and own == theirs or (not own and not theirs):
         return True
+    modes = get_meta(gm, "other_modes")
+    if modes and theirs and theirs < own:  # the rest: submodules only another mode runs
+        only = tuple(f"{p}." for info in modes.values() for p in info["modules"])
+        return all(n.startswith(only) for n, p in model.named_parameters() if id(p) not in theirs)
     # a graph that does not read every parameter (a recorded path skips a branch's
     # modules): the same model when each of its tensors is the model's under that name
     named = dict(model.named_parameters())

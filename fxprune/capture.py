@@ -444,10 +444,12 @@ def capture_other_modes(model: torch.nn.Module, gm: torch.fx.GraphModule, inputs
         return {}
     mode = "eval" if model.training else "train"
     shown = ", ".join(unrun[:4]) + (" ..." if len(unrun) > 4 else "")
+    if frontend != "fx":  # recorded for the module output's refusal; no warning here
+        set_meta(gm, "other_modes", {mode: {"modules": unrun, "analysed": False, "why": (
+            f"the graph was captured by the {frontend} front-end; only fx captures are "
+            f"merged across modes")}})
+        return {}
     try:
-        if frontend != "fx":
-            raise TraceError(f"the graph was captured by the {frontend} front-end; only fx "
-                             f"captures are merged across modes")
         other, runs = _capture_in_mode(model, inputs, mode == "train", leaf_modules,
                                        concrete_args, autowrap_functions, unrun)
     except Exception as exc:  # tracing and shape propagation fail in many ways

@@ -46,6 +46,15 @@ def analyze(model: torch.nn.Module, example_inputs: Any, *, leaf_modules: Sequen
     head a unit; "heads" (alias "outer") makes one whole head a unit. ``strict=True``
     raises ``UnsupportedOpError`` instead of treating an unknown op as a barrier.
     Works on models whose weights live on ``meta``. The model is not modified.
+
+    Where the captured graph leaves submodules with parameters unrun because they run only
+    in the other mode (GoogLeNet's ``aux1``/``aux2``, Inception-v3's ``AuxLogits``: train
+    only), a deep copy is captured in that mode too (fx) and its couplings and pins are
+    merged (``find_groups(..., other_modes=)``): plans are valid for both paths and
+    ``compile(output="module")`` slices those heads. Announced by ``OtherModeWarning``
+    and ``analysis.notes``; where that mode cannot be analysed on ``example_inputs``
+    (Inception-v3's head below 299x299) the warning says why and the module output is
+    refused where the heads' input is pruned.
     """
     inputs = _as_tuple(example_inputs)
     pre_traced = isinstance(model, torch.fx.GraphModule) and \

@@ -70,8 +70,11 @@ def find_groups(gm: torch.fx.GraphModule, *, strict: bool = False,
     modes = tuple(ModeAnalysis(mode, _build(sub, other_modes[mode].inputs, keys),
                                other_modes[mode].modules)
                   for mode, (sub, keys, _) in others.items())
-    return dataclasses.replace(_build(state, example_inputs, set(state.tensor_users)),
-                               other_modes=modes)
+    merged = _build(state, example_inputs, set(state.tensor_users))
+    # a plan made without the other modes' couplings must not pass for one made with them
+    both = "|".join([merged.fingerprint, *(f"{m.mode}:{m.analysis.fingerprint}" for m in modes)])
+    return dataclasses.replace(merged, other_modes=modes,
+                               fingerprint=hashlib.sha256(both.encode()).hexdigest()[:16])
 
 
 def _visit_other(state: AnalysisState, other: OtherMode, strict: bool

@@ -10,8 +10,11 @@ module attributes are re-derived by the module fixups of ``passes.rules`` (the s
 changed follow (width names, a split's sections or a view's shape, slice bounds), the
 rest are left alone (a stale one is caught by the check); an int attribute of the module
 that runs a reshape/view/split follows one int of it (LeViT ``key_dim``); a chunk or
-split(int) whose pieces the plan keeps unevenly, and parametrised submodules the graph
-never ran whose input is sliced (train-only heads), are refused; the copy's outputs
+split(int) whose pieces the plan keeps unevenly is refused; submodules only another mode
+runs (train-only heads, ``analysis.other_modes``) take their slices from that mode's
+graph sliced with the same labels, and ``check_other_modes`` proves slice == mask on that
+path (float64, dropout off, train-mode BatchNorm); parametrised submodules no analysed
+graph ran whose input is sliced are refused; the copy's outputs
 equal ``pruned``'s in float64 on the example inputs and on a
 doubled batch (float32 for a torch.export graph, which is specialised to its dtype),
 or ``ModuleOutputError`` / ``LiteralSizeError`` is raised.

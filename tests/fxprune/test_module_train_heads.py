@@ -13,6 +13,7 @@ from fxprune.capture import OtherModeWarning
 from fxprune.core.errors import ModuleOutputError
 from fxprune.core.graph_meta import get_meta
 from fxprune.core.plan import Plan
+from passes.find_groups import graph_fingerprint
 from passes.slice_module import check_other_modes
 
 
@@ -52,10 +53,12 @@ def test_train_only_head_merged_and_followed():
     assert not m.training and all(not s.training for s in m.modules())  # untouched
     assert "train-mode path was analysed too: aux" in a.notes[0]
     assert get_meta(a.gm, "other_modes")["train"]["modules"] == ("aux",)
+    assert "train-mode path was analysed too" in a.table()
+    assert a.fingerprint != graph_fingerprint(a.gm)  # a plan without the merge is refused
     trunk = a.group("stem.weight[0]")
     train = a.other_modes[0].analysis.group(trunk.name)
     assert "aux.1.weight[1]" in {f"{m.fqn}[{m.dim}]" for m in train.members}
-    pins = {(p.fqn, p.dim): p for p in a.other_modes[0].analysis.pins()}
+    pins = {(p.fqn, p.dim): p for p in a.pins()}  # the other mode's pins are listed too
     assert pins["aux.1.weight", 0].whole and "only in train mode" in pins["aux.1.weight", 0].reason
     plan = Plan.from_ratio(a, 0.3, criterion="random", seed=0)
     gm = fxprune.compile(m, plan)

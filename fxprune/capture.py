@@ -17,7 +17,7 @@ import torch.fx
 from fxprune.core.errors import OtherModeWarning, TraceError
 from fxprune.core.graph_meta import get_meta, set_meta
 
-__all__ = ["trace", "FxpruneTracer", "FallbackWarning", "OtherModeWarning", "unrun_modules",
+__all__ = ["trace", "FxpruneTracer", "FallbackWarning", "OtherModeWarning",
            "capture_other_modes"]
 
 
@@ -412,21 +412,6 @@ def _where(exc: BaseException) -> str:
     return text
 
 
-
-def unrun_modules(model: torch.nn.Module, gm: torch.nn.Module) -> tuple[str, ...]:
-    """Outermost submodules of ``model`` with parameters of which ``gm`` holds none (the
-    captured mode never ran them: GoogLeNet's ``aux1``/``aux2`` in eval mode)."""
-    used = {f for f, _ in gm.named_parameters(remove_duplicate=False)}
-    out: list[str] = []
-    for path, m in model.named_modules():
-        params = [f"{path}.{n}" for n, _ in m.named_parameters(remove_duplicate=False)]
-        if not path or not params or any(p in used for p in params) or \
-                any(path.startswith(o + ".") for o in out):
-            continue
-        out.append(path)
-    return tuple(out)
-
-
 def capture_other_modes(model: torch.nn.Module, gm: torch.fx.GraphModule, inputs: tuple, *,
                         leaf_modules: Sequence[type | str] = (), concrete_args: dict | None = None,
                         autowrap_functions: Sequence[Callable] = ()) -> dict:
@@ -438,7 +423,9 @@ def capture_other_modes(model: torch.nn.Module, gm: torch.fx.GraphModule, inputs
     only, and propagates shapes on ``inputs``. Merged or not, it is announced
     (``OtherModeWarning``) and recorded in ``gm``'s meta (``other_modes``: per mode the
     modules only it runs and, where it could not be analysed, why)."""
-    unrun = unrun_modules(model, gm)
+    from passes.slice_module import unrun_modules
+
+    unrun = tuple(unrun_modules(model, gm))
     frontend = get_meta(gm, "frontend")
     if not unrun or frontend == "record":  # a recorded path handles its own branches
         return {}

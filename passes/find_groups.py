@@ -80,8 +80,8 @@ def find_groups(gm: torch.fx.GraphModule, *, strict: bool = False,
 def _visit_other(state: AnalysisState, other: OtherMode, strict: bool
                  ) -> tuple[AnalysisState, set, tuple[int, int]]:
     """Visit another mode's graph with ``state``'s units (its own node values, barriers
-    and tensor users); returns its state, its tensor keys and the (unit, space) counts
-    before it, from which on units were born in it."""
+    and tensor users); returns its state, its tensor keys and the unit and space counts
+    before the visit (ids from there on were born in that graph)."""
     born = (len(state.store.parent), len(state.store.space_parent))
     sub = AnalysisState(gm=other.gm, store=state.store, tensors=state.tensors,
                         roles=state.roles, split_policy=state.split_policy,

@@ -49,7 +49,8 @@ from passes.rules.registry import (MODULE_FIXUPS, RewriteOptions, apply_module_f
                                    find_module_entry)
 
 __all__ = ["slice_module", "literal_rewrites", "check_module_output", "uneven_chunks",
-           "refuse_uneven_chunks", "check_unrun_modules", "check_other_modes", "head_reading"]
+           "refuse_uneven_chunks", "check_unrun_modules", "check_other_modes", "unrun_modules",
+           "head_reading"]
 
 
 def slice_module(model: torch.nn.Module, analysis: GroupAnalysis, kept: np.ndarray,
@@ -519,7 +520,7 @@ def check_unrun_modules(model: torch.nn.Module, small: torch.nn.Module,
     and ``UnprovenBranchWarning`` names them (``fxprune.check_paths`` proves or refutes:
     a coinciding width is no proof). Raises ``ModuleOutputError`` naming the modules and the remedies."""
     covered = {p for mode in analysis.other_modes for p in mode.modules}
-    unrun = [p for p in _unrun_modules(small, pruned) if p not in covered]
+    unrun = [p for p in unrun_modules(small, pruned) if p not in covered]
     if not unrun:
         return
     if get_meta(analysis.gm, "specialised"):  # frontend="record": one recorded path
@@ -637,8 +638,10 @@ def _mode_error(mode: Any, what: str) -> ModuleOutputError:
         f"output=\"graph\" (the GraphModule, eval mode).")
 
 
-def _unrun_modules(small: torch.nn.Module, pruned: torch.fx.GraphModule) -> list[str]:
-    """Outermost submodules of ``small`` none of whose parameters the graph holds."""
+def unrun_modules(small: torch.nn.Module, pruned: torch.fx.GraphModule) -> list[str]:
+    """Outermost submodules of ``small`` with parameters, none of which the graph
+    ``pruned`` holds (the captured mode never ran them: GoogLeNet's ``aux1``/``aux2`` in
+    eval mode)."""
     used = {f for f, _ in pruned.named_parameters(remove_duplicate=False)}
     out: list[str] = []
     for path, m in small.named_modules():

@@ -3,6 +3,7 @@ train-mode path is captured and merged into the analysis (the head's input chann
 coupled with the trunk's, its own kept whole), the module follows in eval and train mode
 (slice == mask on the train path), and what cannot be analysed or followed is refused."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -61,8 +62,10 @@ def test_train_only_head_merged_and_followed():
     pins = {(p.fqn, p.dim): p for p in a.pins()}  # the other mode's pins are listed too
     assert pins["aux.1.weight", 0].whole and "only in train mode" in pins["aux.1.weight", 0].reason
     plan = Plan.from_ratio(a, 0.3, criterion="random", seed=0)
-    gm = fxprune.compile(m, plan)
-    small = fxprune.compile(m, plan, output="module")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OtherModeWarning)  # the plan's analysis is reused
+        gm = fxprune.compile(m, plan)
+        small = fxprune.compile(m, plan, output="module")
     assert type(small) is AuxHeadNet and small.stem.out_channels < 16
     assert small.aux[1].in_channels == small.stem.out_channels == small.conv.out_channels
     x3 = torch.randn(3, 3, 8, 8, dtype=torch.float64)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from fxprune.capture import trace
+from fxprune.capture import capture_other_modes, trace
 from fxprune.core.errors import (ControlFlowError, PlanError, RewriteError, ShapePropagationError,
                             VerificationError)
 from fxprune.core.graph_meta import get_meta
@@ -47,6 +47,15 @@ def analyze(model: torch.nn.Module, example_inputs: Any, *, leaf_modules: Sequen
     head a unit; "heads" (alias "outer") makes one whole head a unit. ``strict=True``
     raises ``UnsupportedOpError`` instead of treating an unknown op as a barrier.
     Works on models whose weights live on ``meta``. The model is not modified.
+
+    Where the captured graph leaves submodules with parameters unrun because they run only
+    in the other mode (GoogLeNet's ``aux1``/``aux2``, Inception-v3's ``AuxLogits``: train
+    only), a deep copy is captured in that mode too (fx) and its couplings and pins are
+    merged (``find_groups(..., other_modes=)``): plans are valid for both paths and
+    ``compile(output="module")`` slices those heads. Announced by ``OtherModeWarning``
+    and ``analysis.notes``; where that mode cannot be analysed on ``example_inputs``
+    (Inception-v3's head below 299x299) the warning says why and the module output is
+    refused where the heads' input is pruned.
     """
     inputs = _as_tuple(example_inputs)
     pre_traced = isinstance(model, torch.fx.GraphModule) and \
@@ -63,7 +72,11 @@ def analyze(model: torch.nn.Module, example_inputs: Any, *, leaf_modules: Sequen
         return gm
 
     def groups(gm: torch.fx.GraphModule) -> GroupAnalysis:
-        return find_groups(gm, strict=strict, split_policy=split_policy, example_inputs=inputs)
+        others = {} if pre_traced else capture_other_modes(
+            model, gm, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
+            autowrap_functions=autowrap_functions)  # train-only heads: merged
+        return find_groups(gm, strict=strict, split_policy=split_policy, example_inputs=inputs,
+                           other_modes=others)
 
     steps = [Step("trace", capture), Step("propagate_shapes", shapes, _lint),
              Step("find_groups", groups)]
@@ -198,6 +211,10 @@ def _same_model(gm: torch.fx.GraphModule, model: torch.nn.Module) -> bool:
     theirs = {id(p) for p in gm.parameters()}
     if bool(own) and own == theirs or (not own and not theirs):
         return True
+    modes = get_meta(gm, "other_modes")
+    if modes and theirs and theirs < own:  # the rest: submodules only another mode runs
+        only = tuple(f"{p}." for info in modes.values() for p in info["modules"])
+        return all(n.startswith(only) for n, p in model.named_parameters() if id(p) not in theirs)
     # a graph that does not read every parameter (a recorded path skips a branch's
     # modules): the same model when each of its tensors is the model's under that name
     named = dict(model.named_parameters())

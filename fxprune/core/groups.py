@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch.fx
 
-__all__ = ["Member", "ChannelGroup", "GroupAnalysis", "Pin", "SplitTie"]
+__all__ = ["Member", "ChannelGroup", "GroupAnalysis", "ModeAnalysis", "Pin", "SplitTie"]
 
 
 @dataclass(frozen=True)
@@ -170,6 +170,24 @@ class SplitTie:
 
 
 @dataclass(frozen=True)
+class ModeAnalysis:
+    """The model's graph in another mode (``mode``: "train"), analysed with the same unit
+    labels as the analysis that holds it: ``analysis.gm`` is that mode's graph,
+    ``modules`` the submodules with parameters that only it runs."""
+
+    mode: str
+    analysis: GroupAnalysis = field(repr=False)
+    modules: tuple[str, ...]
+
+    @property
+    def note(self) -> str:
+        shown = ", ".join(self.modules[:4]) + (" ..." if len(self.modules) > 4 else "")
+        return (f"the {self.mode}-mode path was analysed too: {shown} run only in "
+                f"{self.mode} mode; the channels they read are coupled with the groups, "
+                f"their own channels are kept whole")
+
+
+@dataclass(frozen=True)
 class GroupAnalysis:
     """Result of ``find_groups``: groups plus the per-node unit labels the rewrites use.
 
@@ -201,6 +219,14 @@ class GroupAnalysis:
     # chunk / split(int) nodes whose equal pieces cut a group's channels: default plans
     # keep the same count in each piece (``fxprune.core.ties``)
     split_ties: tuple[SplitTie, ...] = field(repr=False, compare=False, default=())
+    # the model captured in another mode too (train: auxiliary heads), its couplings and
+    # pins merged into these groups (``passes.find_groups``, ``other_modes=``)
+    other_modes: tuple[ModeAnalysis, ...] = field(repr=False, compare=False, default=())
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """What the analysis did beyond the captured graph (other modes analysed)."""
+        return tuple(m.note for m in self.other_modes)
 
     def group(self, key: int | str) -> ChannelGroup:
         """A group by id, by name (``"conv1.weight[0]"``), by any slice it holds

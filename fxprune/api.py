@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from fxprune.capture import trace
+from fxprune.capture import capture_other_modes, trace
 from fxprune.core.errors import (ControlFlowError, PlanError, RewriteError, ShapePropagationError,
                             VerificationError)
 from fxprune.core.graph_meta import get_meta
@@ -23,6 +23,7 @@ from fxprune.core.plan import Plan
 from passes.find_groups import find_groups
 from passes.mask import insert_masks, insert_masks_shared, zero_slices
 from passes.fold_bn import fold_bn as fold_batchnorm
+from passes.memory_format import MEMORY_FORMATS, to_channels_last
 from passes.rules.registry import check_attention_scale
 from passes.shape_prop import eval_mode, output_shape, propagate_shapes
 from passes.slice_weights import check_sliced, slice_weights
@@ -46,6 +47,15 @@ def analyze(model: torch.nn.Module, example_inputs: Any, *, leaf_modules: Sequen
     head a unit; "heads" (alias "outer") makes one whole head a unit. ``strict=True``
     raises ``UnsupportedOpError`` instead of treating an unknown op as a barrier.
     Works on models whose weights live on ``meta``. The model is not modified.
+
+    Where the captured graph leaves submodules with parameters unrun because they run only
+    in the other mode (GoogLeNet's ``aux1``/``aux2``, Inception-v3's ``AuxLogits``: train
+    only), a deep copy is captured in that mode too (fx) and its couplings and pins are
+    merged (``find_groups(..., other_modes=)``): plans are valid for both paths and
+    ``compile(output="module")`` slices those heads. Announced by ``OtherModeWarning``
+    and ``analysis.notes``; where that mode cannot be analysed on ``example_inputs``
+    (Inception-v3's head below 299x299) the warning says why and the module output is
+    refused where the heads' input is pruned.
     """
     inputs = _as_tuple(example_inputs)
     pre_traced = isinstance(model, torch.fx.GraphModule) and \
@@ -62,7 +72,11 @@ def analyze(model: torch.nn.Module, example_inputs: Any, *, leaf_modules: Sequen
         return gm
 
     def groups(gm: torch.fx.GraphModule) -> GroupAnalysis:
-        return find_groups(gm, strict=strict, split_policy=split_policy, example_inputs=inputs)
+        others = {} if pre_traced else capture_other_modes(
+            model, gm, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
+            autowrap_functions=autowrap_functions)  # train-only heads: merged
+        return find_groups(gm, strict=strict, split_policy=split_policy, example_inputs=inputs,
+                           other_modes=others)
 
     steps = [Step("trace", capture), Step("propagate_shapes", shapes, _lint),
              Step("find_groups", groups)]
@@ -84,7 +98,7 @@ def _lint(gm: torch.fx.GraphModule) -> None:
 def compile(model: torch.nn.Module | GroupAnalysis, plan: Plan, *,
             example_inputs: Any = None, check: bool = True,
             attention_scale: str = "original", output: str = "graph",
-            fold_bn: bool = False) -> torch.nn.Module:
+            fold_bn: bool = False, memory_format: str | None = None) -> torch.nn.Module:
     """A new, smaller GraphModule that applies ``plan``; ``model`` is left untouched.
 
     ``output="module"``: instead, a deep copy of ``model`` keeping its own class (its
@@ -97,6 +111,12 @@ def compile(model: torch.nn.Module | GroupAnalysis, plan: Plan, *,
     ``fold_bn=True`` folds eval-mode BatchNorm into the conv/linear before it after
     slicing (``passes.fold_bn``; ``passes.fold_bn.check_fold`` proves it in float64);
     graph output only.
+
+    ``memory_format="channels_last"`` stores every conv weight channels-last, so CPU
+    convolutions run NHWC (``passes.memory_format``; values unchanged, proven in float64
+    by ``check_memory_format`` when ``check``). Whether that is faster is measured, not
+    assumed: ``fxprune.bench.faster_memory_format``; ``None`` / ``"contiguous"`` keep the
+    layout.
 
     A capture that specialised data-dependent control flow (``frontend="record"``)
     compiles only with ``output="module"``; ``"graph"`` raises ``ControlFlowError``.
@@ -119,6 +139,9 @@ def compile(model: torch.nn.Module | GroupAnalysis, plan: Plan, *,
     if fold_bn and output == "module":
         raise ValueError("fold_bn=True rewrites the graph (BatchNorm folded away): use it "
                          "with output='graph'")
+    if memory_format not in (None, *MEMORY_FORMATS):
+        raise ValueError(f"memory_format must be None, 'contiguous' or 'channels_last', "
+                         f"got {memory_format!r}")
     if not isinstance(plan, Plan):
         raise PlanError(f"compile takes a fxprune.Plan, not {type(plan).__name__}: "
                         "Plan.from_indices(analysis, {group: kept units}) or fxprune.plan(...)")
@@ -141,6 +164,14 @@ def compile(model: torch.nn.Module | GroupAnalysis, plan: Plan, *,
         check_sliced(pruned, analysis, kept, analysis.example_inputs)
         return pruned
 
+    def checked_layout(converted: torch.nn.Module) -> torch.nn.Module:
+        from passes.memory_format import check_memory_format
+        contiguous = copy.deepcopy(converted)
+        for p in (*contiguous.parameters(), *contiguous.buffers()):
+            p.data = p.data.contiguous()
+        check_memory_format(contiguous, converted, analysis.example_inputs)
+        return converted
+
     def sliced(_: Any) -> torch.fx.GraphModule:
         return slice_weights(analysis, kept, attention_scale=attention_scale)
 
@@ -152,6 +183,10 @@ def compile(model: torch.nn.Module | GroupAnalysis, plan: Plan, *,
     if output == "module":
         from fxprune.module_output import module_steps  # API layer, imported when asked
         steps += module_steps(model, analysis, kept, plan, check=check)
+    if memory_format == "channels_last":
+        steps.append(Step("channels_last", to_channels_last))
+        if check:
+            steps.append(Step("check_memory_format", checked_layout))
     return run_steps("fxprune.compile", steps, None, error_type=RewriteError)
 
 
@@ -176,6 +211,10 @@ def _same_model(gm: torch.fx.GraphModule, model: torch.nn.Module) -> bool:
     theirs = {id(p) for p in gm.parameters()}
     if bool(own) and own == theirs or (not own and not theirs):
         return True
+    modes = get_meta(gm, "other_modes")
+    if modes and theirs and theirs < own:  # the rest: submodules only another mode runs
+        only = tuple(f"{p}." for info in modes.values() for p in info["modules"])
+        return all(n.startswith(only) for n, p in model.named_parameters() if id(p) not in theirs)
     # a graph that does not read every parameter (a recorded path skips a branch's
     # modules): the same model when each of its tensors is the model's under that name
     named = dict(model.named_parameters())

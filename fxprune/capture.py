@@ -1,6 +1,8 @@
 """Capture: an ``nn.Module`` as an FX GraphModule (symbolic tracing or torch.export)."""
 from __future__ import annotations
 
+import copy
+import logging
 import os
 import sys
 import operator
@@ -12,10 +14,11 @@ from typing import Any
 import torch
 import torch.fx
 
-from fxprune.core.errors import TraceError
-from fxprune.core.graph_meta import set_meta
+from fxprune.core.errors import OtherModeWarning, TraceError
+from fxprune.core.graph_meta import get_meta, set_meta
 
-__all__ = ["trace", "FxpruneTracer", "FallbackWarning"]
+__all__ = ["trace", "FxpruneTracer", "FallbackWarning", "OtherModeWarning",
+           "capture_other_modes"]
 
 
 class FallbackWarning(UserWarning):
@@ -408,3 +411,73 @@ def _where(exc: BaseException) -> str:
         text += f", in module {owner})" if owner else ")"
     return text
 
+
+def capture_other_modes(model: torch.nn.Module, gm: torch.fx.GraphModule, inputs: tuple, *,
+                        leaf_modules: Sequence[type | str] = (), concrete_args: dict | None = None,
+                        autowrap_functions: Sequence[Callable] = ()) -> dict:
+    """``{mode: passes.find_groups.OtherMode}`` for ``model`` captured in its other mode
+    (train when it was captured in eval), where ``gm`` left parameterised submodules
+    unrun and that mode runs them; ``{}`` otherwise.
+
+    The other capture traces a deep copy (``model`` and its mode are untouched), with fx
+    only, and propagates shapes on ``inputs``. Merged or not, it is announced
+    (``OtherModeWarning``) and recorded in ``gm``'s meta (``other_modes``: per mode the
+    modules only it runs and, where it could not be analysed, why)."""
+    from passes.slice_module import unrun_modules
+
+    unrun = tuple(unrun_modules(model, gm))
+    frontend = get_meta(gm, "frontend")
+    if not unrun or frontend == "record":  # a recorded path handles its own branches
+        return {}
+    mode = "eval" if model.training else "train"
+    shown = ", ".join(unrun[:4]) + (" ..." if len(unrun) > 4 else "")
+    if frontend != "fx":  # recorded for the module output's refusal; no warning here
+        set_meta(gm, "other_modes", {mode: {"modules": unrun, "analysed": False, "why": (
+            f"the graph was captured by the {frontend} front-end; only fx captures are "
+            f"merged across modes")}})
+        return {}
+    try:
+        other, runs = _capture_in_mode(model, inputs, mode == "train", leaf_modules,
+                                       concrete_args, autowrap_functions, unrun)
+    except Exception as exc:  # tracing and shape propagation fail in many ways
+        why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        set_meta(gm, "other_modes", {mode: {"modules": unrun, "analysed": False, "why": why}})
+        warnings.warn(f"fxprune: {type(model).__name__}'s {shown} never ran in the captured "
+                      f"graph and its {mode}-mode path could not be analysed on the example "
+                      f"inputs ({why}); compile(output=\"module\") will refuse where their "
+                      f"input is pruned. Remedy: example inputs the model accepts in {mode} "
+                      f"mode, ignore=[...] for the channels they read, or output=\"graph\".",
+                      OtherModeWarning, stacklevel=_user_stacklevel())
+        return {}
+    if not runs:  # dead in both modes: nothing to merge
+        return {}
+    from passes.find_groups import OtherMode
+
+    set_meta(gm, "other_modes", {mode: {"modules": runs, "analysed": True, "why": ""}})
+    warnings.warn(f"fxprune: {type(model).__name__}'s {', '.join(runs[:4])} run only in "
+                  f"{mode} mode: the {mode}-mode path was captured and analysed too (the "
+                  f"channels they read are coupled with the groups, their own are kept "
+                  f"whole; analysis.notes).", OtherModeWarning, stacklevel=_user_stacklevel())
+    return {mode: OtherMode(other, tuple(inputs), runs)}
+
+
+def _capture_in_mode(model: torch.nn.Module, inputs: tuple, train: bool,
+                     leaf_modules: Sequence[type | str], concrete_args: dict | None,
+                     autowrap_functions: Sequence[Callable], unrun: tuple[str, ...]
+                     ) -> tuple[torch.fx.GraphModule, tuple[str, ...]]:
+    """The fx graph of a deep copy of ``model`` in mode ``train``, shapes propagated on
+    ``inputs``, and which of ``unrun`` it runs."""
+    from passes.shape_prop import propagate_shapes
+
+    copy_ = copy.deepcopy(model).train(train)
+    other = _fx_trace(copy_, inputs, leaf_modules, concrete_args, autowrap_functions)
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)  # a failure here is reported once, as a warning
+    try:
+        propagate_shapes(other, inputs)
+    finally:
+        fake_log.setLevel(level)
+    held = {f for f, _ in other.named_parameters(remove_duplicate=False)}
+    runs = tuple(p for p in unrun if any(f.startswith(p + ".") for f in held))
+    return other, runs

@@ -338,7 +338,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         source = analysis if args.plan and args.output == "graph" else model
         small = stages.run("compile", lambda: fxprune.compile(
             source, plan, attention_scale=args.attention_scale,
-            output=args.output)).eval()
+            output=args.output, memory_format=args.memory_format)).eval()
         report = None
         if not args.no_verify and args.output == "graph":
             report = stages.run("verify", lambda: fxprune.verify(
@@ -549,6 +549,9 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", choices=["graph", "module"], default=None,
                    help="graph: a new GraphModule (default); module: a copy of the model's "
                    "own class with sliced weights and attributes, proven equal to it")
+    p.add_argument("--memory-format", choices=["contiguous", "channels_last"], default=None,
+                   help="channels_last: conv weights NHWC (often faster on CPU; measure it "
+                   "with `fxprune bench --memory-format auto`)")
     p.add_argument("--global", dest="global_", action="store_true",
                    help="rank units across groups (default: the same ratio in each group)")
     p.add_argument("--uniform", action="store_true",

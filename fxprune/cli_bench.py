@@ -44,6 +44,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     reference = fxprune.compile(model, fxprune.Plan.from_ratio(analysis, 0.0),
                                 fold_bn=True).eval() if args.fold_bn else model
     mac_reduction = count_macs(model, inputs) / max(count_macs(small, inputs), 1)
+    layout = args.memory_format
+    if layout == "auto":  # measured on the pruned model, first backend, batch 1
+        from fxprune.bench import faster_memory_format
+
+        layout, got = faster_memory_format(small, inputs, backend=args.backend[0],
+                                           repeats=args.repeats)
+        print(f"memory format: {layout} (pruned model on {args.backend[0]}: contiguous "
+              f"{got['contiguous']}, channels-last {got['channels_last']})")
+    if layout == "channels_last":  # both models, so the speedup compares like with like
+        from passes.memory_format import to_channels_last
+
+        reference, small = to_channels_last(reference), to_channels_last(small)
 
     def make_input(batch: int) -> tuple:
         return tuple(torch.randn(batch, *x.shape[1:]) if x.is_floating_point() else
@@ -52,7 +64,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rows = bench_pruning(reference, small, make_input, mac_reduction=mac_reduction,
                          batches=args.batch, backends=args.backend, repeats=args.repeats)
     print(f"{args.model} at ratio {args.ratio} ({args.criterion}"
-          f"{', BatchNorm folded in both' if args.fold_bn else ''}); "
+          f"{', BatchNorm folded in both' if args.fold_bn else ''}"
+          f"{', conv weights channels-last in both' if layout == 'channels_last' else ''}); "
           f"{torch.get_num_threads()} threads, {args.repeats} interleaved repeats")
     print(rows_table(rows))
     return 0
@@ -74,6 +87,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, action="append", help="batch sizes (default 1 and 8)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm in both models")
+    p.add_argument("--memory-format", choices=["contiguous", "channels_last", "auto"],
+                   default="contiguous", help="conv weight layout of both models; auto: "
+                   "the faster one for the pruned model, measured first")
 
 
 def defaults(args: argparse.Namespace) -> None:

@@ -25,8 +25,8 @@ from fxprune.core.pipeline import Step
 from fxprune.core.plan import Plan
 from passes.rules.registry import RewriteOptions
 from passes.slice_weights import keep_mask
-from passes.slice_module import (check_module_output, check_unrun_modules, head_reading,
-                                 refuse_uneven_chunks, slice_module)
+from passes.slice_module import (check_module_output, check_other_modes, check_unrun_modules,
+                                 head_reading, refuse_uneven_chunks, slice_module)
 
 __all__ = ["module_steps", "update_hf_config", "hf_sizes", "uniform_constraints"]
 
@@ -54,6 +54,7 @@ def module_steps(model: torch.nn.Module, analysis: GroupAnalysis, kept: np.ndarr
                 check_recorded_path(model, small, analysis, kept)
             check_module_output(small, pruned, analysis)
             check_unrun_modules(model, small, analysis, pruned)
+            check_other_modes(small, analysis, kept)  # train-only heads: slice == mask
         return small
 
     return [Step("slice_module", sliced_module)]

@@ -14,10 +14,12 @@ Before/after (what the analysis sees)::
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
+from collections.abc import Mapping
 from fractions import Fraction
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -25,17 +27,36 @@ import torch.fx
 
 import passes.rules  # noqa: F401  (registers the rule families)
 from fxprune.core.errors import UnsupportedOpError, describe_node, source_line
-from fxprune.core.groups import ChannelGroup, CountTie, GroupAnalysis, Member, SplitTie
+from fxprune.core.groups import (ChannelGroup, CountTie, GroupAnalysis, Member, ModeAnalysis,
+                                 SplitTie)
 from passes.rules.registry import AnalysisState, RuleContext, iter_units, lookup_rule, op_key
 from passes.rules.shape import size_read, sizes_from_args
 from passes.shape_prop import tensor_shapes
 
-__all__ = ["find_groups", "graph_fingerprint"]
+__all__ = ["find_groups", "graph_fingerprint", "OtherMode"]
+
+
+class OtherMode(NamedTuple):
+    """A capture of the analysed model in another mode: its graph (shapes propagated),
+    the inputs it was propagated with and the submodules (with parameters) only it runs."""
+
+    gm: torch.fx.GraphModule
+    inputs: tuple
+    modules: tuple[str, ...]
 
 
 def find_groups(gm: torch.fx.GraphModule, *, strict: bool = False,
-                split_policy: str = "inner", example_inputs: tuple = ()) -> GroupAnalysis:
-    """Union-find over channel units; returns the coupled groups of ``gm``."""
+                split_policy: str = "inner", example_inputs: tuple = (),
+                other_modes: Mapping[str, OtherMode] | None = None) -> GroupAnalysis:
+    """Union-find over channel units; returns the coupled groups of ``gm``.
+
+    ``other_modes``: ``{mode: OtherMode(graph, inputs, modules)}``, captures of the same
+    model in another mode (train), whose tensors share ``gm``'s FQNs. Their nodes are
+    visited with the same units (a tensor dim is one unit array in every graph), so a
+    channel space coupled or pinned in either graph is coupled or pinned in the result,
+    and a plan on it is valid for every path. Spaces that only another mode's graph makes
+    (an auxiliary head's inner channels) are pinned. Each mode's graph gets its own
+    ``GroupAnalysis`` over the same unit labels (``GroupAnalysis.other_modes``)."""
     split_policy = {"head_dim": "inner", "heads": "outer"}.get(split_policy, split_policy)
     if split_policy not in ("inner", "outer"):
         raise ValueError("split_policy must be 'inner'/'head_dim' (a unit is one index of "
@@ -43,8 +64,52 @@ def find_groups(gm: torch.fx.GraphModule, *, strict: bool = False,
     state = AnalysisState(gm=gm, split_policy=split_policy)
     for node in gm.graph.nodes:
         _visit(state, node, strict)
+    others = {mode: _visit_other(state, other, strict)
+              for mode, other in (other_modes or {}).items()}
     _pin_uncoupled_attrs(state)
-    return _build(state, example_inputs)
+    if not others:
+        return _build(state, example_inputs)
+    _pin_other_only(state, others, other_modes)
+    modes = tuple(ModeAnalysis(mode, _build(sub, other_modes[mode].inputs, keys),
+                               other_modes[mode].modules)
+                  for mode, (sub, keys, _) in others.items())
+    merged = _build(state, example_inputs, set(state.tensor_users))
+    # a plan made without the other modes' couplings must not pass for one made with them
+    both = "|".join([merged.fingerprint, *(f"{m.mode}:{m.analysis.fingerprint}" for m in modes)])
+    return dataclasses.replace(merged, other_modes=modes,
+                               fingerprint=hashlib.sha256(both.encode()).hexdigest()[:16])
+
+
+def _visit_other(state: AnalysisState, other: OtherMode, strict: bool
+                 ) -> tuple[AnalysisState, set, tuple[int, int]]:
+    """Visit another mode's graph with ``state``'s units (its own node values, barriers
+    and tensor users); returns its state, its tensor keys and the unit and space counts
+    before the visit (ids from there on were born in that graph)."""
+    born = (len(state.store.parent), len(state.store.space_parent))
+    sub = AnalysisState(gm=other.gm, store=state.store, tensors=state.tensors,
+                        roles=state.roles, split_policy=state.split_policy,
+                        attr_born=state.attr_born, module_notes=state.module_notes)
+    sub.aliases.update(state.aliases)  # the first graph's canonical names win: one unit array
+    for node in other.gm.graph.nodes:
+        _visit(sub, node, strict)
+    return sub, set(sub.tensor_users), born
+
+
+def _pin_other_only(state: AnalysisState, others: dict,
+                    other_modes: Mapping[str, OtherMode]) -> None:
+    """Units in spaces that only another mode's graph made (no space of the first graph
+    joined them: union-find keeps the oldest space as root) stay whole."""
+    store = state.store
+    space_roots = store.space_roots()
+    space_of = np.asarray(store.space_of, dtype=np.int64)
+    first_spaces = min(born[1] for _, _, born in others.values())
+    for mode, (_, _, (n0, _)) in others.items():
+        units = np.arange(n0, len(space_of), dtype=np.int64)
+        alone = units[space_roots[space_of[units]] >= first_spaces]
+        if len(alone):
+            shown = ", ".join(other_modes[mode].modules[:4])
+            store.pin(alone, f"made only in {mode} mode (by {shown or 'its graph'}, which "
+                             f"only the {mode}-mode graph runs): kept whole")
 
 
 def _pin_uncoupled_attrs(state: AnalysisState) -> None:
@@ -124,7 +189,10 @@ def _is_tensor(shape: Any) -> bool:
 
 
 # ----------------------------------------------------------------------------------
-def _build(state: AnalysisState, example_inputs: tuple) -> GroupAnalysis:
+def _build(state: AnalysisState, example_inputs: tuple,
+           keys: set | None = None) -> GroupAnalysis:
+    """The analysis of ``state.gm``; ``keys``: the tensor dims its graph uses (all of
+    ``state.tensors`` when None; several graphs share one store)."""
     store = state.store
     n_units = len(store.parent)
     roots = store.roots() if n_units else np.zeros(0, dtype=np.int64)
@@ -162,7 +230,8 @@ def _build(state: AnalysisState, example_inputs: tuple) -> GroupAnalysis:
         return tuple(relabel(i) for i in info)
 
     node_labels = {name: relabel(info) for name, info in state.values.items()}
-    tensor_labels = {key: labels[u] for key, u in state.tensors.items()}
+    tensor_labels = {key: labels[u] for key, u in state.tensors.items()
+                     if keys is None or key in keys}
     groups = _make_groups(state, spaces, counts, group_of, local_of, node_labels, tensor_labels)
     return GroupAnalysis(
         gm=state.gm, groups=groups, fingerprint=graph_fingerprint(state.gm),
@@ -181,7 +250,9 @@ EQUAL_SPLITS = ("chunk", "unsafe_chunk", "split", "unsafe_split")
 def _split_ties(gm: torch.fx.GraphModule, node_labels: dict, group_of: np.ndarray,
                 groups: tuple[ChannelGroup, ...]) -> tuple[SplitTie, ...]:
     """``chunk(n)`` / ``split(int)`` nodes cutting prunable units into pieces that the
-    forward sizes alike (an int argument, not a list of sections an attribute can hold)."""
+    forward sizes alike (an int argument, not a list of sections an attribute can hold),
+    the last piece shorter where the width is not a multiple (EdgeNeXt's ``chunk(3)`` of
+    88 channels: 30 / 30 / 28)."""
     out = []
     for node in gm.graph.nodes:
         if node.op not in ("call_function", "call_method") or op_key(node) not in EQUAL_SPLITS:
@@ -195,10 +266,12 @@ def _split_ties(gm: torch.fx.GraphModule, node_labels: dict, group_of: np.ndarra
         for axis in sorted(axes):
             labs = tuple(p.get(axis, np.zeros(0, np.int64)) for p in pieces)
             inside = np.concatenate([lab[lab >= 0] for lab in labs])
-            if not len(inside) or any(len(lab) != len(labs[0]) for lab in labs):
-                continue  # nothing prunable, or a last piece shorter than the others
+            if not len(inside) or any(len(lab) != len(labs[0]) for lab in labs[:-1]) or \
+                    not 0 < len(labs[-1]) <= len(labs[0]):
+                continue  # nothing prunable, or not what chunk / split(int) cuts
             names = tuple(groups[g].name for g in np.unique(group_of[inside]).tolist())
-            out.append(SplitTie(node.name, int(axis), labs, names, source_line(node)))
+            chunks = arg if "chunk" in op_key(node) else 0
+            out.append(SplitTie(node.name, int(axis), labs, names, source_line(node), chunks))
     return tuple(out)
 
 
@@ -358,6 +431,8 @@ def _tensor_pin_reasons(state: AnalysisState, roots: np.ndarray, pinned: np.ndar
     """Why each parameter dim with pinned units is pinned (for errors about refused cuts)."""
     out = {}
     for key, units in state.tensors.items():
+        if key not in state.tensor_users:
+            continue  # a tensor of another graph
         r = roots[units]
         bad = pinned[r]
         if not bad.any():

@@ -134,6 +134,22 @@ def _set_submodule(gm: torch.nn.Module, target: str, module: torch.nn.Module) ->
     setattr(gm.get_submodule(parent) if parent else gm, name, module)
 
 
+def compare_outputs(ya: Any, yb: Any, what: str, *, rtol: float, atol: float) -> float:
+    """The max abs difference of two models' outputs (pytrees of tensors; other leaves
+    skipped); ``VerificationError`` ``what.format(i=...)`` + the figures where one
+    output is not ``allclose``."""
+    worst = 0.0
+    for i, (u, v) in enumerate(zip(tree_leaves(ya), tree_leaves(yb), strict=True)):
+        if not torch.is_tensor(u):
+            continue
+        diff = float((u - v).abs().max()) if u.numel() else 0.0
+        if not torch.allclose(u, v, rtol=rtol, atol=atol):
+            raise VerificationError(f"{what.format(i=i)} in float64 by {diff:.3g} "
+                                    f"(rtol={rtol}, atol={atol}); report this model")
+        worst = max(worst, diff)
+    return worst
+
+
 def check_fold(gm: torch.fx.GraphModule, folded: torch.nn.Module, inputs: tuple, *,
                rtol: float = 1e-9, atol: float = 1e-9) -> float:
     """Prove the fold exact: the max abs output difference, in float64.
@@ -150,14 +166,8 @@ def check_fold(gm: torch.fx.GraphModule, folded: torch.nn.Module, inputs: tuple,
                for x in inputs)
     with torch.no_grad():
         ya, yb = ref(*xs), ref_folded(*xs)
-    worst = 0.0
-    for i, (u, v) in enumerate(zip(tree_leaves(ya), tree_leaves(yb), strict=True)):
-        diff = float((u - v).abs().max()) if u.numel() else 0.0
-        if not torch.allclose(u, v, rtol=rtol, atol=atol):
-            raise VerificationError(
-                f"fold_bn: output {i} of the folded model differs from the unfolded one "
-                f"in float64 by {diff:.3g} (rtol={rtol}, atol={atol}); report this model")
-        worst = max(worst, diff)
+    worst = compare_outputs(ya, yb, "fold_bn: output {i} of the folded model differs from "
+                            "the unfolded one", rtol=rtol, atol=atol)
     mine, exact = folded.state_dict(), ref_folded.state_dict()
     if mine.keys() != exact.keys():
         raise VerificationError(f"fold_bn: the folded model's tensors {sorted(mine)[:4]}... "

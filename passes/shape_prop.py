@@ -73,6 +73,56 @@ def _linear_like(m: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return torch.empty(*x.shape[:-1], w.shape[0], dtype=x.dtype, device=x.device)
 
 
+_CONVS = {torch.nn.Conv1d: 1, torch.nn.Conv2d: 2, torch.nn.Conv3d: 3}
+
+
+def _plain_conv(m: torch.nn.Module, x: Any) -> bool:
+    """``nn.ConvNd``'s own forward with zero padding, no hooks, on a batched contiguous
+    input of the weight's dtype and device (the output is then contiguous too): only
+    ``F.convNd(x, weight, bias, ...)`` runs. Anything else goes to the kernel."""
+    n = _CONVS.get(type(m))
+    return n is not None \
+        and m.padding_mode == "zeros" and isinstance(x, torch.Tensor) and x.dim() == n + 2 \
+        and x.is_contiguous() and m.weight.is_contiguous() and _same_dtype_device(m, x) \
+        and not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                 or m._backward_pre_hooks) and not _global_module_hooks()
+
+
+def _conv_like(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``F.convNd`` on fake tensors: the kernel's shape checks (channels against the
+    weight and groups, bias length, kernel larger than the padded input), output
+    ``empty`` of ``(N, out_channels, L_out...)`` with ``L_out = floor((L + 2 p - d (k - 1)
+    - 1) / s) + 1`` per spatial dim (``padding="same"``: ``L``), as torch's ``Conv2d`` docs
+    give it. Measured per propagation (one thread, best of 3, fake kernel -> this):
+    regnet_y_800mf 123 -> 64 ms (grouped convs miss the fake-tensor dispatch cache),
+    efficientnet_b0 71 -> 55 ms; mobilenet_v3_large and resnet50 unchanged (cache hits)."""
+    w, b = m.weight, m.bias
+    spatial = x.shape[2:]
+    if x.shape[1] != w.shape[1] * m.groups:
+        raise RuntimeError(f"conv: input of shape {tuple(x.shape)} has {x.shape[1]} channels, "
+                           f"the weight of shape {tuple(w.shape)} with groups={m.groups} "
+                           f"expects {w.shape[1] * m.groups}")
+    if w.shape[0] % m.groups or (b is not None and tuple(b.shape) != (w.shape[0],)):
+        raise RuntimeError(f"conv: weight of shape {tuple(w.shape)}, bias "
+                           f"{None if b is None else tuple(b.shape)}, groups={m.groups}")
+    if isinstance(m.padding, str):
+        pad = (0,) * len(spatial) if m.padding == "valid" else None
+    else:
+        pad = m.padding
+    out = []
+    for i, size in enumerate(spatial):
+        k, s, d = w.shape[2 + i], m.stride[i], m.dilation[i]
+        if pad is None:  # "same" (stride 1, checked by the module's constructor)
+            out.append(size)
+            continue
+        span = size + 2 * pad[i] - d * (k - 1)
+        if span < 1:
+            raise RuntimeError(f"conv: kernel size {k} (dilation {d}) is larger than the "
+                               f"padded input size {size + 2 * pad[i]} of dim {2 + i}")
+        out.append((span - 1) // s + 1)
+    return torch.empty(x.shape[0], w.shape[0], *out, dtype=x.dtype, device=x.device)
+
+
 class _Recorder(torch.fx.Interpreter):
     def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
         """Eval-mode BatchNorm: the same checks as its kernel, output ``empty_like``.
@@ -94,6 +144,8 @@ class _Recorder(torch.fx.Interpreter):
         if _plain_linear(m) and len(args) == 1 and not kwargs \
                 and isinstance(args[0], torch.Tensor) and _same_dtype_device(m, args[0]):
             return _linear_like(m, args[0])  # else the kernel itself decides (fake tensors)
+        if len(args) == 1 and not kwargs and _plain_conv(m, args[0]):
+            return _conv_like(m, args[0])
         return super().call_module(target, args, kwargs)
 
     def run_node(self, n: torch.fx.Node) -> Any:

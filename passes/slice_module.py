@@ -11,10 +11,13 @@ changed follow (width names, a split's sections or a view's shape, slice bounds)
 rest are left alone (a stale one is caught by the check); an int attribute of the module
 that runs a reshape/view/split follows one int of it (LeViT ``key_dim``); a chunk or
 split(int) whose pieces the plan keeps unevenly, a plan breaking a count tie (a size the
-forward computes from another layer's width, ``analysis.count_ties``), an original
-softmax scale the forward derives from the kept width (torchvision Swin v1), and
-parametrised submodules the graph never ran whose input is sliced (train-only heads),
-are refused; the copy's outputs
+forward computes from another layer's width, ``analysis.count_ties``) and an original
+softmax scale the forward derives from the kept width (torchvision Swin v1) are
+refused; submodules only another mode
+runs (train-only heads, ``analysis.other_modes``) take their slices from that mode's
+graph sliced with the same labels, and ``check_other_modes`` proves slice == mask on that
+path (float64, dropout off, train-mode BatchNorm); parametrised submodules no analysed
+graph ran whose input is sliced are refused; the copy's outputs
 equal ``pruned``'s in float64 on the example inputs and on a
 doubled batch (float32 for a torch.export graph, which is specialised to its dtype),
 or ``ModuleOutputError`` / ``LiteralSizeError`` is raised.
@@ -38,18 +41,20 @@ import numpy as np
 import torch
 import torch.fx
 
-from fxprune.core.errors import (LiteralSizeError, ModuleOutputError, RewriteError,
-                                 UnprovenBranchWarning, exception_line, source_line)
+from fxprune.core.errors import (LiteralSizeError, ModuleOutputError, OtherModeWarning,
+                                 RewriteError, UnprovenBranchWarning, exception_line,
+                                 source_line)
 from fxprune.core.count_ties import broken_count_ties
 from fxprune.core.groups import GroupAnalysis
 from fxprune.core.graph_meta import get_meta
-from passes.slice_weights import keep_mask
+from passes.mask import insert_masks
+from passes.slice_weights import keep_mask, slice_weights
 from passes.rules.registry import (MODULE_FIXUPS, RewriteOptions, apply_module_fixup,
                                    find_module_entry)
 
 __all__ = ["slice_module", "literal_rewrites", "check_module_output", "uneven_chunks",
-           "refuse_uneven_chunks", "refuse_broken_count_ties",
-           "refuse_derived_scales", "check_unrun_modules", "head_reading"]
+           "refuse_uneven_chunks", "refuse_broken_count_ties", "refuse_derived_scales",
+           "check_unrun_modules", "check_other_modes", "unrun_modules", "head_reading"]
 
 
 def slice_module(model: torch.nn.Module, analysis: GroupAnalysis, kept: np.ndarray,
@@ -67,8 +72,17 @@ def slice_module(model: torch.nn.Module, analysis: GroupAnalysis, kept: np.ndarr
     refuse_broken_count_ties(analysis, kept)
     small = copy.deepcopy(model)
     touched = _copy_tensors(small, pruned)
-    parents = {p.rsplit(".", k)[0] for p in touched for k in range(1, p.count(".") + 1)}
     options = RewriteOptions(get_meta(pruned, "attention_scale", "original"))
+    # modules only another mode runs (train-only heads) take their slices from that
+    # mode's graph, sliced with the same kept labels
+    others = [(mode, slice_weights(mode.analysis, kept, attention_scale=options.attention_scale))
+              for mode in analysis.other_modes]
+    owner = dict.fromkeys(touched, analysis)
+    for mode, gm in others:
+        owner.update(dict.fromkeys(_copy_tensors(small, gm, only=mode.modules) - touched,
+                                   mode.analysis))
+    touched = set(owner)
+    parents = {p.rsplit(".", k)[0] for p in touched for k in range(1, p.count(".") + 1)}
     for path in sorted(touched | parents | {""}, key=lambda p: (-p.count("."), p)):
         # torch modules re-derive their attributes (in_channels, num_features...); other
         # modules keep theirs, and a stale one shows up in check_module_output
@@ -77,21 +91,28 @@ def slice_module(model: torch.nn.Module, analysis: GroupAnalysis, kept: np.ndarr
     changes = _size_changes(model, small)
     for path in sorted(parents | {""} | touched):
         _follow_sizes(small, path, changes)
-        _follow_heads(small, path, analysis, kept, options)
+        _follow_heads(small, path, owner.get(path, analysis), kept, options)
     _follow_size_tuples(model, small, analysis, pruned)
+    for mode, gm in others:
+        _follow_size_tuples(model, small, mode.analysis, gm)
     if check:
         check_module_output(small, pruned, analysis, rtol=rtol, atol=atol)
         check_unrun_modules(model, small, analysis, pruned)
+        check_other_modes(small, analysis, kept)
     return small
 
 
-def _copy_tensors(small: torch.nn.Module, pruned: torch.nn.Module) -> set[str]:
+def _copy_tensors(small: torch.nn.Module, pruned: torch.nn.Module,
+                  only: tuple[str, ...] | None = None) -> set[str]:
     """Put every tensor of ``pruned`` whose shape changed into ``small`` under its FQN
-    (tied names share one tensor, as in ``pruned``); returns the owning module paths."""
+    (tied names share one tensor, as in ``pruned``); returns the owning module paths.
+    ``only``: just the tensors of these submodules."""
     own = dict(small.named_parameters(remove_duplicate=False))
     own.update(small.named_buffers(remove_duplicate=False))
     theirs = dict(pruned.named_parameters(remove_duplicate=False))
     theirs.update(pruned.named_buffers(remove_duplicate=False))
+    if only is not None:
+        theirs = {f: t for f, t in theirs.items() if f.startswith(tuple(p + "." for p in only))}
     touched: set[str] = set()
     for fqn, new in theirs.items():
         if fqn not in own:
@@ -289,16 +310,21 @@ def _changed_sequences(before: torch.fx.Node, after: torch.fx.Node) -> list[tupl
 
 
 def _split_int_pairs(before: torch.fx.Node, after: torch.fx.Node) -> list[tuple[int, int]]:
-    """A ``split(int)`` the rewrite cut into equal kept pieces (a plan honouring the
-    analysis' ``split_ties``): the forward's section (``self.expand_chs // 2``) and the
-    total it was derived from follow, (old section, new) and (old total, new total)."""
+    """A ``split(int)`` the rewrite cut into the pieces ``split`` cuts (a plan honouring
+    the analysis' ``split_ties``): the forward's section (``self.expand_chs // 2``)
+    follows the first kept piece, (old section, new); where the pieces are all equal,
+    the total it was derived from too, (old total, new total). A shorter last piece
+    (``split(self.split_size)`` of 22: 8 / 8 / 6) leaves the total unknown here."""
     if getattr(before.target, "__name__", before.target) not in ("split", "unsafe_split"):
         return []
     arg = before.args[1] if len(before.args) > 1 else before.kwargs.get(
         "split_size", before.kwargs.get("split_size_or_sections"))
     new = after.args[1] if len(after.args) > 1 else None
-    if type(arg) is not int or not _int_seq(new) or len(set(new)) != 1 or new[0] == arg:
+    if type(arg) is not int or not _int_seq(new) or new[0] == arg or \
+            len(set(new[:-1])) > 1 or not 0 < new[-1] <= new[0]:
         return []
+    if new[-1] != new[0]:
+        return [(arg, int(new[0]))]
     return [(arg, int(new[0])), (arg * len(new), int(new[0]) * len(new))]
 
 
@@ -575,7 +601,8 @@ def check_unrun_modules(model: torch.nn.Module, small: torch.nn.Module,
     leaves the other branches' modules unrun: the width rule picks those that may crash
     and ``UnprovenBranchWarning`` names them (``fxprune.check_paths`` proves or refutes:
     a coinciding width is no proof). Raises ``ModuleOutputError`` naming the modules and the remedies."""
-    unrun = _unrun_modules(small, pruned)
+    covered = {p for mode in analysis.other_modes for p in mode.modules}
+    unrun = [p for p in unrun_modules(small, pruned) if p not in covered]
     if not unrun:
         return
     if get_meta(analysis.gm, "specialised"):  # frontend="record": one recorded path
@@ -593,6 +620,10 @@ def check_unrun_modules(model: torch.nn.Module, small: torch.nn.Module,
                 stacklevel=2)
         return
     x = tuple(analysis.example_inputs)
+    failed = "".join(f"; its {mode}-mode path could not be analysed ({info['why']}), so "
+                     f"they could not be sliced (example inputs the model accepts in {mode} "
+                     f"mode would let fxprune analyse it)" for mode, info in
+                     (get_meta(analysis.gm, "other_modes") or {}).items() if not info["analysed"])
     with torch.no_grad():
         try:
             copy.deepcopy(model).train()(*x)
@@ -600,20 +631,99 @@ def check_unrun_modules(model: torch.nn.Module, small: torch.nn.Module,
             changed = {old for pairs in _size_changes(model, small).values() for old, _ in pairs}
             hazards = [p for p in unrun if _input_width(small.get_submodule(p)) in changed]
             if hazards:
-                raise _unrun_error(hazards, "its input width is one the plan changes "
-                                   "(train mode could not be run on the example inputs "
-                                   "to prove otherwise)")
+                raise _unrun_error(hazards, "its input width is one the plan changes (train "
+                                   "mode could not be run on the example inputs to prove "
+                                   "otherwise)" + failed)
             return
         try:
             copy.deepcopy(small).train()(*x)
         except Exception as exc:
             raise _unrun_error(unrun, f"the sliced model crashes in train mode "
                                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-                               ) from exc
+                               + failed) from exc
 
 
-def _unrun_modules(small: torch.nn.Module, pruned: torch.fx.GraphModule) -> list[str]:
-    """Outermost submodules of ``small`` none of whose parameters the graph holds."""
+def check_other_modes(small: torch.nn.Module, analysis: GroupAnalysis, kept: np.ndarray, *,
+                      rtol: float = 1e-6, atol: float = 1e-7) -> None:
+    """slice == mask on each other mode's path (``analysis.other_modes``: train-only
+    heads): ``small`` in that mode against that mode's graph with the plan's channels
+    masked (``passes.mask.insert_masks``), both float64 copies with dropout off (train-mode
+    BatchNorm uses batch statistics, per channel, so a masked channel changes no kept
+    one), on the example inputs with a second, perturbed copy of the batch appended
+    (BatchNorm over one value per channel cannot train). Every output is compared, the
+    auxiliary ones included. A graph with functional dropout (random, not switched off
+    by a module's mode) is compared by output shapes only, with ``OtherModeWarning``.
+    Raises ``ModuleOutputError`` naming the modules and the remedies."""
+    for mode in analysis.other_modes:
+        train = mode.mode == "train"
+        masked = _in_mode(insert_masks(mode.analysis, kept), train)
+        a = _in_mode(small, train)
+        x = tuple(_to_double(t) for t in mode.analysis.example_inputs)
+        random = [n.format_node() for n in masked.graph.nodes
+                  if "dropout" in str(getattr(n.target, "__name__", n.target)).lower()
+                  and n.op in ("call_function", "call_method")]
+        with torch.no_grad():
+            try:
+                x2 = _two_samples(x)
+                want = _flat(masked(*x2))
+                x = x2
+            except Exception:  # a graph specialised to its batch size: the inputs alone
+                want = _flat(masked(*x))
+            try:
+                got = _flat(a(*x))
+            except Exception as exc:
+                raise _mode_error(mode, f"the sliced model does not run in {mode.mode} mode "
+                                  f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+                                  ) from exc
+        if random:
+            warnings.warn(f"compile(output=\"module\"): the {mode.mode}-mode path holds "
+                          f"functional dropout ({random[0]}), so it was checked by output "
+                          f"shapes only, not numerically", OtherModeWarning, stacklevel=2)
+            got = [g.new_zeros(g.shape) for g in got]
+            want = [w.new_zeros(w.shape) for w in want]
+        if len(got) != len(want) or any(g.shape != w.shape for g, w in zip(got, want)):
+            raise _mode_error(mode, f"in {mode.mode} mode it returns shapes "
+                              f"{[tuple(g.shape) for g in got]}, the masked model "
+                              f"{[tuple(w.shape) for w in want]}")
+        for i, (g, w) in enumerate(zip(got, want)):
+            if g.is_floating_point() and not torch.allclose(g, w.to(g.dtype), rtol=rtol, atol=atol):
+                raise _mode_error(mode, f"in {mode.mode} mode output {i} differs from the "
+                                  f"masked model's by up to {(g - w).abs().max().item():.3g} "
+                                  f"(float64)")
+
+
+def _in_mode(m: torch.nn.Module, train: bool) -> torch.nn.Module:
+    """A float64 copy of ``m`` in mode ``train`` with its dropout modules off."""
+    c = copy.deepcopy(m).to(torch.float64).train(train)
+    for sub in c.modules():
+        if isinstance(sub, torch.nn.modules.dropout._DropoutNd):
+            sub.eval()
+    return c
+
+
+def _two_samples(x: tuple) -> tuple:
+    """``x`` with a perturbed copy of its batch appended (floating tensors with a batch
+    dim; others repeated), so batch statistics see two different samples."""
+    g = torch.Generator().manual_seed(0)
+    return tuple(torch.cat([t, t + 0.5 * torch.randn(t.shape, generator=g, dtype=t.dtype)])
+                 if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() else
+                 torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() else t for t in x)
+
+
+def _mode_error(mode: Any, what: str) -> ModuleOutputError:
+    shown = ", ".join(mode.modules[:4]) + (" ..." if len(mode.modules) > 4 else "")
+    return ModuleOutputError(
+        f"compile(output=\"module\"): {what}. The {mode.mode}-mode path was analysed with "
+        f"the captured one ({shown} run only in {mode.mode} mode), but the module does not "
+        f"follow it there. Keep the channels those modules read (ignore=[...]), remove "
+        f"them before pruning (torchvision GoogLeNet/Inception3: aux_logits=False), or use "
+        f"output=\"graph\" (the GraphModule, eval mode).")
+
+
+def unrun_modules(small: torch.nn.Module, pruned: torch.fx.GraphModule) -> list[str]:
+    """Outermost submodules of ``small`` with parameters, none of which the graph
+    ``pruned`` holds (the captured mode never ran them: GoogLeNet's ``aux1``/``aux2`` in
+    eval mode)."""
     used = {f for f, _ in pruned.named_parameters(remove_duplicate=False)}
     out: list[str] = []
     for path, m in small.named_modules():

@@ -200,3 +200,10 @@ class UnprovenBranchWarning(UserWarning):
     """``compile(output="module")`` of a graph recorded on one path (``frontend="record"``)
     left modules on another branch unsliced whose input width the plan changes: that
     branch may crash. ``fxprune.check_paths`` proves it or names the remedy."""
+
+
+class OtherModeWarning(UserWarning):
+    """The captured graph left submodules with parameters unrun (auxiliary heads that run
+    only in training): fxprune captured the other mode too and merged its couplings into
+    the analysis, or says why it could not; or a check of that mode's path was weaker
+    than numerical."""

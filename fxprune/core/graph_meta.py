@@ -13,6 +13,10 @@ Keys:
     ``tokens``: the ``TokenSchedule`` of a token-reduced graph (``passes.token_merge``).
     ``attention_scale``: ``"original"`` or ``"recompute"``, how ``slice_weights`` wrote
     softmax scales of pruned heads.
+    ``other_modes``: ``{mode: {"modules", "analysed", "why"}}``, where the captured graph
+    left parameterised submodules unrun: the submodules only that mode runs, whether its
+    graph was analysed with the captured one (``fxprune.capture.capture_other_modes``)
+    and, when not, why.
 """
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ import torch
 __all__ = ["META_KEY", "KEYS", "get_meta", "set_meta"]
 
 META_KEY = "fxprune"
-KEYS = frozenset({"frontend", "specialised", "fallback_reason", "masked_value", "tokens", "attention_scale"})
+KEYS = frozenset({"frontend", "specialised", "fallback_reason", "masked_value", "tokens", "attention_scale",
+                  "other_modes"})
 
 
 def _check(key: str) -> None:

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import torch.fx
 
-__all__ = ["Member", "ChannelGroup", "GroupAnalysis", "Pin", "SplitTie", "CountTie"]
+__all__ = ["Member", "ChannelGroup", "GroupAnalysis", "ModeAnalysis", "Pin", "SplitTie",
+           "CountTie"]
 
 
 @dataclass(frozen=True)
@@ -136,12 +137,14 @@ class Pin:
 
 @dataclass(frozen=True)
 class SplitTie:
-    """A ``chunk(n)`` / ``split(int)`` along a channel dim: the forward cuts equal pieces,
-    so a plan must keep the same count in each (``fxprune.core.ties``).
+    """A ``chunk(n)`` / ``split(int)`` along a channel dim: the forward cuts equal pieces
+    (the last one shorter where the width is not a multiple), so a plan must keep the
+    counts that chunk / split cuts from its kept width (``fxprune.core.ties``).
 
     ``pieces[k]`` holds the global unit label of every index of piece ``k`` along ``dim``
     (-1: never pruned); ``groups`` names the groups whose units the pieces hold; ``source``
-    is the user's line of the node when the tracer recorded it.
+    is the user's line of the node when the tracer recorded it; ``chunks`` is ``n`` of a
+    ``chunk(n)`` (0 for ``split(int)``, whose int an attribute may hold).
     """
 
     node: str
@@ -149,10 +152,40 @@ class SplitTie:
     pieces: tuple[np.ndarray, ...] = field(repr=False, compare=False)
     groups: tuple[str, ...]
     source: str = ""
+    chunks: int = 0
+
+    @property
+    def shortfall(self) -> int:
+        """How many indices fewer the last piece holds than the others (0: all equal)."""
+        return len(self.pieces[0]) - len(self.pieces[-1])
+
+    @property
+    def cut(self) -> str:
+        """The pieces in words: "3 equal pieces", "3 pieces, the last 2 shorter"."""
+        return f"{len(self.pieces)} " + (f"pieces, the last {self.shortfall} shorter"
+                                         if self.shortfall else "equal pieces")
 
     def describe(self) -> str:
-        return f"{self.node} ({len(self.pieces)} equal pieces" + \
+        return f"{self.node} ({self.cut}" + \
             (f" at {self.source})" if self.source else ")")
+
+
+@dataclass(frozen=True)
+class ModeAnalysis:
+    """The model's graph in another mode (``mode``: "train"), analysed with the same unit
+    labels as the analysis that holds it: ``analysis.gm`` is that mode's graph,
+    ``modules`` the submodules with parameters that only it runs."""
+
+    mode: str
+    analysis: GroupAnalysis = field(repr=False)
+    modules: tuple[str, ...]
+
+    @property
+    def note(self) -> str:
+        shown = ", ".join(self.modules[:4]) + (" ..." if len(self.modules) > 4 else "")
+        return (f"the {self.mode}-mode path was analysed too: {shown} run only in "
+                f"{self.mode} mode; the channels they read are coupled with the groups, "
+                f"their own channels are kept whole")
 
 
 @dataclass(frozen=True)
@@ -226,6 +259,14 @@ class GroupAnalysis:
     # read off the block input): default plans make the follower's count follow the
     # leader's (``fxprune.core.count_ties``)
     count_ties: tuple["CountTie", ...] = field(repr=False, compare=False, default=())
+    # the model captured in another mode too (train: auxiliary heads), its couplings and
+    # pins merged into these groups (``passes.find_groups``, ``other_modes=``)
+    other_modes: tuple[ModeAnalysis, ...] = field(repr=False, compare=False, default=())
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """What the analysis did beyond the captured graph (other modes analysed)."""
+        return tuple(m.note for m in self.other_modes)
 
     def group(self, key: int | str) -> ChannelGroup:
         """A group by id, by name (``"conv1.weight[0]"``), by any slice it holds

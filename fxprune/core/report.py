@@ -25,7 +25,8 @@ def analysis_table(analysis: "GroupAnalysis", *, max_members: int = 4,
                      len(g.merged_by)))
     head = ["id", "group", "units", "gran", "exact", "#slices", "slices", "#merges"]
     table = tabulate(rows, headers=head, tablefmt=tablefmt)
-    footer = "\n".join(f for f in (ties_footer(analysis), count_ties_footer(analysis)) if f)
+    footer = "\n".join(filter(None, [ties_footer(analysis), count_ties_footer(analysis),
+                                     *analysis.notes]))
     return table + ("\n" + footer if footer else "")
 
 
@@ -173,6 +174,9 @@ def find_pins(analysis: "GroupAnalysis") -> tuple["Pin", ...]:
         name = node.name if node is not None else ""
         out.append(_pin(fqn, 0, int(t.shape[0]), int(t.shape[0]),
                         (f"{name}: {why}" if name else why,), nodes))
+    known = seen | {f for f, _ in gm.named_parameters(remove_duplicate=False)}
+    for mode in analysis.other_modes:  # tensors only another mode's graph reads (aux heads)
+        out.extend(p for p in find_pins(mode.analysis) if p.fqn not in known)
     return tuple(out)
 
 

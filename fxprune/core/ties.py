@@ -27,7 +27,8 @@ import numpy as np
 
 from fxprune.core.groups import GroupAnalysis, SplitTie
 
-__all__ = ["TiedOrder", "tied_orders", "broken_ties", "untied_ties", "tie_atoms", "ties_meta"]
+__all__ = ["TiedOrder", "tied_orders", "broken_ties", "untied_ties", "tie_atoms", "ties_meta",
+           "chunk_sizes", "tie_holds"]
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,8 @@ def tied_orders(analysis: GroupAnalysis, scores: Mapping[str, np.ndarray]
         ranked = ids[np.lexsort((ids, score[ids]))]
         order = np.concatenate([np.flatnonzero(atom == a) for a in ranked])
         cuts = np.concatenate([[0], np.cumsum([int((atom == a).sum()) for a in ranked])])
-        out[name] = TiedOrder(name, order, cuts.astype(np.int64), atom,
+        cuts = _holding_cuts(analysis, ties, order, cuts.astype(np.int64))
+        out[name] = TiedOrder(name, order, cuts, atom,
                               tuple(t.node for t in ties), notes)
     return out, held
 
@@ -117,13 +119,84 @@ def tie_atoms(analysis: GroupAnalysis, size: int, ties: list[SplitTie], scores: 
     for i in sorted(range(len(ties)), key=lambda i: (span[i], i)):  # innermost first
         tie = ties[i]
         pieces = [analysis.local_of[lab[lab >= 0]] for lab in tie.pieces]
-        pinned = {int((lab < 0).sum()) for lab in tie.pieces}
-        if len(pinned) > 1:
-            return atom, f"the pieces of {tie.describe()} hold unequal never-pruned counts", ()
+        pieces, why, note = _set_excess_apart(atom, tie, pieces, _atom_scores(atom, scores))
+        if why:
+            return atom, why, ()
+        if note:
+            notes.append(note)
         why = _merge(atom, pieces, _atom_scores(atom, scores))
         if why:
             notes.append(f"{tie.node}: {why}, so its units go (or stay) together")
     return atom, "", tuple(notes)
+
+
+def _set_excess_apart(atom: np.ndarray, tie: SplitTie, pieces: list[np.ndarray],
+                      score: np.ndarray) -> tuple[list[np.ndarray], str, str]:
+    """A tie whose last piece is shorter (``chunk(3)`` of 88: 30 / 30 / 28) stays valid
+    while every piece loses as many indices, and once the longer pieces' excess goes
+    (then all equal): the lowest-scored atoms holding exactly that excess merge into
+    one atom (in place), set apart from the balancing. (the pieces left to balance, why
+    the group must stay whole or "", a note for the plan's meta)."""
+    pinned = [int((lab < 0).sum()) for lab in tie.pieces]
+    if not tie.shortfall:
+        why = "" if len(set(pinned)) == 1 else \
+            f"the pieces of {tie.describe()} hold unequal never-pruned counts"
+        return pieces, why, ""
+    excess = np.array([len(p) - len(pieces[-1]) for p in pieces[:-1]] + [0])
+    long = len(tie.pieces[0])
+    if len(set(pinned[:-1])) > 1 or excess[0] < 0 or \
+            not tie_holds(tie, [long - excess[0]] * (len(pieces) - 1) + [long - tie.shortfall]):
+        return pieces, f"the pieces of {tie.describe()} hold never-pruned counts that " \
+                       f"no kept width cuts alike", ()
+    if not excess.any():  # the shorter piece holds fewer never-pruned indices only
+        return pieces, "", f"{tie.node}: the last piece keeps {tie.shortfall} fewer"
+    weights, held, chosen = _weights(atom, pieces), np.zeros_like(excess), []
+    for a in sorted((a for a, w in weights.items() if w[-1] == 0), key=lambda a: (score[a], a)):
+        if (held == excess).all():
+            break
+        if (held + weights[a] <= excess).all():
+            chosen.append(a)
+            held = held + weights[a]
+    if not (held == excess).all():
+        return pieces, f"no units of {tie.describe()} make up the {tie.shortfall} indices " \
+                       f"its longer pieces hold more", ""
+    atom[np.isin(atom, chosen)] = min(chosen)
+    note = f"{tie.node}: the last piece keeps {tie.shortfall} fewer, or as many once the " \
+           f"{int(excess[0])} indices more of each other piece go (one atom)"
+    return [p[atom[p] != min(chosen)] for p in pieces], "", note
+
+
+def _holding_cuts(analysis: GroupAnalysis, ties: list[SplitTie], order: np.ndarray,
+                  cuts: np.ndarray) -> np.ndarray:
+    """``cuts`` without those that leave a tie's pieces other than chunk / split cuts them
+    (a shorter last piece emptied while the others are not): only where a piece is shorter."""
+    if not any(t.shortfall for t in ties):
+        return cuts
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    ok = np.ones(len(cuts), dtype=bool)
+    for tie in (t for t in ties if t.shortfall):
+        ranks = [rank[analysis.local_of[lab[lab >= 0]]] for lab in tie.pieces]
+        pinned = [int((lab < 0).sum()) for lab in tie.pieces]
+        for j, cut in enumerate(cuts[1:-1].tolist(), start=1):
+            ok[j] &= tie_holds(tie, [p + int((r >= cut).sum()) for p, r in zip(pinned, ranks)])
+    return cuts[ok]
+
+
+def chunk_sizes(total: int, *, chunks: int = 0, step: int = 0) -> list[int]:
+    """The pieces ``chunk(chunks)`` (or, ``chunks=0``, ``split(step)``) cuts from
+    ``total`` indices: ``ceil(total / chunks)`` (``step``) each, the last the rest."""
+    step = -(-total // chunks) if chunks else step
+    if total <= 0 or step <= 0:
+        return []
+    return [min(step, total - k * step) for k in range(-(-total // step))]
+
+
+def tie_holds(tie: SplitTie, counts: list[int]) -> bool:
+    """Whether kept ``counts`` per piece are what the tie's chunk / split(int) cuts from
+    their total (a ``split(int)``'s int follows the first piece); an empty one holds."""
+    total = sum(counts)
+    return total == 0 or chunk_sizes(total, chunks=tie.chunks, step=counts[0]) == list(counts)
 
 
 def _merge(atom: np.ndarray, pieces: list[np.ndarray], score: np.ndarray) -> str:
@@ -272,13 +345,14 @@ def untied_ties(analysis: GroupAnalysis) -> dict[str, str]:
 
 
 def broken_ties(analysis: GroupAnalysis, kept: np.ndarray) -> list[str]:
-    """Ties whose pieces ``kept`` (a bool per global unit) leaves unequal, with counts."""
+    """Ties whose pieces ``kept`` (a bool per global unit) leaves other than the forward's
+    chunk / split(int) cuts them from their total, with counts."""
     out = []
     for tie in analysis.split_ties:
         if len(tie.groups) > 1:
             continue  # untied_ties
         counts = [int((lab < 0).sum() + kept[lab[lab >= 0]].sum()) for lab in tie.pieces]
-        if len(set(counts)) > 1:
+        if not tie_holds(tie, counts):
             out.append(f"{tie.describe()}: kept {counts}")
     return out
 

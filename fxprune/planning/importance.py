@@ -673,6 +673,11 @@ class Importance:
     et al. 2022) reads ``latency``, a ``fxprune.cost.LatencyTable`` measured on the
     target device (else measured here, on this one, and cached): a group's per-unit saving
     is the table's predicted drop when half the group's alive units go, per unit.
+    ``latency_weight`` (``a >= 0``, with ``normalize="latency"``) divides instead by
+    ``ms * (ms / MACs) ** (a - 1)``: 1 is the score per ms above, 0 the score per MAC,
+    and above 1 the ranking prefers removing units whose milliseconds per MAC are high
+    (the layers the backend runs least efficiently), so that at a MAC target the plan
+    is faster, trading some score (``benchmarks/latency_aware.py`` measures both).
     Data-driven criteria need ``data`` (an iterable of ``(inputs, target)`` batches; only
     the first ``batches`` are read, once) with ``loss_fn(output, target)``, or
     ``closure(model, i) -> loss`` for batch ``i < batches``. ``probes`` and ``eps`` set
@@ -695,6 +700,7 @@ class Importance:
     eps: float = 1e-3
     seed: int = 0
     latency: Any = field(default=None, repr=False, compare=False)
+    latency_weight: float = 1.0
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -710,6 +716,11 @@ class Importance:
             raise ImportanceError("latency= is read by normalize='latency' only; pass both, or "
                                   "give the table to fxprune.plan(latency=...) for a latency "
                                   "target")
+        if not (isinstance(self.latency_weight, (int, float)) and self.latency_weight >= 0):
+            raise ImportanceError(f"latency_weight must be a number >= 0, got "
+                                  f"{self.latency_weight!r}")
+        if self.latency_weight != 1.0 and self.normalize != "latency":
+            raise ImportanceError("latency_weight is read by normalize='latency' only")
         if self.batches < 1 or self.probes < 1 or not self.eps > 0:
             raise ImportanceError("batches and probes must be >= 1 and eps > 0")
         if self.spec is not None and self.spec.needs_data and self.closure is None and (
@@ -776,13 +787,27 @@ class Importance:
         kind = self.cost_kind
         if kind is None:
             return raw
-        unit = _latency_saving(ctx, g) if kind == "latency" else ctx.cost.unit_cost(g, kind)
+        unit = self._latency_divisor(ctx, g) if kind == "latency" else \
+            ctx.cost.unit_cost(g, kind)
         free = unit <= 0
         if free.any():
             ctx.warnings.append(f"group {g.name}: removing {int(free.sum())} of its units saves "
                                 f"no {kind}; normalize={kind!r} keeps them (score +inf)")
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(free, np.inf, raw / np.where(free, 1.0, unit))
+
+    def _latency_divisor(self, ctx: ScoreContext, g: ChannelGroup) -> np.ndarray:
+        """ms saved x (ms saved per MAC saved) ** (latency_weight - 1), per unit: the
+        score per ms at weight 1, per MAC at 0 (for units that save MACs), and above 1
+        a growing preference for the units whose milliseconds per MAC are high."""
+        ms = _latency_saving(ctx, g)
+        a = float(self.latency_weight)
+        if a == 1.0:
+            return ms
+        macs = ctx.cost.unit_cost(g, "macs")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where((macs > 0) & (ms > 0), ms / np.where(macs > 0, macs, 1.0), 1.0)
+        return np.where(macs > 0, ms * ratio ** (a - 1.0), ms)
 
     def __call__(self, analysis: GroupAnalysis, group: ChannelGroup) -> np.ndarray:
         key = (id(analysis), analysis.fingerprint)

@@ -94,3 +94,75 @@ def test_onnxruntime_falls_back_to_the_deployment_exporter_and_says_so():
         run = prepare_backend("onnxruntime", vit, (x,))
     with torch.no_grad():
         assert np.allclose(run()[0], vit(x).numpy(), atol=1e-5)
+
+
+def test_cli_bench_memory_format_auto_measures_and_says_which(capsys):
+    pytest.importorskip("torchvision")
+    from fxprune.cli import main
+
+    rc = main(["bench", "torchvision:resnet18", "--ratio", "0.5", "--input-shape", "1,3,32,32",
+               "--batch", "1", "--repeats", "2", "--memory-format", "auto"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "memory format: " in out and "channels-last " in out
+
+
+def test_faster_memory_format_keeps_contiguous_within_the_margin():
+    from fxprune.bench import faster_memory_format
+
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()).eval()
+    # margin 1.0: channels-last would have to take no time at all
+    layout, got = faster_memory_format(m, (torch.randn(1, 3, 16, 16),), repeats=2, margin=1.0)
+    assert layout == "contiguous" and set(got) == {"contiguous", "channels_last"}
+    assert all(p.is_contiguous() for p in m.parameters())
+
+
+def test_measured_latency_target_is_not_moved_by_load_between_runs(monkeypatch):
+    """The search compares each run's pruned/dense ratio: a machine twice, three times...
+    as busy at each run (both models slower alike) finds the same plan, with the same
+    figure, as a machine whose load never changes."""
+    import fxprune.bench as bench
+    from fxprune.bench import LatencyStats, plan_for_measured_latency
+    from fxprune.cli import count_macs
+
+    model, x = _tiny(32), (torch.randn(1, 3, 16, 16),)
+    dense_macs = count_macs(model, x)
+
+    def search(growing: bool):
+        calls = []
+
+        def fake(models, inputs, **kwargs):  # ms = 1 + 9 * MAC share, times the load
+            calls.append(1)
+            load = float(len(calls)) if growing else 1.0
+            return {k: LatencyStats(*(3 * [load * (1 + 9 * count_macs(m, inputs) / dense_macs)]),
+                                    1) for k, m in models.items()}
+
+        monkeypatch.setattr(bench, "measure_model_latency", fake)
+        plan, _, ms = plan_for_measured_latency(model, x, 6.0, round_to=1, scope="local",
+                                                max_iters=4, tolerance=1e-9)  # all 4 tries
+        return plan.keep, ms, len(calls)
+
+    steady, busier = search(False), search(True)
+    assert busier[2] >= 3  # several runs, each busier than the last
+    assert busier[0] == steady[0] and busier[1] == pytest.approx(steady[1])
+
+
+def test_latency_target_as_a_fraction_of_dense(monkeypatch):
+    import fxprune.bench as bench
+    from fxprune.bench import LatencyStats, plan_for_measured_latency
+    from fxprune.cli import count_macs
+
+    model, x = _tiny(32), (torch.randn(1, 3, 16, 16),)
+    dense_macs = count_macs(model, x)
+    with pytest.raises(ValueError, match="one of target_ms"):
+        plan_for_measured_latency(model, x, 5.0, target_fraction=0.5)
+    with pytest.raises(ValueError, match="target_fraction must be"):
+        plan_for_measured_latency(model, x, target_fraction=1.5)
+    load = [3.0]  # the first (dense) run sets what the fraction means: 3x busier -> 30 ms
+    monkeypatch.setattr(bench, "measure_model_latency", lambda models, inputs, **kw: {
+        k: LatencyStats(*(3 * [load[0] * (1 + 9 * count_macs(m, inputs) / dense_macs)]), 1)
+        for k, m in models.items()})
+    by_fraction = plan_for_measured_latency(model, x, target_fraction=0.6, round_to=1,
+                                            scope="local", max_iters=3)
+    load[0] = 1.0
+    by_ms = plan_for_measured_latency(model, x, 6.0, round_to=1, scope="local", max_iters=3)
+    assert by_fraction[0].keep == by_ms[0].keep and by_fraction[2] == pytest.approx(3 * by_ms[2])

@@ -100,3 +100,33 @@ def test_a_latency_table_without_latency_normalize_is_refused():
     _, table = _table(analysis, "a", 2.0)
     with pytest.raises(ImportanceError, match="normalize='latency' only"):
         Importance("l1", latency=table)
+
+
+def test_latency_weight_moves_between_per_mac_and_per_ms():
+    torch.manual_seed(0)
+    analysis = fxprune.analyze(Two().eval(), torch.randn(1, 3, 8, 8))
+    cost, table = _table(analysis, "a", 5.0)
+    (group,) = analysis.groups
+    piece = {m.fqn.split(".")[0]: sorted(set(m.units[m.units >= 0].tolist()))
+             for m in group.members if m.role == "out"}
+    raw = Importance("l1", layer_norm="mean", normalize=None).scores(analysis, cost=cost)
+    per_mac = Importance("l1", layer_norm="mean", normalize="macs").scores(analysis, cost=cost)
+
+    def saving_ratio(w):  # slow branch's divisor over the fast one's
+        s = Importance("l1", layer_norm="mean", normalize="latency", latency=table,
+                       latency_weight=w).scores(analysis, cost=cost)
+        d = raw[group.name] / s[group.name]
+        if w == 0:  # ms * (ms / MACs) ** -1 == MACs: the per-MAC ranking exactly
+            np.testing.assert_allclose(s[group.name], per_mac[group.name], rtol=1e-9)
+        return float(np.median(d[piece["a"]]) / np.median(d[piece["b"]]))
+
+    assert saving_ratio(0) == pytest.approx(1.0, rel=1e-6)  # equal MACs per unit
+    assert saving_ratio(1) == pytest.approx(5.0, rel=0.05)
+    assert saving_ratio(3) == pytest.approx(5.0 ** 3, rel=0.15)
+
+
+def test_latency_weight_is_checked():
+    with pytest.raises(fxprune.core.errors.ImportanceError, match="latency_weight must be"):
+        Importance("l1", normalize="latency", latency_weight=-1)
+    with pytest.raises(fxprune.core.errors.ImportanceError, match="normalize='latency' only"):
+        Importance("l1", normalize="macs", latency_weight=2)

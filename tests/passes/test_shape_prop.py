@@ -128,3 +128,58 @@ def test_linear_of_another_dtype_is_left_to_the_kernel(monkeypatch):
     except fxprune.ShapePropagationError:
         pass  # whatever the kernel says; the shortcut was not asked
     assert gm.get_submodule("fc1") in asked and gm.get_submodule("fc2") not in asked
+
+
+_CONV_CASES = [  # (dims, in, out, kernel, stride, padding, dilation, groups, spatial)
+    (2, 6, 8, 3, 1, 1, 1, 1, (9, 7)), (2, 6, 6, 3, 2, 1, 1, 6, (9, 7)),
+    (2, 4, 8, (1, 5), (2, 1), (0, 2), (1, 2), 2, (6, 11)), (2, 6, 8, 4, 1, "same", 2, 1, (5, 8)),
+    (2, 6, 8, 3, 3, "valid", 1, 1, (10, 3)), (1, 4, 4, 5, 2, 3, 1, 4, (13,)),
+    (3, 2, 4, 3, (1, 2, 2), 1, 1, 2, (4, 5, 6)), (2, 6, 8, 7, 4, 0, 1, 1, (7, 8)),
+]
+
+
+@pytest.mark.parametrize("case", range(len(_CONV_CASES)))
+def test_conv_shortcut_records_what_the_fake_kernel_records(monkeypatch, case):
+    """nn.ConvNd's output is made without running the conv on fakes: the same tensor_meta
+    (shape, strides, dtype) as the fake kernel, for strides, paddings (ints, tuples,
+    'same', 'valid'), dilations, groups and 1-3 spatial dims."""
+    import passes.shape_prop as shape_prop
+
+    d, cin, cout, k, s, p, dil, g, spatial = _CONV_CASES[case]
+    conv = getattr(nn, f"Conv{d}d")(cin, cout, k, stride=s, padding=p, dilation=dil, groups=g)
+    gm = fxprune.trace(nn.Sequential(conv, nn.ReLU()))
+    x = torch.randn(2, cin, *spatial)
+    asked = []
+    real = shape_prop._conv_like
+    monkeypatch.setattr(shape_prop, "_conv_like", lambda m, x: asked.append(m) or real(m, x))
+    propagate_shapes(gm, (x,))
+    fast = {n.name: n.meta.get("tensor_meta") for n in gm.graph.nodes}
+    assert asked  # the shortcut ran
+    monkeypatch.setattr(shape_prop, "_plain_conv", lambda m, x: False)
+    propagate_shapes(gm, (x,))
+    assert fast == {n.name: n.meta.get("tensor_meta") for n in gm.graph.nodes}
+    assert fast["_0"].shape == conv(x).shape
+
+
+@pytest.mark.parametrize("bad", ["channels", "bias", "kernel"])
+def test_conv_shortcut_fails_closed_like_the_kernel(bad):
+    conv = nn.Conv2d(6, 8, 3, groups=2)
+    with torch.no_grad():
+        if bad == "channels":
+            conv.weight = nn.Parameter(torch.randn(8, 2, 3, 3))
+        elif bad == "bias":
+            conv.bias = nn.Parameter(torch.randn(5))
+    gm = fxprune.trace(nn.Sequential(conv))
+    x = torch.randn(1, 6, 2 if bad == "kernel" else 5, 5)
+    with pytest.raises(fxprune.ShapePropagationError, match="_0"):
+        propagate_shapes(gm, (x,))
+
+
+def test_channels_last_conv_input_is_left_to_the_kernel():
+    """A channels-last input gives a channels-last output: the kernel's strides, recorded."""
+    conv = nn.Conv2d(4, 8, 3)
+    gm = fxprune.trace(nn.Sequential(conv))
+    x = torch.randn(2, 4, 6, 6).to(memory_format=torch.channels_last)
+    propagate_shapes(gm, (x,))
+    assert [n.meta["tensor_meta"].stride for n in gm.graph.nodes if n.name == "_0"] == \
+        [conv(x).stride()]

@@ -40,14 +40,23 @@ def _group(analysis, name):
     return next(g for g in analysis.groups if g.name == name)
 
 
-def test_unrun_head_refused_naming_module():
+def test_unrun_head_sliced_from_the_train_graph():
+    """The train-mode path is analysed too (tests/fxprune/test_module_train_heads.py):
+    the head's input follows the plan; refused where that path cannot be analysed."""
     torch.manual_seed(0)
     m, x = AuxNet().eval(), torch.randn(2, 3, 8, 8)
-    a = fxprune.analyze(m, (x,))
+    with pytest.warns(UserWarning, match="run only in train mode"):
+        a = fxprune.analyze(m, (x,))
+    plan = Plan.from_indices(a, {"conv1.weight[0]": range(12)})
+    small = fxprune.compile(m, plan, output="module")
+    assert small.aux[0].in_channels == 12 and m.conv1.out_channels == 16  # m untouched
+    out, aux = small.train()(x)
+    (out.sum() + aux.sum()).backward()
+    with pytest.warns(UserWarning, match="could not be analysed"):
+        a = fxprune.analyze(m, (torch.randn(2, 3, 4, 4),))  # Linear(4 * 8 * 8) in train
     plan = Plan.from_indices(a, {"conv1.weight[0]": range(12)})
     with pytest.raises(ModuleOutputError, match=r"never ran.*: aux;.*train mode"):
         fxprune.compile(m, plan, output="module")
-    assert m.conv1.out_channels == 16  # the user's model is untouched
 
 
 def test_unrun_head_fine_when_its_input_is_whole():

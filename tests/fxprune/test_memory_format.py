@@ -1,0 +1,63 @@
+"""compile(memory_format="channels_last"): conv weights channels-last, values proven equal."""
+import pytest
+import torch
+import torchvision
+
+import fxprune
+from fxprune.core.errors import VerificationError
+from passes.memory_format import check_memory_format, describe_formats, to_channels_last
+
+
+def _small_resnet():
+    torch.manual_seed(0)
+    m = torchvision.models.resnet18(num_classes=10).eval()
+    return m, (torch.randn(2, 3, 64, 64),)
+
+
+@pytest.mark.parametrize("output", ["graph", "module"])
+def test_channels_last_compile_equals_contiguous(output):
+    model, x = _small_resnet()
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    plan = fxprune.Plan.from_ratio(fxprune.analyze(model, x), 0.5)
+    plain = fxprune.compile(model, plan, output=output).eval()
+    cl = fxprune.compile(model, plan, output=output, memory_format="channels_last").eval()
+    fmt = describe_formats(cl)
+    assert fmt["channels_last"] == 20 and fmt["contiguous"] == 0, fmt
+    assert describe_formats(plain)["channels_last"] == 0
+    with torch.no_grad():
+        y = cl(*x)
+        assert torch.allclose(y, plain(*x), rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
+    assert all(p.is_contiguous() for p in model.parameters())  # the user's model untouched
+    if output == "module":
+        assert isinstance(cl, torchvision.models.ResNet)
+        cl.train()(*x).sum().backward()  # trains in channels-last too
+
+
+def test_bad_memory_format_is_refused():
+    model, x = _small_resnet()
+    plan = fxprune.Plan.keep_all(fxprune.analyze(model, x))
+    with pytest.raises(ValueError, match="memory_format must be"):
+        fxprune.compile(model, plan, memory_format="nhwc")
+
+
+class _Views(torch.nn.Module):
+    """A .view of a conv output that only contiguous strides allow."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y.view(y.shape[0], -1)
+
+
+def test_a_view_that_rejects_channels_last_is_named():
+    m = _Views().eval()
+    x = (torch.randn(2, 3, 8, 8),)
+    with pytest.raises(VerificationError, match="does not run.*test_memory_format.py"):
+        check_memory_format(m, to_channels_last(m), x)
+    with pytest.raises(Exception, match="memory_format=None"):
+        fxprune.compile(m, fxprune.Plan.keep_all(fxprune.analyze(m, x)), output="module",
+                        memory_format="channels_last")

@@ -31,8 +31,8 @@ import numpy as np
 
 from fxprune.core.groups import CountTie, GroupAnalysis
 
-__all__ = ["CountLink", "count_links", "follow_counts", "broken_count_ties",
-           "count_ties_meta", "leader_multiple"]
+__all__ = ["CountLink", "count_links", "hold_links", "follow_counts", "follower_cap",
+           "broken_count_ties", "count_ties_meta", "leader_multiple"]
 
 
 @dataclass(frozen=True)

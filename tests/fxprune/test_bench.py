@@ -116,6 +116,17 @@ def test_faster_memory_format_keeps_contiguous_within_the_margin():
     assert all(p.is_contiguous() for p in m.parameters())
 
 
+def _macs_table(cost, **kwargs):
+    """A deterministic latency table (ms = MACs, sampled dense and at one unit per group):
+    the planner's predictions do not depend on this machine's timing."""
+    from fxprune.planning.cost import uniform_kept
+    from fxprune.planning.cost.latency import _build_table
+
+    samples = [(c, {n: 1e-6 * v.macs + 1e-7 * v.memory for n, v in c.items()})
+               for c in (cost.node_costs(uniform_kept(cost.analysis, 0.0)), cost.node_costs(None))]
+    return _build_table(f"{cost.analysis.fingerprint}|macs", "cpu", cost, samples)
+
+
 def test_measured_latency_target_is_not_moved_by_load_between_runs(monkeypatch):
     """The search compares each run's pruned/dense ratio: a machine twice, three times...
     as busy at each run (both models slower alike) finds the same plan, with the same
@@ -124,6 +135,9 @@ def test_measured_latency_target_is_not_moved_by_load_between_runs(monkeypatch):
     from fxprune.bench import LatencyStats, plan_for_measured_latency
     from fxprune.cli import count_macs
 
+    import fxprune.planning.cost as cost_package
+
+    monkeypatch.setattr(cost_package, "measure_latency", _macs_table)
     model, x = _tiny(32), (torch.randn(1, 3, 16, 16),)
     dense_macs = count_macs(model, x)
 
@@ -151,6 +165,9 @@ def test_latency_target_as_a_fraction_of_dense(monkeypatch):
     from fxprune.bench import LatencyStats, plan_for_measured_latency
     from fxprune.cli import count_macs
 
+    import fxprune.planning.cost as cost_package
+
+    monkeypatch.setattr(cost_package, "measure_latency", _macs_table)
     model, x = _tiny(32), (torch.randn(1, 3, 16, 16),)
     dense_macs = count_macs(model, x)
     with pytest.raises(ValueError, match="one of target_ms"):

@@ -222,3 +222,18 @@ def test_graph_output_of_batch_times_heads_reshape_keeps_the_batch():
     x2 = torch.randn(2, 5, 32)
     with torch.no_grad():
         torch.testing.assert_close(small(x2)[1:], small(x2[1:]))
+
+
+@pytest.mark.xfail(strict=True, reason="bench --repeats 0 runs the pruning then raises a raw "
+                   "ValueError (exit 1); --batch 0 benches empty tensors (exit 0)")
+@pytest.mark.parametrize("bad", [["--repeats", "0"], ["--batch", "0"]])
+def test_cli_bench_rejects_bad_counts_up_front(bad, capsys):
+    pytest.importorskip("torchvision")
+    from fxprune.cli import main
+
+    try:
+        rc = main(["bench", "torchvision:resnet18", "--input-shape", "1,3,16,16",
+                   "--batch", "1", "--repeats", "1", *bad])
+    except SystemExit as e:  # argparse's own refusal
+        rc = e.code
+    assert rc == 2

@@ -1,0 +1,239 @@
+"""Reproducers from the trial19 user review (one per finding, tiny models).
+
+Each is a strict xfail: it fails on the code it was written against, and an XPASS (the
+fix landed) fails the run so that the marker is removed with the fix.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxprune
+from fxprune.core.errors import FxpruneError
+
+
+def _randomise_bn(model: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+    return model.eval()
+
+
+class BatchTimesChannels(nn.Module):
+    """Per-channel normalisation written as ``reshape(n * c, -1)``: channel merged with batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        n, c, h, w = y.shape
+        z = y.reshape(n * c, -1)
+        z = z - z.mean(1, keepdim=True)
+        return self.c2(z.reshape(n, c, h, w))
+
+
+@pytest.mark.xfail(strict=True, reason="fix_sizes writes the batch-1 value of n*c as a literal")
+def test_graph_output_of_batch_times_channel_reshape_keeps_the_batch():
+    torch.manual_seed(0)
+    model = BatchTimesChannels().eval()
+    x1 = torch.randn(1, 3, 8, 8)
+    analysis = fxprune.analyze(model, (x1,))
+    plan = fxprune.Plan.from_ratio(analysis, 0.5, criterion="l1")
+    small = fxprune.compile(model, plan)
+    x2 = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():  # eval: each sample alone must give what it gives in the batch
+        torch.testing.assert_close(small(x2)[1:], small(x2[1:]))
+
+
+class PerChannelStd(nn.Module):
+    """``y / (y.std over space + eps)``: a per-channel divisor (exact, pass-through)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.c1(x)
+        return self.c2(y / (y.std((2, 3), keepdim=True) + 1e-5))
+
+
+@pytest.mark.xfail(strict=True, reason="insert_masks zeroes the divisor: 0/0 = nan in the oracle")
+def test_verify_of_a_model_dividing_by_a_per_channel_statistic():
+    torch.manual_seed(0)
+    model, x = PerChannelStd().eval(), torch.randn(1, 3, 8, 8)
+    analysis = fxprune.analyze(model, (x,))
+    plan = fxprune.Plan.from_ratio(analysis, 0.5, criterion="l1")
+    assert fxprune.verify(model, fxprune.compile(model, plan), plan, (x,)).ok
+
+
+class ConvBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))
+
+
+@pytest.mark.xfail(strict=True, reason="verify compares folded convs with unfolded masked convs "
+                   "by node name and calls the mismatch an fxprune bug")
+def test_verify_accepts_or_refuses_a_fold_bn_result():
+    torch.manual_seed(0)
+    model, x = _randomise_bn(ConvBN()), torch.randn(1, 3, 8, 8)
+    analysis = fxprune.analyze(model, (x,))
+    plan = fxprune.Plan.from_ratio(analysis, 0.5, criterion="l1")
+    folded = fxprune.compile(model, plan, fold_bn=True)
+    try:
+        report = fxprune.verify(model, folded, plan, (x,))
+    except FxpruneError as e:  # a typed refusal is fine; blaming fxprune is not
+        assert "fxprune bug" not in str(e), str(e)
+    else:
+        assert report.ok
+
+
+class ViewsBatchTimesChannels(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        y = self.c2(torch.relu(self.c1(x)))
+        n, c, h, w = y.shape
+        return self.fc(y.view(n * c, h * w).amax(1).view(n, c))
+
+
+@pytest.mark.xfail(strict=True, reason="check_memory_format runs the example batch only; "
+                   "view(n*c, ...) of an NHWC tensor is legal at batch 1 only")
+def test_channels_last_module_is_checked_beyond_batch_one():
+    torch.manual_seed(0)
+    model, x = ViewsBatchTimesChannels().eval(), torch.randn(1, 3, 8, 8)
+    analysis = fxprune.analyze(model, (x,))
+    plan = fxprune.Plan.from_ratio(analysis, 0.5, criterion="l1")
+    try:
+        small = fxprune.compile(model, plan, output="module", memory_format="channels_last")
+    except FxpruneError:
+        return  # refused at compile time, naming the line: fine
+    small(torch.randn(2, 3, 8, 8))  # accepted: then it must run at another batch size
+
+
+class StridedConvs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.c2(torch.relu(self.c1(x))).mean((2, 3)))
+
+
+@pytest.mark.xfail(strict=True, reason="_changed_sequences pairs int lists across argument "
+                   "positions: aten.conv2d's stride [2, 2] 'becomes' its padding [1, 1]")
+def test_export_frontend_module_output_keeps_conv_stride_and_padding():
+    torch.manual_seed(0)
+    model, x = StridedConvs().eval(), torch.randn(1, 3, 16, 16)
+    analysis = fxprune.analyze(model, (x,), frontend="export")
+    plan = fxprune.Plan.from_ratio(analysis, 0.0)  # keep everything
+    small = fxprune.compile(model, plan, output="module")
+    assert small.c1.stride == (2, 2) and small.c1.padding == (1, 1)
+
+
+class FunctionalConvs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(8, 3, 3, 3))
+        self.w2 = nn.Parameter(torch.randn(8, 8, 3, 3))
+
+    def forward(self, x):
+        y = torch.relu(nn.functional.conv2d(x, self.w1, padding=1))
+        return nn.functional.conv2d(y, self.w2, padding=1).mean((2, 3))
+
+
+@pytest.mark.xfail(strict=True, reason="to_channels_last converts nn.ConvNd modules only; "
+                   "F.conv2d weights (and every torch.export graph) stay contiguous, silently")
+def test_channels_last_converts_or_announces_functional_conv_weights():
+    torch.manual_seed(0)
+    model, x = FunctionalConvs().eval(), torch.randn(1, 3, 8, 8)
+    analysis = fxprune.analyze(model, (x,))
+    plan = fxprune.Plan.from_ratio(analysis, 0.5, criterion="l1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        small = fxprune.compile(model, plan, memory_format="channels_last")
+    converted = small.w1.is_contiguous(memory_format=torch.channels_last) and \
+        not small.w1.is_contiguous()
+    assert converted or any("channels" in str(w.message) for w in caught)
+
+
+@pytest.mark.xfail(strict=True, reason="_eager/_compiled/_onnxruntime call model.eval() on the "
+                   "caller's model")
+def test_measure_model_latency_leaves_the_training_flag():
+    from fxprune.bench import measure_model_latency
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
+    measure_model_latency({"m": model}, (torch.randn(1, 3, 8, 8),), repeats=1, warmup=0)
+    assert model.training
+
+
+@pytest.mark.xfail(strict=True, reason="Plan.from_ratio(round_to='auto') compares 'auto' < 1: "
+                   "TypeError")
+def test_from_ratio_round_to_auto_is_typed():
+    model, x = StridedConvs().eval(), torch.randn(1, 3, 16, 16)
+    analysis = fxprune.analyze(model, (x,))
+    try:
+        fxprune.Plan.from_ratio(analysis, 0.5, round_to="auto")
+    except FxpruneError:
+        pass
+
+
+class BatchTimesHeads(nn.Module):
+    """Attention as ``reshape(B * H, N, d)`` (F.multi_head_attention_forward's layout)."""
+
+    def __init__(self, C: int = 32, H: int = 4) -> None:
+        super().__init__()
+        self.H, self.qkv, self.proj = H, nn.Linear(C, 3 * C), nn.Linear(C, C)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        d = C // self.H
+        q, k, v = (t.reshape(B, N, self.H, d).transpose(1, 2).reshape(B * self.H, N, d)
+                   for t in self.qkv(x).chunk(3, dim=-1))
+        a = torch.softmax(torch.bmm(q, k.transpose(1, 2)) * d ** -0.5, -1)
+        return self.proj(torch.bmm(a, v).reshape(B, self.H, N, d).transpose(1, 2).reshape(B, N, C))
+
+
+@pytest.mark.xfail(strict=True, reason="fix_sizes writes the batch-1 value of B*H as a literal")
+def test_graph_output_of_batch_times_heads_reshape_keeps_the_batch():
+    torch.manual_seed(0)
+    model, x = BatchTimesHeads().eval(), torch.randn(1, 5, 32)
+    analysis = fxprune.analyze(model, (x,), split_policy="heads")
+    plan = fxprune.plan(analysis, "l1", ratio=0.5, include_softmax=True)
+    small = fxprune.compile(model, plan)
+    x2 = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x2)[1:], small(x2[1:]))
+
+
+@pytest.mark.xfail(strict=True, reason="bench --repeats 0 runs the pruning then raises a raw "
+                   "ValueError (exit 1); --batch 0 benches empty tensors (exit 0)")
+@pytest.mark.parametrize("bad", [["--repeats", "0"], ["--batch", "0"]])
+def test_cli_bench_rejects_bad_counts_up_front(bad, capsys):
+    pytest.importorskip("torchvision")
+    from fxprune.cli import main
+
+    try:
+        rc = main(["bench", "torchvision:resnet18", "--input-shape", "1,3,16,16",
+                   "--batch", "1", "--repeats", "1", *bad])
+    except SystemExit as e:  # argparse's own refusal
+        rc = e.code
+    assert rc == 2

@@ -21,6 +21,7 @@ import os
 import shutil
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -149,7 +150,8 @@ def prepare_backend(backend: str, model: torch.nn.Module, inputs: tuple) -> Call
     extra) and ``ValueError`` for an unknown backend name."""
     if backend not in _PREPARE:
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    return _PREPARE[backend](model, tuple(inputs))
+    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    return _PREPARE[backend](model, inputs)
 
 
 def measure_model_latency(models: Mapping[str, torch.nn.Module], inputs: tuple, *,
@@ -160,20 +162,30 @@ def measure_model_latency(models: Mapping[str, torch.nn.Module], inputs: tuple, 
     Requires: models taking the same ``inputs`` (a tuple of CPU tensors), ``repeats >= 1``.
     Each model is prepared for ``backend`` (compiled / exported once), run ``warmup``
     times, then the models are run in turn ``repeats`` times, the order rotated each
-    repeat. Raises ``BackendUnavailableError`` (see ``prepare_backend``)."""
+    repeat; all in eval mode, each module's train/eval flag restored afterwards (a bare
+    tensor is taken as one input). Raises ``BackendUnavailableError`` (see
+    ``prepare_backend``), ``ValueError`` for no models or ``repeats < 1``."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
-    runs = {name: prepare_backend(backend, m, inputs) for name, m in models.items()}
-    for run in runs.values():
-        for _ in range(max(warmup, 1)):  # at least once: compile/JIT happens here
-            run()
-    names = list(runs)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            t0 = time.perf_counter()
-            runs[name]()
-            times[name].append((time.perf_counter() - t0) * 1e3)
+    if not models:
+        raise ValueError("measure_model_latency needs at least one model: {name: module}")
+    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    flags = [(m, m.training) for model in models.values() for m in model.modules()]
+    try:  # the runners measure in eval mode; each module's own flag is restored after
+        runs = {name: prepare_backend(backend, m, inputs) for name, m in models.items()}
+        for run in runs.values():
+            for _ in range(max(warmup, 1)):  # at least once: compile/JIT happens here
+                run()
+        names = list(runs)
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for r in range(repeats):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                t0 = time.perf_counter()
+                runs[name]()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    finally:
+        for m, flag in flags:
+            m.training = flag
     return {n: _stats(times[n]) for n in names}
 
 
@@ -185,11 +197,25 @@ def faster_memory_format(model: torch.nn.Module, inputs: tuple, *, backend: str 
     Returns ``("channels_last" or "contiguous", {layout: LatencyStats})``: both layouts
     (``passes.memory_format.to_channels_last``; ``model`` is not modified) measured
     interleaved; channels-last is chosen only when its median is more than ``margin``
-    (a fraction) below the contiguous one, so noise keeps the default. Pass the answer to
+    (a fraction) below the contiguous one, so noise keeps the default. A model that does
+    not run channels-last (``check_memory_format`` fails: a ``.view`` of an NHWC
+    activation) keeps contiguous, with a warning, and only that layout is measured. Pass the answer to
     ``fxprune.compile(..., memory_format=...)``. Raises ``BackendUnavailableError`` for
     a backend that is not installed."""
-    from passes.memory_format import to_channels_last
-    got = measure_model_latency({"contiguous": model, "channels_last": to_channels_last(model)},
+    from passes.memory_format import check_memory_format, to_channels_last
+    from fxprune.core.errors import VerificationError
+
+    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    converted = to_channels_last(model)
+    try:
+        check_memory_format(model, converted, inputs)
+    except VerificationError as e:  # a .view the NHWC strides reject: contiguous it is
+        warnings.warn(f"faster_memory_format: channels-last does not run this model, so "
+                      f"contiguous is kept ({str(e).splitlines()[0]})", stacklevel=2)
+        got = measure_model_latency({"contiguous": model}, inputs, backend=backend,
+                                    repeats=repeats)
+        return "contiguous", got
+    got = measure_model_latency({"contiguous": model, "channels_last": converted},
                                 inputs, backend=backend, repeats=repeats)
     faster = got["channels_last"].median_ms < (1 - margin) * got["contiguous"].median_ms
     return ("channels_last" if faster else "contiguous"), got
@@ -290,7 +316,8 @@ def plan_for_measured_latency(model: torch.nn.Module, inputs: tuple,
     prediction can be above the measured floor) is moved halfway back towards the last one
     that planned; ``LatencyTargetError`` when no try planned. ``round_to="auto"``
     (default) rounds kept counts to the multiples ``backend`` runs fastest, measured here
-    (``measure_rounding``)."""
+    (``measure_rounding``; eager's multiples for ``"compile"``). ``ValueError`` for a bad
+    target, tolerance, ``max_iters`` or backend name, before anything is measured."""
     import fxprune
     from fxprune.core.errors import BudgetError, LatencyTargetError
 
@@ -301,6 +328,11 @@ def plan_for_measured_latency(model: torch.nn.Module, inputs: tuple,
         raise ValueError(f"target_ms must be > 0 ms, got {target_ms}")
     if target_fraction is not None and not 0 < target_fraction <= 1:
         raise ValueError(f"target_fraction must be in (0, 1], got {target_fraction}")
+    if not 0 <= tolerance < 1 or max_iters < 1:
+        raise ValueError(f"tolerance must be in [0, 1) and max_iters >= 1, got {tolerance}, "
+                         f"{max_iters}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     analysis = fxprune.analyze(model, inputs)
     floor_plan = fxprune.Plan.from_ratio(analysis, 0.999, criterion=criterion)
     floor = fxprune.compile(model, floor_plan).eval()
@@ -315,7 +347,10 @@ def plan_for_measured_latency(model: torch.nn.Module, inputs: tuple,
             f"({floor_ms:.3f} ms on '{backend}'; dense {dense_ms:.3f} ms); raise the target "
             f"or use a faster backend")
     fraction, best = min(target_ms / dense_ms, 1.0), None
-    rounding = measure_rounding(backend) if round_to == "auto" else None
+    # rounding is measured per op kind and width; under torch.compile that would be one
+    # compile per width (minutes), so compile plans round to eager's multiples (as the CLI)
+    rounding = measure_rounding("eager" if backend == "compile" else backend) \
+        if round_to == "auto" else None
     reachable = 1.0  # the lowest fraction the latency table's floor was seen to allow
     for _ in range(max_iters):
         try:

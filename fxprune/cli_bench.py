@@ -53,9 +53,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"memory format: {layout} (pruned model on {args.backend[0]}: contiguous "
               f"{got['contiguous']}, channels-last {got['channels_last']})")
     if layout == "channels_last":  # both models, so the speedup compares like with like
-        from passes.memory_format import to_channels_last
+        from passes.memory_format import check_memory_format, to_channels_last
 
-        reference, small = to_channels_last(reference), to_channels_last(small)
+        converted = to_channels_last(small)
+        check_memory_format(small, converted, inputs)  # typed, naming the line
+        reference, small = to_channels_last(reference), converted
 
     def make_input(batch: int) -> tuple:
         return tuple(torch.randn(batch, *x.shape[1:]) if x.is_floating_point() else
@@ -84,12 +86,23 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    "fastest on the (first) backend, measured")
     p.add_argument("--backend", action="append", choices=BACKENDS,
                    help="repeat for several (default: eager)")
-    p.add_argument("--batch", type=int, action="append", help="batch sizes (default 1 and 8)")
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--batch", type=_positive_int, action="append",
+                   help="batch sizes (default 1 and 8)")
+    p.add_argument("--repeats", type=_positive_int, default=10)
     p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm in both models")
     p.add_argument("--memory-format", choices=["contiguous", "channels_last", "auto"],
                    default="contiguous", help="conv weight layout of both models; auto: "
                    "the faster one for the pruned model, measured first")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
 
 
 def defaults(args: argparse.Namespace) -> None:

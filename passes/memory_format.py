@@ -22,6 +22,7 @@ channels-last activation that cannot be viewed raises there, naming the line).
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -35,20 +36,53 @@ _FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 _CONVS = (torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
 
 
+_CONV_FNS = {torch.conv2d, torch.conv3d, torch.nn.functional.conv2d, torch.nn.functional.conv3d,
+             torch.convolution, torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default,
+             torch.ops.aten.convolution.default}
+
+
 def to_channels_last(module: torch.nn.Module) -> torch.nn.Module:
     """A deep copy of ``module`` with every conv weight in channels-last strides.
 
-    ``module`` is not modified. Raises ``RewriteError`` for a non-module."""
+    Conv weights are those of ``nn.Conv2d/3d`` (and transposed) modules and, in a
+    GraphModule (a torch.export graph, a traced ``F.conv2d``), the parameters a conv node
+    reads. ``module`` is not modified. Warns (``UserWarning``) when nothing was converted
+    (no 2-D/3-D conv found: a 1-D conv has no channels-last layout; an eager module's
+    ``F.conv2d`` on its own parameters is not seen). Raises ``RewriteError`` for a
+    non-module."""
     if not isinstance(module, torch.nn.Module):
         raise RewriteError(f"to_channels_last needs an nn.Module, got {type(module).__name__}")
     out = copy.deepcopy(module)
-    for sub in out.modules():
-        w = getattr(sub, "weight", None)
-        if isinstance(sub, _CONVS) and isinstance(w, torch.nn.Parameter) and w.dim() in _FORMATS:
+    weights = {id(sub.weight): sub.weight for sub in out.modules()
+               if isinstance(sub, _CONVS) and isinstance(getattr(sub, "weight", None),
+                                                          torch.nn.Parameter)}
+    if isinstance(out, torch.fx.GraphModule):
+        for node in out.graph.nodes:
+            if node.op == "call_function" and node.target in _CONV_FNS and len(node.args) > 1 \
+                    and isinstance(node.args[1], torch.fx.Node) and node.args[1].op == "get_attr":
+                t = _attr(out, node.args[1].target)
+                if isinstance(t, torch.Tensor):
+                    weights[id(t)] = t
+    converted = 0
+    for w in weights.values():
+        if w.dim() in _FORMATS:
             # empty_like + copy_: canonical NHWC strides, also for 1x1 kernels (which
             # .contiguous(memory_format=) leaves as they are: both layouts at once)
             w.data = torch.empty_like(w.data, memory_format=_FORMATS[w.dim()]).copy_(w.data)
+            converted += 1
+    if not converted:
+        warnings.warn(f"memory_format='channels_last' changed nothing in "
+                      f"{type(module).__name__}: no 2-D/3-D conv weight found (nn.Conv2d/3d "
+                      "modules, conv nodes of a GraphModule; 1-D convs have no channels-last "
+                      "layout)", stacklevel=2)
     return out
+
+
+def _attr(gm: torch.nn.Module, target: str) -> object:
+    obj: object = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj
 
 
 def check_memory_format(source: torch.nn.Module, converted: torch.nn.Module, inputs: tuple,
@@ -56,8 +90,10 @@ def check_memory_format(source: torch.nn.Module, converted: torch.nn.Module, inp
     """Prove the layout rewrite: the max abs output difference in float64.
 
     Runs float64 copies of both models (neither is modified) on ``inputs`` and requires
-    ``allclose(rtol, atol)``; then runs ``converted`` itself once in its own dtype (a
-    kernel or ``view`` that rejects the strides fails here, not in deployment). Raises
+    ``allclose(rtol, atol)``; then runs ``converted`` itself in its own dtype, on the
+    inputs and on the batch doubled where the source takes it (a kernel or ``view`` that
+    rejects the strides fails here, not in deployment; NHWC allows some views at batch 1
+    only). Raises
     ``VerificationError`` naming the output, the difference, or the failing source line."""
     xs64 = tuple(x.double() if torch.is_tensor(x) and x.is_floating_point() else x
                  for x in inputs)
@@ -70,6 +106,15 @@ def check_memory_format(source: torch.nn.Module, converted: torch.nn.Module, inp
                 rtol, atol = max(rtol, 1e-4), max(atol, 1e-5)
                 ya, yb = source(*inputs), converted(*inputs)
             converted(*inputs)
+            doubled = tuple(torch.cat([x, x]) if torch.is_tensor(x) and x.dim() else x
+                            for x in inputs)
+            if any(d is not x for d, x in zip(doubled, inputs)):
+                try:  # NHWC strides allow some views at batch 1 only
+                    source(*doubled)
+                except Exception:  # noqa: BLE001 - the model itself takes one batch size
+                    pass
+                else:
+                    converted(*doubled)
     except Exception as e:  # noqa: BLE001 - reported with the user's line
         raise VerificationError(
             f"memory_format='channels_last': the converted model does not run "

@@ -128,6 +128,10 @@ class Plan:
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or \
                 not 0.0 <= ratio < 1.0 or math.isnan(ratio):
             raise PlanError(f"ratio must lie in [0, 1), got {ratio!r}")
+        if isinstance(round_to, bool) or not isinstance(round_to, (int, np.integer)):
+            raise PlanError(f"Plan.from_ratio: round_to must be an int >= 1, got {round_to!r}"
+                            + ("; the measured multiples need the planner: fxprune.plan(analysis, "
+                               "criterion, ratio=..., round_to='auto')" if round_to == "auto" else ""))
         if round_to < 1:
             raise PlanError("round_to must be >= 1")
         ignore = resolve_ignore(analysis, ignore)

@@ -38,6 +38,9 @@ raise :class:`~fxprune.errors.NonFiniteScoreError` naming the group.
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -716,9 +719,10 @@ class Importance:
             raise ImportanceError("latency= is read by normalize='latency' only; pass both, or "
                                   "give the table to fxprune.plan(latency=...) for a latency "
                                   "target")
-        if not (isinstance(self.latency_weight, (int, float)) and self.latency_weight >= 0):
-            raise ImportanceError(f"latency_weight must be a number >= 0, got "
-                                  f"{self.latency_weight!r}")
+        w = self.latency_weight
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not (
+                math.isfinite(w) and w >= 0):
+            raise ImportanceError(f"latency_weight must be a finite number >= 0, got {w!r}")
         if self.latency_weight != 1.0 and self.normalize != "latency":
             raise ImportanceError("latency_weight is read by normalize='latency' only")
         if self.batches < 1 or self.probes < 1 or not self.eps > 0:

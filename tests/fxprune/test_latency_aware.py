@@ -126,7 +126,9 @@ def test_latency_weight_moves_between_per_mac_and_per_ms():
 
 
 def test_latency_weight_is_checked():
-    with pytest.raises(fxprune.core.errors.ImportanceError, match="latency_weight must be"):
-        Importance("l1", normalize="latency", latency_weight=-1)
+    for bad in (-1, True, float("inf"), "2"):
+        with pytest.raises(fxprune.core.errors.ImportanceError, match="latency_weight must be"):
+            Importance("l1", normalize="latency", latency_weight=bad)
+    Importance("l1", normalize="latency", latency_weight=np.int64(0))  # numpy numbers too
     with pytest.raises(fxprune.core.errors.ImportanceError, match="normalize='latency' only"):
         Importance("l1", normalize="macs", latency_weight=2)

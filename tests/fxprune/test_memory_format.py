@@ -61,3 +61,20 @@ def test_a_view_that_rejects_channels_last_is_named():
     with pytest.raises(Exception, match="memory_format=None"):
         fxprune.compile(m, fxprune.Plan.keep_all(fxprune.analyze(m, x)), output="module",
                         memory_format="channels_last")
+
+
+def test_export_graph_conv_weights_are_converted():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 4, 1)).eval()
+    x = (torch.randn(1, 3, 8, 8),)
+    a = fxprune.analyze(model, x, frontend="export")
+    cl = fxprune.compile(model, fxprune.Plan.from_ratio(a, 0.5), memory_format="channels_last")
+    convs = [t for t in cl.parameters() if t.dim() == 4]
+    assert len(convs) == 2 and all(
+        t.stride() == torch.empty_like(t, memory_format=torch.channels_last).stride() for t in convs)
+
+
+def test_nothing_to_convert_is_announced():
+    model = torch.nn.Sequential(torch.nn.Conv1d(3, 8, 3), torch.nn.ReLU()).eval()
+    with pytest.warns(UserWarning, match="changed nothing"):
+        to_channels_last(model)

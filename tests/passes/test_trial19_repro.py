@@ -113,8 +113,6 @@ class ViewsBatchTimesChannels(nn.Module):
         return self.fc(y.view(n * c, h * w).amax(1).view(n, c))
 
 
-@pytest.mark.xfail(strict=True, reason="check_memory_format runs the example batch only; "
-                   "view(n*c, ...) of an NHWC tensor is legal at batch 1 only")
 def test_channels_last_module_is_checked_beyond_batch_one():
     torch.manual_seed(0)
     model, x = ViewsBatchTimesChannels().eval(), torch.randn(1, 3, 8, 8)
@@ -160,8 +158,6 @@ class FunctionalConvs(nn.Module):
         return nn.functional.conv2d(y, self.w2, padding=1).mean((2, 3))
 
 
-@pytest.mark.xfail(strict=True, reason="to_channels_last converts nn.ConvNd modules only; "
-                   "F.conv2d weights (and every torch.export graph) stay contiguous, silently")
 def test_channels_last_converts_or_announces_functional_conv_weights():
     torch.manual_seed(0)
     model, x = FunctionalConvs().eval(), torch.randn(1, 3, 8, 8)
@@ -175,8 +171,6 @@ def test_channels_last_converts_or_announces_functional_conv_weights():
     assert converted or any("channels" in str(w.message) for w in caught)
 
 
-@pytest.mark.xfail(strict=True, reason="_eager/_compiled/_onnxruntime call model.eval() on the "
-                   "caller's model")
 def test_measure_model_latency_leaves_the_training_flag():
     from fxprune.bench import measure_model_latency
 
@@ -185,8 +179,6 @@ def test_measure_model_latency_leaves_the_training_flag():
     assert model.training
 
 
-@pytest.mark.xfail(strict=True, reason="Plan.from_ratio(round_to='auto') compares 'auto' < 1: "
-                   "TypeError")
 def test_from_ratio_round_to_auto_is_typed():
     model, x = StridedConvs().eval(), torch.randn(1, 3, 16, 16)
     analysis = fxprune.analyze(model, (x,))
@@ -224,8 +216,6 @@ def test_graph_output_of_batch_times_heads_reshape_keeps_the_batch():
         torch.testing.assert_close(small(x2)[1:], small(x2[1:]))
 
 
-@pytest.mark.xfail(strict=True, reason="bench --repeats 0 runs the pruning then raises a raw "
-                   "ValueError (exit 1); --batch 0 benches empty tensors (exit 0)")
 @pytest.mark.parametrize("bad", [["--repeats", "0"], ["--batch", "0"]])
 def test_cli_bench_rejects_bad_counts_up_front(bad, capsys):
     pytest.importorskip("torchvision")

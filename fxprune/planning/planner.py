@@ -720,8 +720,12 @@ def _refine(search: _Search, counts: dict[str, int], moves: Iterable[tuple[str, 
 def _unreachable(search: _Search, budget: Budget, floor: float, cost_fn: CostFn) -> str:
     nothing = np.zeros(search.analysis.num_units, dtype=bool)
     fixed = cost_fn(nothing)
-    return (f"{budget.kind} target {budget.value:,.6g} (requested {budget.requested:g}) cannot "
-            f"be met: the smallest plan allowed costs {floor:,.6g} (dense {budget.dense:,.6g}; "
+    unit = {"latency": " ms", "macs": " MACs", "params": " parameters"}.get(budget.kind, "")
+    asked = (f"{budget.requested:g}, a fraction of dense" if unit and 0 < budget.requested <= 1
+             else f"{budget.requested:g}{unit}")
+    return (f"{budget.kind} target {budget.value:,.6g}{unit} (requested {asked}) cannot "
+            f"be met: the smallest plan allowed costs {floor:,.6g}{unit} (dense "
+            f"{budget.dense:,.6g}{unit}; "
             f"every group keeps at least one unit, or round_to, and ignored/capped groups "
             f"stay; of that floor, {fixed:,.6g} does not depend on any group). Raise the "
             "target, or relax max_ratio_per_group / round_to / ignore / overrides"

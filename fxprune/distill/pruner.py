@@ -160,6 +160,10 @@ class Pruner:
     copy (the user's teacher is left untouched; the copy costs its size in memory; an
     exported GraphModule's eval mode is set with ``set_graph_training``). ``frontend``: ``"fx"`` or ``"export"``;
     ``split_policy``: as in ``fxprune.analyze`` (``"outer"``: whole attention heads).
+    ``split_ties`` (default ``False``, unlike ``fxprune.plan``): the result is a
+    GraphModule, which takes any plan, so the split and count ties that keep a plan
+    followable by ``compile(output="module")`` do not hold units back here; ``True``
+    plans as ``fxprune.plan`` does by default (its plan then compiles to the user's class).
     ``selection``: ``"scored"`` (rank by ``criterion``, default ``taylor_gate``),
     ``"slimming"`` (L1 on norm scales) or ``"soft"`` (L1 on learnable per-unit soft masks,
     ``mask_parameters()``; no ``criterion``); ``l1`` >= 0 weighs ``penalty()``.
@@ -174,7 +178,7 @@ class Pruner:
                  max_ratio_per_group: float = 0.9, closure: Callable | None = None,
                  teacher: nn.Module | None = None, frontend: str = "fx", probes: int = 1,
                  seed: int = 0, latency: Any = None, process_group: Any = None,
-                 split_policy: str | None = None) -> None:
+                 split_policy: str | None = None, split_ties: bool = False) -> None:
         self._check_args(interval, steps, start, criterion, schedule, selection, l1)
         self.interval, self.steps, self.start = interval, steps, start
         self.criterion = {"slimming": "bn_scale", "soft": SOFT}.get(
@@ -186,7 +190,8 @@ class Pruner:
             schedule, "__name__", "custom")
         self.total_removals = steps // interval
         self.plan_options = dict(scope=scope, round_to=round_to,
-                                 max_ratio_per_group=max_ratio_per_group)
+                                 max_ratio_per_group=max_ratio_per_group,
+                                 split_ties=bool(split_ties))
         self.importance = None if soft else Importance(
             self.criterion, closure=_no_closure, normalize=normalize, layer_norm=layer_norm,
             probes=probes, seed=seed)

@@ -53,7 +53,7 @@ def setup():
 def test_keep_all_inserts_no_mask(setup):
     model, a = setup
     masked = insert_masks(a, np.ones(a.num_units, dtype=bool))
-    assert not any(n.target is torch.mul for n in masked.graph.nodes)
+    assert not any(n.target is torch.where for n in masked.graph.nodes)
     with torch.no_grad():
         assert torch.equal(masked(X), model(X))
 
@@ -64,14 +64,14 @@ def test_removed_channels_are_zero_after_every_node(setup, helpers):
     plan = fxprune.Plan.from_indices(a, {0: [0, 2, 3]})   # removes channels 1, 4, 5
     masked = insert_masks(a, plan.kept_labels(a))
     helpers.assert_untouched(model, before)
-    muls = [n for n in masked.graph.nodes if n.target is torch.mul]
+    muls = [n for n in masked.graph.nodes if n.target is torch.where]
     # conv1, bn and relu carry the space: one mask after each
-    assert sorted(n.args[0].name for n in muls) == ["bn", "conv1", "relu"]
+    assert sorted(n.args[1].name for n in muls) == ["bn", "conv1", "relu"]
     seen = record(masked, X)
     for n in muls:
         out = seen[n.name]
         assert (out[:, [1, 4, 5]] == 0).all()
-        assert torch.equal(out[:, [0, 2, 3]], seen[n.args[0].name][:, [0, 2, 3]])
+        assert torch.equal(out[:, [0, 2, 3]], seen[n.args[1].name][:, [0, 2, 3]])
     # removed parameter slices are zeroed too, kept ones untouched
     assert (masked.conv2.weight[:, [1, 4, 5]] == 0).all()
     assert torch.equal(masked.conv2.weight[:, [0, 2, 3]], model.conv2.weight[:, [0, 2, 3]])

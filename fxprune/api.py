@@ -261,6 +261,7 @@ class VerifyReport:
     nonfinite: str = ""  # where the masked reference is nan/inf at kept units ("output")
     fold_error: float | None = None  # check_fold's float64 error when BatchNorm was folded
     changed: tuple[str, ...] = ()  # tensors of ``pruned`` changed since compile (on failure)
+    failure: str = ""  # why it failed, with the remedy ("" when ok): what verify raises
 
     def table(self) -> str:
         from tabulate import tabulate
@@ -396,8 +397,10 @@ def _verdict(model: Any, analysis: GroupAnalysis, pruned: torch.nn.Module, plan:
     changed = () if ok else tuple(changed_tensors(pruned, _recorded_state(pruned)))
     report = VerifyReport(ok, err, tol, shapes_equal, before, _count(pruned),
                           checks, checked, node_err, worst, nonfinite, fold_err, changed)
-    if raise_on_failure and not ok:
-        raise VerificationError(_failure_message(report, rtol, fold_failure))
+    if not ok:
+        report = dataclasses.replace(report, failure=_failure_message(report, rtol, fold_failure))
+        if raise_on_failure:
+            raise VerificationError(report.failure)
     return report
 
 

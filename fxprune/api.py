@@ -271,6 +271,11 @@ class VerifyReport:
                 f"{self.max_abs_error:.3g}, tol {self.tolerance:.3g}; {self.nodes_checked} "
                 f"activations, worst relative err {self.max_node_rel_error:.3g}); params "
                 f"{self.params_before:,} -> {self.params_after:,}\n")
+        if self.fold_error is not None:
+            head += (f"BatchNorm fold (check_fold, float64): max |err| {self.fold_error:.3g}"
+                     f"{'' if self.ok or self.fold_error < float('inf') else ' FAILED'}\n")
+        if self.failure:
+            head += self.failure + "\n"
         return head + tabulate(rows, headers=["group", "size", "removed", "check"])
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
+import math
 import dataclasses
 import gc
 from collections.abc import Sequence
@@ -16,13 +17,14 @@ import torch.fx
 from fxprune.capture import capture_other_modes, trace
 from fxprune.core.errors import (ControlFlowError, PlanError, RewriteError, ShapePropagationError,
                             VerificationError)
-from fxprune.core.graph_meta import get_meta
+from fxprune.core.digest import DIGESTS, changed_tensors, state_digest
+from fxprune.core.graph_meta import get_meta, set_meta
 from fxprune.core.pipeline import Step, run_steps
 from fxprune.core.groups import GroupAnalysis
 from fxprune.core.plan import Plan
 from passes.find_groups import find_groups
 from passes.mask import insert_masks, insert_masks_shared, zero_slices
-from passes.fold_bn import fold_bn as fold_batchnorm
+from passes.fold_bn import check_fold, fold_bn as fold_batchnorm
 from passes.memory_format import MEMORY_FORMATS, to_channels_last
 from passes.rules.registry import check_attention_scale
 from passes.shape_prop import eval_mode, output_shape, propagate_shapes
@@ -187,7 +189,18 @@ def compile(model: torch.nn.Module | GroupAnalysis, plan: Plan, *,
         steps.append(Step("channels_last", to_channels_last))
         if check:
             steps.append(Step("check_memory_format", checked_layout))
-    return run_steps("fxprune.compile", steps, None, error_type=RewriteError)
+    return _record_state(run_steps("fxprune.compile", steps, None, error_type=RewriteError))
+
+
+def _record_state(result: torch.nn.Module) -> torch.nn.Module:
+    """``result`` with a digest of its tensors as compiled, for ``verify`` to tell a model
+    changed after compile (trained, run in train mode) from a wrong slice."""
+    digest = state_digest(result)
+    if isinstance(result, torch.fx.GraphModule):
+        set_meta(result, "state_digest", digest)
+    else:
+        DIGESTS[result] = digest
+    return result
 
 
 def _analysis_for(model: Any, plan: Plan, example_inputs: Any) -> GroupAnalysis:
@@ -245,6 +258,10 @@ class VerifyReport:
     nodes_checked: int = 0
     max_node_rel_error: float = 0.0
     worst_node: str = ""
+    nonfinite: str = ""  # where the masked reference is nan/inf at kept units ("output")
+    fold_error: float | None = None  # check_fold's float64 error when BatchNorm was folded
+    changed: tuple[str, ...] = ()  # tensors of ``pruned`` changed since compile (on failure)
+    failure: str = ""  # why it failed, with the remedy ("" when ok): what verify raises
 
     def table(self) -> str:
         from tabulate import tabulate
@@ -254,6 +271,11 @@ class VerifyReport:
                 f"{self.max_abs_error:.3g}, tol {self.tolerance:.3g}; {self.nodes_checked} "
                 f"activations, worst relative err {self.max_node_rel_error:.3g}); params "
                 f"{self.params_before:,} -> {self.params_after:,}\n")
+        if self.fold_error is not None:
+            head += (f"BatchNorm fold (check_fold, float64): max |err| {self.fold_error:.3g}"
+                     f"{'' if self.ok or self.fold_error < float('inf') else ' FAILED'}\n")
+        if self.failure:
+            head += self.failure + "\n"
         return head + tabulate(rows, headers=["group", "size", "removed", "check"])
 
 
@@ -264,7 +286,15 @@ def verify(model: torch.nn.Module | GroupAnalysis, pruned: torch.nn.Module, plan
     When the plan touches inexact groups (channel mixers), or ``pruned`` was compiled
     with ``attention_scale="recompute"``, the numerical check runs on a second compile
     of the plan restricted to exact groups (original scales); ``pruned`` itself is
-    checked for output shapes and runs.
+    checked for output shapes and runs. A graph compiled with ``fold_bn=True`` (BatchNorm
+    folded into its convs) is checked the same way on the unfolded slice, and the fold by
+    ``passes.fold_bn.check_fold`` (float64 algebra on ``inputs``; the folded weights are
+    the float64 fold of the sliced ones rounded once): ``VerifyReport.fold_error``.
+
+    A failure names what it can tell apart from a slicing bug: nan/inf at kept units of
+    the masked reference itself (``nonfinite``: the model computes them on ``inputs``), and
+    tensors of ``pruned`` changed since ``compile`` recorded them (``changed``: trained,
+    or run in train mode, which updates BatchNorm running statistics).
 
     Streams: the masked and sliced models run in lockstep, node by node, each activation
     compared as soon as both values exist and freed after its last user; the masked
@@ -274,21 +304,25 @@ def verify(model: torch.nn.Module | GroupAnalysis, pruned: torch.nn.Module, plan
     """
     analysis, sliced, exact_kept = _verify_inputs(model, pruned, plan)
     inputs = _as_tuple(inputs)
+    fold = _check_folds(analysis, pruned, plan, sliced, inputs)
     masked, zeroed = insert_masks_shared(analysis, exact_kept)
     if isinstance(sliced, torch.fx.GraphModule):
         compare = _StreamCompare(analysis, exact_kept, get_meta(masked, "masked_value", {}))
         want, got = _run_lockstep(masked, zeroed, sliced, inputs, compare)
         node_err, worst, checked = compare.worst, compare.worst_name, compare.checked
+        nonfinite = compare.nonfinite
     else:  # compile(output="module"): no graph to walk, outputs only
         want = _run_checked(masked, inputs, "the masked reference model", zeroed=zeroed)
         got = _run_checked(sliced, inputs, "the pruned model")
-        node_err, worst, checked = 0.0, "", 0
+        node_err, worst, checked, nonfinite = 0.0, "", 0, ""
     del masked, zeroed
     pruned_out = (flat_tensors(_run_checked(pruned, inputs, "the pruned model"))
                   if sliced is not pruned else flat_tensors(got))
     del sliced
     return _verdict(model, analysis, pruned, plan, inputs, flat_tensors(want),
-                    flat_tensors(got), pruned_out, (node_err, worst, checked), rtol, raise_on_failure)
+                    flat_tensors(got), pruned_out, (node_err, worst, checked), rtol,
+                    raise_on_failure, nonfinite=nonfinite,
+                    fold=fold)
 
 
 def _verify_inputs(model: torch.nn.Module | GroupAnalysis, pruned: torch.nn.Module,
@@ -302,9 +336,27 @@ def _verify_inputs(model: torch.nn.Module | GroupAnalysis, pruned: torch.nn.Modu
                       plan.meta, analysis)
     exact_kept = exact_plan.kept_labels(analysis)
     recomputed = get_meta(pruned, "attention_scale") == "recompute"
-    sliced = pruned if len(exact_keep) == len(plan.keep) and not recomputed \
+    folded = bool(get_meta(pruned, "bn_folds"))  # its convs compute conv + BN: unfolded slice
+    sliced = pruned if len(exact_keep) == len(plan.keep) and not recomputed and not folded \
         else slice_weights(analysis, exact_kept)  # original scales: slice == mask holds
     return analysis, sliced, exact_kept
+
+
+def _check_folds(analysis: GroupAnalysis, pruned: torch.nn.Module, plan: Plan,
+                 sliced: torch.nn.Module, inputs: tuple) -> tuple[float, str] | None:
+    """For a ``fold_bn`` result: ``check_fold`` of the unfolded slice that ``compile`` folded
+    (``sliced`` when it is that slice) against ``pruned``, as (float64 error, failure);
+    None when nothing was folded."""
+    if not get_meta(pruned, "bn_folds"):
+        return None
+    scale = get_meta(pruned, "attention_scale") or "original"
+    full = sliced if scale == "original" and set(plan.keep) <= {
+        g.name for g in analysis.groups if g.exact} else \
+        slice_weights(analysis, plan.kept_labels(analysis), attention_scale=scale)
+    try:
+        return check_fold(full, pruned, inputs), ""
+    except VerificationError as exc:
+        return float("inf"), str(exc)
 
 
 def _verify_recorded(model: torch.nn.Module | GroupAnalysis, pruned: torch.nn.Module,
@@ -321,18 +373,24 @@ def _verify_recorded(model: torch.nn.Module | GroupAnalysis, pruned: torch.nn.Mo
                   if sliced is not pruned else flat_tensors(got))
     nodes = _compare_activations(analysis, exact_kept, masked, masked_acts, sliced_acts)
     return _verdict(model, analysis, pruned, plan, inputs, flat_tensors(want),
-                    flat_tensors(got), pruned_out, nodes, rtol, raise_on_failure)
+                    flat_tensors(got), pruned_out, nodes[:3], rtol, raise_on_failure,
+                    nonfinite=nodes[3], fold=_check_folds(analysis, pruned, plan, sliced, inputs))
 
 
 def _verdict(model: Any, analysis: GroupAnalysis, pruned: torch.nn.Module, plan: Plan,
              inputs: tuple, want: list, got: list, pruned_out: list, nodes: tuple[float, str, int],
-             rtol: float, raise_on_failure: bool) -> VerifyReport:
+             rtol: float, raise_on_failure: bool, *, nonfinite: str = "",
+             fold: tuple[float, str] | None = None) -> VerifyReport:
     node_err, worst, checked = nodes
     shapes_equal = [tuple(t.shape) for t in pruned_out] == _reference_shapes(analysis, inputs)
     err = max((float((a - b).abs().max()) for a, b in zip(got, want) if a.numel()), default=0.0)
     scale = max((float(b.abs().max()) for b in want if b.numel()), default=1.0)
+    if not nonfinite and not all(bool(torch.isfinite(b).all()) for b in want):
+        nonfinite = "output"
     tol = rtol * scale
-    ok = shapes_equal and len(got) == len(want) and err <= tol and node_err <= rtol
+    fold_err, fold_failure = fold if fold is not None else (None, "")
+    ok = shapes_equal and len(got) == len(want) and err <= tol and node_err <= rtol \
+        and not nonfinite and not fold_failure
     checks = tuple(GroupCheck(g.name, g.size - len(plan.keep.get(g.name, range(g.size))),
                               g.size, ("exact" if g.exact else "shape")
                               if g.name in plan.keep else "untouched")
@@ -341,14 +399,45 @@ def _verdict(model: Any, analysis: GroupAnalysis, pruned: torch.nn.Module, plan:
     # lacks the other branches'): count it against the model; a graph against the graph
     before = _count(model if isinstance(model, torch.nn.Module) and
                     not isinstance(pruned, torch.fx.GraphModule) else analysis.gm)
+    changed = () if ok else tuple(changed_tensors(pruned, _recorded_state(pruned)))
     report = VerifyReport(ok, err, tol, shapes_equal, before, _count(pruned),
-                          checks, checked, node_err, worst)
-    if raise_on_failure and not ok:
-        raise VerificationError(
-            f"slice != mask: output max |err| {err:.3g} (tol {tol:.3g}); worst activation "
-            f"{worst!r} relative err {node_err:.3g} (tol {rtol:.3g}) over {checked} nodes; "
-            f"output shapes equal: {shapes_equal}. This is an fxprune bug: please report it.")
+                          checks, checked, node_err, worst, nonfinite, fold_err, changed)
+    if not ok:
+        report = dataclasses.replace(report, failure=_failure_message(report, rtol, fold_failure))
+        if raise_on_failure:
+            raise VerificationError(report.failure)
     return report
+
+
+def _recorded_state(pruned: torch.nn.Module) -> dict | None:
+    return get_meta(pruned, "state_digest") or DIGESTS.get(pruned)
+
+
+def _failure_message(r: VerifyReport, rtol: float, fold_failure: str) -> str:
+    """Why verify failed, most specific cause first; "an fxprune bug" only when nothing
+    the user did explains it."""
+    figures = (f"slice != mask: output max |err| {r.max_abs_error:.3g} (tol {r.tolerance:.3g}); "
+               f"worst activation {r.worst_node!r} relative err {r.max_node_rel_error:.3g} "
+               f"(tol {rtol:.3g}) over {r.nodes_checked} nodes; output shapes equal: "
+               f"{r.output_shapes_equal}.")
+    if r.changed:
+        return (f"{figures} The pruned model changed after fxprune.compile: {len(r.changed)} "
+                f"tensor(s) differ from what compile produced ({', '.join(r.changed[:4])}"
+                f"{', ...' if len(r.changed) > 4 else ''}): training, an optimizer step or a "
+                "forward in train mode (BatchNorm running statistics) changes them, and slice "
+                "== mask holds for the compiled state only. Remedy: verify right after compile, "
+                "or compile the plan again and verify that.")
+    if r.nonfinite:
+        return (f"{figures} The masked reference (the model with the removed units "
+                f"contributing nothing) computes nan/inf at kept units of {r.nonfinite!r} on "
+                "these inputs, so slice == mask cannot be checked there. Remedy: check the "
+                "inputs and the unpruned model's output for nan/inf (a division or log "
+                "without an epsilon), then verify on finite inputs.")
+    if fold_failure:
+        return (f"{figures} The BatchNorm fold (compile(..., fold_bn=True)) is not proven: "
+                f"{fold_failure}. Remedy: compile without fold_bn and verify that, then fold "
+                "with passes.fold_bn.fold_bn and check it with passes.fold_bn.check_fold.")
+    return f"{figures} This is an fxprune bug: please report it."
 
 
 class _Float64(torch.fx.Interpreter):
@@ -451,6 +540,7 @@ class _StreamCompare:
     def __init__(self, analysis: GroupAnalysis, kept: Any, alias: dict[str, str]) -> None:
         self.analysis, self.kept, self.alias = analysis, kept, alias
         self.worst, self.worst_name, self.checked, self.done = 0.0, "", 0, False
+        self.nonfinite = ""  # the first node whose reference is nan/inf at kept units
         self.wanted = {alias.get(n, n): n for n, lab in analysis.node_labels.items()
                        if isinstance(lab, dict)}
 
@@ -474,6 +564,9 @@ class _StreamCompare:
         del ref
         rel = _node_error(self.analysis.node_labels[name], self.kept, box, got)
         if rel is None:
+            return
+        if rel != rel:  # nan: the reference itself; everything after it reads it
+            self.nonfinite, self.worst_name, self.done = name, name, True
             return
         if rel == float("inf"):
             self.worst, self.worst_name, self.done = rel, name, True
@@ -575,7 +668,8 @@ def _mutates(n: torch.fx.Node) -> bool:
 def _node_error(labels: dict, kept: Any, box: list, got: torch.Tensor) -> float | None:
     """Relative max error of ``got`` against the reference (``box``'s only tensor, taken
     from it so that each selection frees the last) at its kept indices; inf when the
-    shapes differ, None when not compared (not floating). No full-size temporaries
+    shapes differ or ``got`` alone is not finite there, nan when the reference is not
+    finite there (the model computes nan/inf), None when not compared (not floating). No full-size temporaries
     beyond one difference (an embedding's float64 copy is 250 MB at LLaMA 1B)."""
     from passes.slice_weights import keep_mask
 
@@ -591,8 +685,12 @@ def _node_error(labels: dict, kept: Any, box: list, got: torch.Tensor) -> float 
     scale = float(max(abs(float(v)) for v in ref.aminmax()))
     diff = torch.sub(ref, got)
     del ref
-    low, high = diff.aminmax()
-    diff = max(abs(float(low)), abs(float(high)))
+    low, high = (float(v) for v in diff.aminmax())
+    if not math.isfinite(scale):  # aminmax is nan when any value is: kept units not finite
+        return float("nan")
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return float("inf")  # the reference is finite there and the pruned value is not
+    diff = max(abs(low), abs(high))
     return diff / scale if scale > 0 else diff
 
 
@@ -737,8 +835,9 @@ def _promote_float_literals(gm: torch.fx.GraphModule) -> None:
 
 
 def _compare_activations(analysis: GroupAnalysis, kept: Any, masked: torch.fx.GraphModule,
-                         masked_acts: dict, sliced_acts: dict) -> tuple[float, str, int]:
-    """Every tracked activation: masked value at kept indices == sliced value (relative)."""
+                         masked_acts: dict, sliced_acts: dict) -> tuple[float, str, int, str]:
+    """Every tracked activation: masked value at kept indices == sliced value (relative);
+    the last item names the first node whose reference is nan/inf at kept units."""
     alias = get_meta(masked, "masked_value", {})
     worst, worst_name, checked = 0.0, "", 0
     for name, labels in analysis.node_labels.items():
@@ -748,12 +847,14 @@ def _compare_activations(analysis: GroupAnalysis, kept: Any, masked: torch.fx.Gr
         rel = _node_error(labels, kept, [ref], got)
         if rel is None:
             continue
+        if rel != rel:  # the reference is nan/inf at kept units
+            return worst, name, checked, name
         if rel == float("inf"):
-            return rel, name, checked
+            return rel, name, checked, ""
         checked += 1
         if rel > worst:
             worst, worst_name = rel, name
-    return worst, worst_name, checked
+    return worst, worst_name, checked, ""
 
 
 def flat_tensors(out: Any) -> list[torch.Tensor]:

@@ -397,8 +397,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.plan_out:
         print(f"plan written to {args.plan_out}")
     if report is not None and not report.ok:
-        print("fxprune: verification failed (nothing saved): this is an fxprune bug, "
-              "please report it", file=sys.stderr)
+        print(f"fxprune: verification failed (nothing saved): {report.failure}",
+              file=sys.stderr)
         return 1
     if args.out:
         how = ("torch.load(path, weights_only=False)" if args.out.endswith((".pt", ".pth"))

@@ -16,7 +16,8 @@ Before / after::
 
 Requires: a GraphModule. Ensures: a new GraphModule (no tensor shared with the source,
 ``graph.lint()`` passes) in which no eval-mode BatchNorm directly follows a foldable
-conv/linear; ``check_fold`` proves ``folded(x) == gm(x)`` in float64.
+conv/linear, its folded pairs recorded as ``gm.meta["fxprune"]["bn_folds"]``;
+``check_fold`` proves ``folded(x) == gm(x)`` in float64.
 Not folded (left as they are, never guessed): training-mode BN, BN without running
 stats, a conv whose output has other users, a module called more than once,
 transposed convs, a ``Linear`` whose output is not 2-D (BatchNorm1d would normalise
@@ -33,6 +34,7 @@ import torch.fx
 from torch.utils._pytree import tree_leaves
 
 from fxprune.core.errors import RewriteError, VerificationError
+from fxprune.core.graph_meta import get_meta, set_meta
 from fxprune.core.pipeline import checked_pass, ensure_new_module
 
 __all__ = ["fold_bn", "find_bn_folds", "check_fold"]
@@ -113,7 +115,8 @@ def fold_bn(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     Raises ``RewriteError`` (through its checks) when ``gm`` is not a GraphModule."""
     out = copy.deepcopy(gm)
     nodes = {n.name: n for n in out.graph.nodes}
-    for conv_name, bn_name in find_bn_folds(out):
+    folds = find_bn_folds(out)
+    for conv_name, bn_name in folds:
         conv_node, bn_node = nodes[conv_name], nodes[bn_name]
         conv, bn = out.get_submodule(conv_node.target), out.get_submodule(bn_node.target)
         weight, bias = folded_parameters(conv, bn)
@@ -126,6 +129,9 @@ def fold_bn(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     out.delete_all_unused_submodules()
     out.graph.lint()
     out.recompile()
+    if folds:  # its convs no longer compute what the unfolded graph's nodes of that name do
+        set_meta(out, "bn_folds", [*(get_meta(gm, "bn_folds") or []), *folds])
+        out.meta["fxprune"].pop("state_digest", None)  # a compile's digest: stale now
     return out
 
 

@@ -53,11 +53,16 @@ GATES = "_fxprune_gates"
 
 def apply_gate(x: torch.Tensor, gates: torch.Tensor, index: torch.Tensor, axis: int
                ) -> torch.Tensor:
-    """``x * gates[index]`` along ``axis``; ``index == len(gates)`` means "not gated" (1)."""
+    """``x * gates[index]`` along ``axis``; ``index == len(gates)`` means "not gated" (1).
+
+    A gate at exactly 0 selects 0: a removed unit contributes nothing, as its removal
+    does, even where its value is nan/inf (``nan * 0`` is nan). The select saves only
+    the gate-shaped condition for backward; ``dL/dgate`` of a gate at 0 is then 0."""
     full = torch.cat([gates, gates.new_ones(1)])
     view = [1] * x.dim()
     view[axis] = -1
-    return x * full[index].reshape(view).to(x.dtype)
+    g = full[index].reshape(view).to(x.dtype)
+    return torch.where(g == 0, 0.0, x * g)
 
 
 @dataclass(frozen=True)

@@ -2,17 +2,22 @@
 
 Requires: a ``GroupAnalysis`` and a bool per unit label (True: kept).
 Ensures: a deep copy of the analysed module where every node whose output carries a
-removed unit is followed by ``mul(node, mask)``, zeroing the removed indices, and removed
-parameter slices are zeroed; ``gm.meta["fxprune"]["masked_value"]`` maps each masked node
-to the name of its ``mul`` (so activations can be compared node by node). It shares
+removed unit is followed by ``where(keep, node, 0)``, zeroing the removed indices, and
+removed parameter slices are zeroed; ``gm.meta["fxprune"]["masked_value"]`` maps each
+masked node to the name of its ``where`` (so activations can be compared node by node).
+Zeroing *selects* 0 rather than multiplying by a 0/1 mask: a removed unit's value may be
+non-finite in the masked model (``y / y.std()`` on a zeroed channel is 0/0) and
+``nan * 0`` is nan, which the next layer would spread into kept units; a selected 0
+contributes nothing, as the removed unit does in the sliced model. Non-finite values of
+*kept* units pass through unchanged (verify reports them). It shares
 no code with ``slice_weights`` beyond the labels, so that one checks the other.
 
 Before/after::
 
     conv1 = self.conv1(x)                      conv1 = self.conv1(x)
     bn1 = self.bn1(conv1)              ->      mask_0 = self._fxprune_mask_0
-                                               mul = torch.mul(conv1, mask_0)
-                                               bn1 = self.bn1(mul)  ...
+                                               where = torch.where(mask_0, conv1, 0.0)
+                                               bn1 = self.bn1(where)  ...
 """
 from __future__ import annotations
 
@@ -33,7 +38,8 @@ __all__ = ["insert_masks", "insert_masks_shared", "mask_blocks", "zero_slices"]
 
 
 def _mask_tensor(shape: tuple[int, ...], labels: dict, kept: np.ndarray) -> torch.Tensor | None:
-    mask = np.ones([1] * len(shape), dtype=np.float64)
+    """The bool keep mask of a node's value (broadcast shape), None when nothing is removed."""
+    mask = np.ones([1] * len(shape), dtype=bool)
     hit = False
     for axis, lab in labels.items():
         m = keep_mask(lab, kept)
@@ -42,7 +48,7 @@ def _mask_tensor(shape: tuple[int, ...], labels: dict, kept: np.ndarray) -> torc
         hit = True
         view = [1] * len(shape)
         view[axis] = len(m)
-        mask = mask * m.astype(np.float64).reshape(view)
+        mask = mask & m.astype(bool).reshape(view)
     return torch.from_numpy(mask) if hit else None
 
 
@@ -113,15 +119,15 @@ def _insert_mask_nodes(gm: torch.fx.GraphModule, analysis: GroupAnalysis,
         name = f"_fxprune_mask_{count}"
         count += 1
         device = _device(gm)
-        gm.register_buffer(name, mask.to(dtype=meta.dtype, device=device))
+        gm.register_buffer(name, mask.to(device=device))
         users = list(node.users)
         with graph.inserting_after(node):
             attr = graph.get_attr(name)
         with graph.inserting_after(attr):
-            mul = graph.call_function(torch.mul, (node, attr))
+            select = graph.call_function(torch.where, (attr, node, 0.0))
         for user in users:
-            user.replace_input_with(node, mul)
-        masked_value[node.name] = mul.name
+            user.replace_input_with(node, select)
+        masked_value[node.name] = select.name
     set_meta(gm, "masked_value", masked_value)
     graph.lint()
     gm.recompile()
@@ -137,7 +143,8 @@ def ensures_blocks_masked(result: torch.fx.GraphModule, gm: torch.fx.GraphModule
 @checked_pass(ensures=ensures_blocks_masked, error_type=RewriteError)
 def mask_blocks(gm: torch.fx.GraphModule, blocks) -> torch.fx.GraphModule:
     """Oracle for block removal: a copy of ``gm`` where each block's residual add reads
-    ``f(x) * 0`` instead of its branch ``f(x)`` (nothing is erased)."""
+    ``zeros_like(f(x))`` instead of its branch ``f(x)`` (nothing is erased; not ``f(x) * 0``,
+    which is nan where the removed branch is not finite)."""
     gm = copy.deepcopy(gm)
     graph = gm.graph
     by_name = {n.name: n for n in graph.nodes}
@@ -145,7 +152,7 @@ def mask_blocks(gm: torch.fx.GraphModule, blocks) -> torch.fx.GraphModule:
         for add, branch in zip(block.residuals, block.branches):
             f = by_name[branch]
             with graph.inserting_after(f):
-                zero = graph.call_function(torch.mul, (f, 0.0))
+                zero = graph.call_function(torch.zeros_like, (f,))
             by_name[add].replace_input_with(f, zero)
     graph.lint()
     gm.recompile()
@@ -170,10 +177,12 @@ def _removed_slices(gm: torch.nn.Module, analysis: GroupAnalysis,
 
 
 def _zero_slice(tensor: torch.Tensor, dim: int, m: np.ndarray) -> None:
+    """Removed entries set to 0 (a fill, not a multiply: an inf or nan there becomes 0)."""
     view = [1] * tensor.dim()
     view[dim] = len(m)
+    removed = torch.from_numpy(~np.asarray(m, dtype=bool)).to(tensor.device).reshape(view)
     with torch.no_grad():
-        tensor.mul_(torch.from_numpy(m).to(tensor.device, tensor.dtype).reshape(view))
+        tensor.masked_fill_(removed, 0)
 
 
 def _weight_norm_dim(plist: torch.nn.Module) -> int | None:

@@ -13,6 +13,12 @@ Keys:
     ``tokens``: the ``TokenSchedule`` of a token-reduced graph (``passes.token_merge``).
     ``attention_scale``: ``"original"`` or ``"recompute"``, how ``slice_weights`` wrote
     softmax scales of pruned heads.
+    ``bn_folds``: ``[(conv node, BatchNorm node)]`` that ``passes.fold_bn`` folded away
+    (``fxprune.verify`` then checks the slicing on the unfolded graph and the fold with
+    ``check_fold``).
+    ``state_digest``: ``{tensor name: digest}`` of every parameter and buffer of a
+    ``fxprune.compile`` result as compiled (``fxprune.core.digest``): verify names the
+    tensors changed since (training, a train-mode forward updating BatchNorm statistics).
     ``other_modes``: ``{mode: {"modules", "analysed", "why"}}``, where the captured graph
     left parameterised submodules unrun: the submodules only that mode runs, whether its
     graph was analysed with the captured one (``fxprune.capture.capture_other_modes``)
@@ -28,7 +34,7 @@ __all__ = ["META_KEY", "KEYS", "get_meta", "set_meta"]
 
 META_KEY = "fxprune"
 KEYS = frozenset({"frontend", "specialised", "fallback_reason", "masked_value", "tokens", "attention_scale",
-                  "other_modes"})
+                  "other_modes", "bn_folds", "state_digest"})
 
 
 def _check(key: str) -> None:

@@ -136,3 +136,71 @@ def test_float64_weight_copies_live_one_op_at_a_time(monkeypatch):
     assert fxprune.verify(analysis, small, plan, (x,)).ok
     weights = sum(1 for _ in small.parameters())
     assert weights >= 16 and peak[0] <= 4, (peak[0], weights)
+
+
+class ConvBNBN(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.c2, self.b2 = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))
+
+
+def _randomise_bn(model: torch.nn.Module) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+    return model.eval()
+
+
+def _convbnbn(**compile_options):
+    torch.manual_seed(0)
+    model, x = _randomise_bn(ConvBNBN()), torch.randn(1, 3, 8, 8)
+    analysis = fxprune.analyze(model, (x,))
+    plan = fxprune.Plan.from_ratio(analysis, 0.5, criterion="l1")
+    return model, x, plan, fxprune.compile(model, plan, **compile_options)
+
+
+def test_verify_accepts_a_fold_bn_result():
+    """trial19: the folded convs were compared by node name with the unfolded masked
+    convs (relative err 1.57) and the mismatch called an fxprune bug. Now: slice == mask
+    on the unfolded slice, the fold proven by check_fold."""
+    model, x, plan, folded = _convbnbn(fold_bn=True)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    report = fxprune.verify(model, folded, plan, (x,))
+    assert report.ok and report.nodes_checked > 0 and report.fold_error is not None
+    plain = fxprune.verify(model, fxprune.compile(model, plan), plan, (x,))
+    assert plain.fold_error is None
+
+
+def test_a_wrong_fold_fails_verify():
+    model, x, plan, folded = _convbnbn(fold_bn=True)
+    with torch.no_grad():
+        folded.c1.bias[0] += 0.5
+    folded.meta["fxprune"].pop("state_digest")  # not "changed since compile": a bad fold
+    report = fxprune.verify(model, folded, plan, (x,), raise_on_failure=False)
+    assert not report.ok and report.fold_error == float("inf")
+    with pytest.raises(VerificationError, match="fold .* not proven: fold_bn: 'c1.bias'"):
+        fxprune.verify(model, folded, plan, (x,))
+
+
+@pytest.mark.parametrize("output", ["graph", "module"])
+def test_a_model_trained_after_compile_is_named_not_called_a_bug(output):
+    """trial19: ``small.train()`` + one forward updates BatchNorm's running statistics;
+    verify then failed with "This is an fxprune bug"."""
+    model, x, plan, small = _convbnbn(output=output)
+    small.train()
+    with torch.no_grad():
+        small(torch.randn(2, 3, 8, 8))
+    small.eval()
+    report = fxprune.verify(model, small, plan, (x,), raise_on_failure=False)
+    assert not report.ok and "b1.running_mean" in report.changed
+    with pytest.raises(VerificationError, match="changed after fxprune.compile") as e:
+        fxprune.verify(model, small, plan, (x,))
+    assert "fxprune bug" not in str(e.value) and "compile the plan again" in str(e.value)

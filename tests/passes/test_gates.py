@@ -89,3 +89,19 @@ def test_one_gate_per_consumption_edge():
     mha_heads = [g for g in analysis.groups if all(m.fqn.startswith("mha.") for m in g.members)]
     assert mha_heads and {fqn for fqn, _, _ in gated.param_gates} == {"mha.in_proj_weight",
                                                                      "mha.in_proj_bias"}
+
+
+def test_a_zero_gate_removes_a_nonfinite_unit():
+    """gate 0 computes the unit's removal: nothing, also where its value is nan or inf
+    (x * 0 would be nan); a nan of a gated-on unit passes."""
+    from passes.gates import apply_gate
+
+    x = torch.ones(2, 3, 4)
+    x[:, 1] = float("nan")
+    x[:, 2, 0] = float("inf")
+    gates = torch.tensor([1.0, 0.0])
+    out = apply_gate(x, gates, torch.tensor([0, 1, 1]), 1)
+    assert torch.equal(out[:, 1:], torch.zeros(2, 2, 4)) and torch.equal(out[:, 0], x[:, 0])
+    out = apply_gate(x, torch.tensor([0.0, 1.0]), torch.tensor([0, 1, 2]), 1)  # 2: ungated
+    assert torch.isnan(out[:, 1]).all() and torch.isinf(out[:, 2, 0]).all()
+    assert torch.equal(out[:, 0], torch.zeros(2, 4))

@@ -4,8 +4,9 @@
 ``DIGESTS`` for a module output, which has no graph meta); ``fxprune.verify`` compares it
 on failure, so that a model trained or run in train mode after compile (BatchNorm running
 statistics, ``num_batches_tracked``) is reported as changed, not as an fxprune bug.
-Per tensor: shape, dtype, the float64 sum and ``torch.hash_tensor`` (xor of the values'
-bits); a change that keeps both is possible in principle, never from a training step.
+Per tensor: shape, dtype and ``torch.hash_tensor`` (xor of the values' bits: ~1 ms per
+10M parameters on one thread; a float64 sum as well tripled that): a change that keeps
+the xor is possible in principle, not from a training step.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def _digest(t: torch.Tensor) -> tuple:
     if t.is_complex():
         t = torch.view_as_real(t)
     bits = int(torch.hash_tensor(t).view(torch.int64))  # uint64: no int() of its own
-    return (tuple(t.shape), str(t.dtype), float(t.sum(dtype=torch.float64)), bits)
+    return (tuple(t.shape), str(t.dtype), bits)
 
 
 def state_digest(module: torch.nn.Module) -> dict[str, tuple]:

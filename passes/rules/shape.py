@@ -526,7 +526,7 @@ def pruned_size(fctx, size: Any, old: int, new: int) -> Any:
             "a pruned dim's size is computed from run-time sizes in a way fxprune cannot "
             "rescale (only products of sizes and constants are); a literal would be right at "
             "the example's sizes only. Remedy: write that size as a product (n * c) or -1, "
-            "or keep the group whole (Plan.from_ratio(..., exclude=[...]))")
+            "or keep those channels (ignore=[...])")
     graph = fctx.node.graph
     with graph.inserting_before(fctx.node):
         scaled = graph.call_function(operator.mul, (size, new))

@@ -50,7 +50,7 @@ from fxprune.core.graph_meta import get_meta
 from passes.mask import insert_masks
 from passes.slice_weights import keep_mask, slice_weights
 from passes.rules.registry import (MODULE_FIXUPS, RewriteOptions, apply_module_fixup,
-                                   find_module_entry)
+                                   find_module_entry, normalized_call)
 
 __all__ = ["slice_module", "literal_rewrites", "check_module_output", "uneven_chunks",
            "refuse_uneven_chunks", "refuse_broken_count_ties", "refuse_derived_scales",
@@ -295,18 +295,22 @@ def _changed_sequences(before: torch.fx.Node, after: torch.fx.Node) -> list[tupl
     split_int = _split_int_pairs(before, after)
     if split_int:
         return split_int
-    olds = list(before.args[1:]) + [before.kwargs.get(k) for k in
-                                    ("split_size_or_sections", "split_size", "shape", "size")]
-    news = list(after.args[1:]) + [after.kwargs.get(k) for k in
-                                   ("split_size_or_sections", "split_size", "shape", "size")]
-    for old in olds:
-        if not _int_seq(old):
-            continue
-        for new in news:
-            if _int_seq(new) and len(new) == len(old) and list(new) != list(old):
-                pairs.append((list(old), list(new)))
-                break
+    for old, new in _same_arguments(before, after):
+        if _int_seq(old) and _int_seq(new) and len(new) == len(old) \
+                and list(new) != list(old):
+            pairs.append((list(old), list(new)))
     return pairs
+
+
+def _same_arguments(before: torch.fx.Node, after: torch.fx.Node) -> list[tuple[Any, Any]]:
+    """(old, new) values of each argument of the call, paired by schema name where both
+    calls bind to the same schema (a fixup may move a keyword to a position), else by
+    position and keywords by name: aten.conv2d's stride is never paired with its padding."""
+    b, a = normalized_call(before), normalized_call(after)
+    if b.names and b.names == a.names:
+        return [(b.values[k], a.values[k]) for k in b.names[1:]]
+    pairs = list(zip(before.args[1:], after.args[1:]))
+    return pairs + [(v, after.kwargs[k]) for k, v in before.kwargs.items() if k in after.kwargs]
 
 
 def _split_int_pairs(before: torch.fx.Node, after: torch.fx.Node) -> list[tuple[int, int]]:

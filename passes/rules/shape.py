@@ -484,8 +484,9 @@ def sizes_from_args(node: torch.fx.Node) -> tuple[list, bool]:
 
 @fixup("view", "reshape", "expand", "broadcast_to", "_reshape_alias")
 def fix_sizes(fctx) -> None:
-    """Sizes of channel dims become literal kept counts (a symbolic size read from a pruned
-    input would be wrong); -1 and symbolic batch/spatial sizes stay."""
+    """Sizes of channel dims become their kept counts (``pruned_size``: a literal, or the
+    traced product rescaled at run time when it merges the batch with channels, as in
+    ``reshape(n * c, -1)``); -1 and symbolic batch/spatial sizes stay."""
     node = fctx.node
     new = fctx.new_shape(node)
     sizes, packed = sizes_from_args(node)
@@ -494,10 +495,12 @@ def fix_sizes(fctx) -> None:
         return
     if len(sizes) != len(new):
         raise fctx.error("cannot match size arguments to output dims")
+    old = fctx.old_shape(node)
+    old = old if isinstance(old, tuple) and len(old) == len(new) else new
     for axis, n in enumerate(new):
         if sizes[axis] != -1 and (fctx.kept(node, axis) is not None
                                   or _reads_pruned_size(fctx, sizes[axis])):
-            sizes[axis] = n
+            sizes[axis] = pruned_size(fctx, sizes[axis], old[axis], n)
     if "shape" in node.kwargs or "size" in node.kwargs:
         key = "shape" if "shape" in node.kwargs else "size"
         node.kwargs = {**node.kwargs, key: sizes}
@@ -505,6 +508,80 @@ def fix_sizes(fctx) -> None:
         node.args = (node.args[0], sizes) + tuple(node.args[2:])
     else:
         node.args = (node.args[0], *sizes)
+
+
+def pruned_size(fctx, size: Any, old: int, new: int) -> Any:
+    """The size argument of a pruned output dim: the literal kept count when the traced
+    size is a constant, else ``size * new // old`` computed at run time when the traced
+    size is a product of run-time sizes and constants (``n * c`` of a batch merged with
+    channels: the batch stays symbolic); anything else is refused (a literal would only be
+    right at the example's sizes)."""
+    kind = _size_expression(fctx, size)
+    if kind in ("constant", "pruned") or kind == "other" and not _reads_leading_dim(size):
+        return new  # a width (``C // heads`` of an input's C): the same at every batch
+    if old == new:  # an unpruned dim sized from a pruned read: as before this rule
+        return size if kind == "product" else new
+    if kind != "product" or old == 0:
+        raise fctx.error(
+            "a pruned dim's size is computed from run-time sizes in a way fxprune cannot "
+            "rescale (only products of sizes and constants are); a literal would be right at "
+            "the example's sizes only. Remedy: write that size as a product (n * c) or -1, "
+            "or keep those channels (ignore=[...])")
+    graph = fctx.node.graph
+    with graph.inserting_before(fctx.node):
+        scaled = graph.call_function(operator.mul, (size, new))
+        return graph.call_function(operator.floordiv, (scaled, old))
+
+
+_SYM_SIZE = (torch.ops.aten.sym_size.int,)
+
+
+def _size_expression(fctx, value: Any) -> str:
+    """``"constant"`` (no run-time size in it), ``"product"`` (int constants and run-time
+    sizes of unpruned dims joined by ``*`` only) or ``"other"``. Reads of pruned dims
+    were replaced by their original counts by ``_keep_original_size``; one left (its
+    run-time value is the kept count) is a constant that cannot be rescaled."""
+    if isinstance(value, (int, float, bool)):
+        return "constant"
+    if not isinstance(value, torch.fx.Node):
+        return "other"
+    read = size_read(value) or (tuple(value.args) if value.target in _SYM_SIZE else None)
+    if read is not None:
+        return "pruned" if _read_is_pruned(fctx, *read) else "product"
+    kinds = {_size_expression(fctx, a) for a in value.all_input_nodes}
+    if value.target is operator.mul and len(value.args) == 2 and not value.kwargs:
+        kinds |= {_size_expression(fctx, a) for a in value.args}
+        if "other" in kinds or {"pruned", "product"} <= kinds:
+            return "other"
+        return "product" if "product" in kinds else "constant"
+    if value.op in ("placeholder", "get_attr") or not kinds <= {"constant", "pruned"}:
+        return "other"
+    return "constant"  # arithmetic on constants (``C // heads`` once C is the original)
+
+
+def _reads_leading_dim(value: Any) -> bool:
+    """``value`` is computed from some ``t.shape[0]`` (the batch, or a batch merged with
+    heads): a literal of it would hold at the example's batch only."""
+    seen: set = set()
+    stack = [value]
+    while stack:
+        n = stack.pop()
+        if not isinstance(n, torch.fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        read = size_read(n) or (tuple(n.args) if n.target in _SYM_SIZE else None)
+        if read is not None and read[1] == 0:
+            return True
+        if read is None:
+            stack.extend(n.all_input_nodes)
+    return False
+
+
+def _read_is_pruned(fctx, t: Any, k: Any) -> bool:
+    """``t.shape[k]`` shrinks with slicing."""
+    old, new = fctx.old_shape(t), fctx.new_shape(t)
+    return isinstance(old, tuple) and isinstance(new, tuple) and len(old) == len(new) \
+        and isinstance(k, int) and -len(old) <= k < len(old) and old[k] != new[k]
 
 
 def _reads_pruned_size(fctx, value: Any) -> bool:
@@ -594,7 +671,7 @@ def fix_unflatten(fctx) -> None:
     sizes = list(fctx.arg(2, "sizes"))
     for k in range(len(sizes)):
         if old[dim + k] != new[dim + k] and sizes[k] != -1:
-            sizes[k] = new[dim + k]
+            sizes[k] = pruned_size(fctx, sizes[k], old[dim + k], new[dim + k])
     node.args = (x, dim, sizes)
     node.kwargs = {}
 

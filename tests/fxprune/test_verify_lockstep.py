@@ -204,3 +204,35 @@ def test_a_model_trained_after_compile_is_named_not_called_a_bug(output):
     with pytest.raises(VerificationError, match="changed after fxprune.compile") as e:
         fxprune.verify(model, small, plan, (x,))
     assert "fxprune bug" not in str(e.value) and "compile the plan again" in str(e.value)
+
+
+class _BatchTimesChannels(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(16, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        n, c, h, w = y.shape
+        z = y.reshape(n * c, -1)
+        return self.c2((z - z.mean(1, keepdim=True)).reshape(n, c, h, w))
+
+
+def test_verify_checks_a_second_batch_size():
+    """A size right at the example batch only (the literal n * c of batch 1 that
+    fix_sizes once wrote) passes slice == mask at the example batch; verify's run at one
+    more sample catches it."""
+    torch.manual_seed(0)
+    model, x = _BatchTimesChannels().eval(), torch.randn(1, 3, 8, 8)
+    analysis = fxprune.analyze(model, (x,))
+    plan = fxprune.Plan.from_ratio(analysis, 0.5, criterion="l1")
+    small = fxprune.compile(model, plan)
+    assert fxprune.verify(model, small, plan, (x,)).other_batch == "ok at batch 2"
+    (node,) = [n for n in small.graph.nodes if n.name == "reshape"]
+    node.args = (node.args[0], 8, -1)  # the batch-1 literal
+    small.recompile()
+    report = fxprune.verify(model, small, plan, (x,), raise_on_failure=False)
+    assert not report.ok and report.other_batch.startswith("failed at batch 2")
+    with pytest.raises(VerificationError, match="example batch only"):
+        fxprune.verify(model, small, plan, (x,))

@@ -134,3 +134,39 @@ def test_uneven_split_int_refused_with_line():
     with pytest.raises(LiteralSizeError, match=r"split\(4\) of 5 kept channels: the plan keeps "
                        r"\[2, 3\].*test_slice_module_modes.py"):
         fxprune.compile(m, plan, output="module")
+
+
+class StridedConvs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.c2(torch.relu(self.c1(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5])
+def test_export_module_output_keeps_conv_stride_and_padding(ratio):
+    """_changed_sequences pairs int lists by argument: aten.conv2d's stride [2, 2] is not
+    'changed' into its padding [1, 1] (trial19)."""
+    torch.manual_seed(0)
+    model, x = StridedConvs().eval(), torch.randn(1, 3, 16, 16)
+    analysis = fxprune.analyze(model, (x,), frontend="export")
+    small = fxprune.compile(model, Plan.from_ratio(analysis, ratio), output="module")
+    assert (small.c1.stride, small.c1.padding) == ((2, 2), (1, 1))
+    assert (small.c2.stride, small.c2.padding) == ((1, 1), (1, 1))
+
+
+def test_export_module_output_of_resnet18_keeps_its_convs():
+    torchvision = pytest.importorskip("torchvision")
+    model, x = torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64)
+    analysis = fxprune.analyze(model, (x,), frontend="export")
+    small = fxprune.compile(model, Plan.from_ratio(analysis, 0.0), output="module")
+    convs = [(n, m.stride, m.padding, m.dilation) for n, m in model.named_modules()
+             if isinstance(m, nn.Conv2d)]
+    assert [(n, m.stride, m.padding, m.dilation) for n, m in small.named_modules()
+            if isinstance(m, nn.Conv2d)] == convs
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x))

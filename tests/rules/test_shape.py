@@ -514,3 +514,134 @@ def test_uniform_factory_with_a_computed_size_stays_untracked():
     """A size computed at run time is not a literal to rewrite: fail closed (pinned)."""
     a = fxprune.analyze(ComputedSize().eval(), torch.randn(1, 3, 2, 2), frontend="fx")
     assert a.groups == ()
+
+
+# ----------------------------------------------------------------------------------
+# fix_sizes / fix_unflatten: a size merging the batch with a pruned dim stays symbolic
+class BatchTimesChannels(nn.Module):
+    """Per-channel normalisation written as ``reshape(n * c, -1)``: channel merged with batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        n, c, h, w = y.shape
+        z = y.reshape(n * c, -1)
+        z = z - z.mean(1, keepdim=True)
+        return self.c2(z.reshape(n, c, h, w))
+
+
+class ViewBatchTimesChannels(nn.Module):
+    """``view(n * c, h * w)``, a reduction, then ``unflatten`` back to ``(n, c)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.Linear(16, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        n, c, h, w = y.shape
+        z = y.view(n * c, h * w).amax(1, keepdim=True).unflatten(0, (n, c))
+        return self.fc(z.flatten(1))
+
+
+class BatchTimesHeads(nn.Module):
+    """Attention as ``reshape(B * H, N, d)`` (F.multi_head_attention_forward's layout), the
+    head count read off the projection (``q.shape[-1] // d``) so that heads are prunable."""
+
+    def __init__(self, C: int = 32, d: int = 8) -> None:
+        super().__init__()
+        self.d, self.qkv, self.proj = d, nn.Linear(C, 3 * C), nn.Linear(C, C)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        H = q.shape[-1] // self.d
+        q, k, v = (t.reshape(B, N, H, self.d).transpose(1, 2).reshape(B * H, N, self.d)
+                   for t in (q, k, v))
+        a = torch.softmax(torch.bmm(q, k.transpose(1, 2)) * self.d ** -0.5, -1)
+        y = torch.bmm(a, v).reshape(B, H, N, self.d).transpose(1, 2)
+        return self.proj(y.reshape(B, N, H * self.d))
+
+
+def _batch_consistent(model, x, frontend, **analyze):
+    """Compile half the units away at the batch of ``x``; then every sample run alone must
+    give what it gives in a batch of another size (eval mode: samples are independent)."""
+    torch.manual_seed(0)
+    analysis = fxprune.analyze(model, (x,), frontend=frontend, **analyze)
+    plan = fxprune.plan(analysis, "l1", ratio=0.5, include_softmax=True)
+    assert plan.keep, "nothing pruned: the test would prove nothing"
+    small = fxprune.compile(model, plan)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    x2 = torch.randn((x.shape[0] + 1,) + tuple(x.shape[1:]))
+    with torch.no_grad():
+        torch.testing.assert_close(small(x2)[1:], small(x2[1:]))
+    assert fxprune.verify(model, small, plan, (x,)).ok
+
+
+# export specialises a batch of 1, so its example has a batch of 2 (dynamic)
+@pytest.mark.parametrize("frontend,batch", [("fx", 1), ("export", 2)])
+@pytest.mark.parametrize("make", [BatchTimesChannels, ViewBatchTimesChannels])
+def test_batch_times_channel_size_keeps_the_batch(make, frontend, batch):
+    _batch_consistent(make().eval(), torch.randn(batch, 3, 8, 8), frontend)
+
+
+@pytest.mark.parametrize("frontend,batch", [("fx", 1), ("export", 2)])
+def test_batch_times_heads_size_keeps_the_batch(frontend, batch):
+    _batch_consistent(BatchTimesHeads().eval(), torch.randn(batch, 5, 32), frontend,
+                      split_policy="heads")
+
+
+class BatchTimesHeadsLiteral(nn.Module):
+    """``reshape(B * self.H, N, d)`` with a literal head count (trial19)."""
+
+    def __init__(self, C: int = 32, H: int = 4) -> None:
+        super().__init__()
+        self.H, self.qkv, self.proj = H, nn.Linear(C, 3 * C), nn.Linear(C, C)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        d = C // self.H
+        q, k, v = (t.reshape(B, N, self.H, d).transpose(1, 2).reshape(B * self.H, N, d)
+                   for t in self.qkv(x).chunk(3, dim=-1))
+        a = torch.softmax(torch.bmm(q, k.transpose(1, 2)) * d ** -0.5, -1)
+        return self.proj(torch.bmm(a, v).reshape(B, self.H, N, d).transpose(1, 2).reshape(B, N, C))
+
+
+def test_batch_times_literal_heads_is_held_whole_or_keeps_the_batch():
+    """The count ties hold this group whole today (``B * 4`` reads the batch); whatever the
+    plan, the compiled graph must not bake the example batch."""
+    torch.manual_seed(0)
+    model, x = BatchTimesHeadsLiteral().eval(), torch.randn(1, 5, 32)
+    analysis = fxprune.analyze(model, (x,), split_policy="heads")
+    small = fxprune.compile(model, fxprune.plan(analysis, "l1", ratio=0.5, include_softmax=True))
+    x2 = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x2)[1:], small(x2[1:]))
+
+
+class FloorDivBatchTimesChannels(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        n, c, h, w = y.shape
+        z = y.reshape(n * c // 1, h * w)
+        return self.c2((z - z.mean(1, keepdim=True)).reshape(n, c, h, w))
+
+
+def test_batch_size_that_is_not_a_product_is_refused_with_its_line():
+    """``n * c // 1`` is not a product fxprune can rescale: a typed refusal naming the
+    line, never a literal right at the example batch only."""
+    from fxprune.core.errors import RewriteError
+
+    model, x = FloorDivBatchTimesChannels().eval(), torch.randn(1, 3, 8, 8)
+    analysis = fxprune.analyze(model, (x,))
+    plan = fxprune.Plan.from_ratio(analysis, 0.5, criterion="l1")
+    line = r"(?s)cannot rescale.*test_shape.py\", line \d+, in forward"
+    with pytest.raises(RewriteError, match=line):
+        fxprune.compile(model, plan)

@@ -183,3 +183,27 @@ def test_latency_target_as_a_fraction_of_dense(monkeypatch):
     load[0] = 1.0
     by_ms = plan_for_measured_latency(model, x, 6.0, round_to=1, scope="local", max_iters=3)
     assert by_fraction[0].keep == by_ms[0].keep and by_fraction[2] == pytest.approx(3 * by_ms[2])
+
+
+def test_measure_model_latency_leaves_the_training_flag():
+    """(trial19) the runners measure in eval mode; the caller's flags come back."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
+    model[1].eval()
+    measure_model_latency({"m": model}, torch.randn(1, 3, 8, 8), repeats=1, warmup=0)
+    assert model.training and model[0].training and not model[1].training
+    with pytest.raises(ValueError, match="at least one model"):
+        measure_model_latency({}, (torch.randn(1, 3, 8, 8),))
+
+
+@pytest.mark.parametrize("bad", [["--repeats", "0"], ["--batch", "0"]])
+def test_cli_bench_rejects_bad_counts_up_front(bad, capsys):
+    """(trial19) refused by the parser (exit 2), before any pruning."""
+    pytest.importorskip("torchvision")
+    from fxprune.cli import main
+
+    try:
+        rc = main(["bench", "torchvision:resnet18", "--input-shape", "1,3,16,16",
+                   "--batch", "1", "--repeats", "1", *bad])
+    except SystemExit as e:  # argparse's own refusal
+        rc = e.code
+    assert rc == 2 and "must be an integer >= 1" in capsys.readouterr().err

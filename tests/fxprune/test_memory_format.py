@@ -78,3 +78,52 @@ def test_nothing_to_convert_is_announced():
     model = torch.nn.Sequential(torch.nn.Conv1d(3, 8, 3), torch.nn.ReLU()).eval()
     with pytest.warns(UserWarning, match="changed nothing"):
         to_channels_last(model)
+
+
+class _ViewsBatchTimesChannels(torch.nn.Module):
+    """``view(n * c, h * w)`` of a conv output: NHWC strides allow it at batch 1 only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        y = self.c2(torch.relu(self.c1(x)))
+        n, c, h, w = y.shape
+        return self.fc(y.view(n * c, h * w).amax(1).view(n, c))
+
+
+def test_channels_last_is_checked_beyond_batch_one():
+    """(trial19) accepted at batch 1 it failed at batch 2: now refused at compile."""
+    from fxprune.core.errors import FxpruneError
+
+    torch.manual_seed(0)
+    model, x = _ViewsBatchTimesChannels().eval(), torch.randn(1, 3, 8, 8)
+    plan = fxprune.Plan.from_ratio(fxprune.analyze(model, (x,)), 0.5, criterion="l1")
+    with pytest.raises(FxpruneError, match="channels_last"):
+        fxprune.compile(model, plan, output="module", memory_format="channels_last")
+    fxprune.compile(model, plan, output="module")(torch.randn(2, 3, 8, 8))  # contiguous runs
+
+
+class _FunctionalConvs(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = torch.nn.Parameter(torch.randn(8, 3, 3, 3))
+        self.w2 = torch.nn.Parameter(torch.randn(8, 8, 3, 3))
+
+    def forward(self, x):
+        y = torch.relu(torch.nn.functional.conv2d(x, self.w1, padding=1))
+        return torch.nn.functional.conv2d(y, self.w2, padding=1).mean((2, 3))
+
+
+def test_functional_conv_weights_of_a_graph_are_converted():
+    """(trial19) F.conv2d on parameters: the traced conv nodes' weights go NHWC too."""
+    torch.manual_seed(0)
+    model, x = _FunctionalConvs().eval(), torch.randn(1, 3, 8, 8)
+    plan = fxprune.Plan.from_ratio(fxprune.analyze(model, (x,)), 0.5, criterion="l1")
+    small = fxprune.compile(model, plan, memory_format="channels_last")
+    assert describe_formats(small)["channels_last"] == 0  # no conv modules: the graph's
+    assert small.w1.stride() == torch.empty_like(small.w1, memory_format=torch.channels_last) \
+        .stride() and not small.w1.is_contiguous()

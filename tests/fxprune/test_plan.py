@@ -316,3 +316,13 @@ def test_wrong_argument_types_are_plan_errors_naming_the_remedy(analysis):
     with pytest.raises(fxprune.PlanError, match="compile takes a fxprune.Plan, not dict"):
         fxprune.compile(model, {"conv1.weight[0]": [0, 1]})
     assert plan.keep
+
+
+def test_from_ratio_round_to_auto_points_to_the_planner():
+    """(trial19) it raised TypeError comparing 'auto' < 1."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    analysis = fxprune.analyze(model, (torch.randn(1, 3, 8, 8),))
+    with pytest.raises(fxprune.PlanError, match=r"fxprune.plan\(analysis"):
+        fxprune.Plan.from_ratio(analysis, 0.5, round_to="auto")
+    with pytest.raises(fxprune.PlanError, match="an int >= 1"):
+        fxprune.Plan.from_ratio(analysis, 0.5, round_to=2.5)

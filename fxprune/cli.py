@@ -413,36 +413,34 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------
-def _ratio(text: str) -> float:
+def _number(text: str, cast: Any, ok: Any, wanted: str) -> Any:
+    """``cast(text)`` when ``ok`` of it, else argparse's typed refusal naming ``wanted``
+    (argparse exits 2 before any work)."""
     try:
-        value = float(text)
+        value = cast(text)
     except ValueError:
-        value = float("nan")
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"ratio must lie in [0, 1), got {text}")
+        value = None
+    if value is None or not ok(value):  # nan fails every comparison: refused too
+        raise argparse.ArgumentTypeError(f"{wanted}, got {text}")
     return value
+
+
+def _ratio(text: str) -> float:
+    return _number(text, float, lambda v: 0.0 <= v < 1.0, "ratio must lie in [0, 1)")
 
 
 def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"target must be a fraction in (0, 1], got {text}")
-    return value
+    return _number(text, float, lambda v: 0.0 < v <= 1.0, "target must be a fraction in (0, 1]")
+
+
+def _positive_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 1, "must be an integer >= 1")
 
 
 def _round_to(text: str) -> int | str:
     if text == "auto":
         return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"--round-to takes an integer >= 1 or auto, got {text}")
-    return value
+    return _number(text, int, lambda v: v >= 1, "--round-to takes an integer >= 1 or auto")
 
 
 def _new_dir(text: str) -> str:

@@ -79,7 +79,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--ratio", type=float, default=0.5, help="fraction of units to remove")
     p.add_argument("--criterion", default="l1")
-    from fxprune.cli import _round_to
+    from fxprune.cli import _positive_int, _round_to
 
     p.add_argument("--round-to", type=_round_to, default=1, metavar="N|auto",
                    help="kept counts are multiples of N, or of what each op kind runs "
@@ -93,16 +93,6 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-format", choices=["contiguous", "channels_last", "auto"],
                    default="contiguous", help="conv weight layout of both models; auto: "
                    "the faster one for the pruned model, measured first")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
 
 
 def defaults(args: argparse.Namespace) -> None:

@@ -30,7 +30,7 @@ from fxprune.core.errors import UnsupportedOpError, describe_node, source_line
 from fxprune.core.groups import (ChannelGroup, CountTie, GroupAnalysis, Member, ModeAnalysis,
                                  SplitTie)
 from passes.rules.registry import AnalysisState, RuleContext, iter_units, lookup_rule, op_key
-from passes.rules.shape import size_read, sizes_from_args
+from passes.rules.shape import size_read, size_reads, sizes_from_args
 from passes.shape_prop import tensor_shapes
 
 __all__ = ["find_groups", "graph_fingerprint", "OtherMode"]
@@ -351,26 +351,20 @@ def _pruned_reads(value: torch.fx.Node, node_labels: dict, *, fixed: bool = Fals
     """(read node, tensor, dim, labels) of every ``t.shape[k]`` / ``t.size(k)`` of a dim
     holding prunable units that the int arithmetic computing ``value`` reads (``fixed``:
     (read node, tensor, dim, size) of every read of a dim holding none)."""
-    found, seen, stack = [], set(), [value]
-    while stack:
-        n = stack.pop()
-        if not isinstance(n, torch.fx.Node) or n in seen:
-            continue
-        seen.add(n)
-        read = size_read(n)
-        if read is not None:
-            t, k = read
-            dims, shape = node_labels.get(t.name), tensor_shapes(t)
-            if isinstance(dims, dict) and _is_tensor(shape) and -len(shape) <= k < len(shape):
-                lab = dims.get(k % len(shape))
-                prunable = lab is not None and (lab >= 0).any()
-                if prunable and not fixed:
-                    found.append((n, t, k % len(shape), lab))
-                elif fixed and not prunable:
-                    found.append((n, t, k % len(shape), int(shape[k])))
-            continue
-        if not _is_tensor(tensor_shapes(n)) or tensor_shapes(n) == ():
-            stack.extend(n.all_input_nodes)  # size arithmetic, not a tensor
+    found = []
+
+    def arithmetic(n: torch.fx.Node) -> bool:  # size arithmetic, not a tensor
+        return not _is_tensor(tensor_shapes(n)) or tensor_shapes(n) == ()
+
+    for n, (t, k) in size_reads(value, descend=arithmetic):
+        dims, shape = node_labels.get(t.name), tensor_shapes(t)
+        if isinstance(dims, dict) and _is_tensor(shape) and -len(shape) <= k < len(shape):
+            lab = dims.get(k % len(shape))
+            prunable = lab is not None and (lab >= 0).any()
+            if prunable and not fixed:
+                found.append((n, t, k % len(shape), lab))
+            elif fixed and not prunable:
+                found.append((n, t, k % len(shape), int(shape[k])))
     return found
 
 

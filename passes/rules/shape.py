@@ -6,6 +6,7 @@ fixups rewrite literal sizes after slicing (a tracked dim's size becomes the kep
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -562,19 +563,8 @@ def _size_expression(fctx, value: Any) -> str:
 def _reads_leading_dim(value: Any) -> bool:
     """``value`` is computed from some ``t.shape[0]`` (the batch, or a batch merged with
     heads): a literal of it would hold at the example's batch only."""
-    seen: set = set()
-    stack = [value]
-    while stack:
-        n = stack.pop()
-        if not isinstance(n, torch.fx.Node) or n in seen:
-            continue
-        seen.add(n)
-        read = size_read(n) or (tuple(n.args) if n.target in _SYM_SIZE else None)
-        if read is not None and read[1] == 0:
-            return True
-        if read is None:
-            stack.extend(n.all_input_nodes)
-    return False
+    return any(k == 0 for _, (_, k) in size_reads(
+        value, read=lambda n: size_read(n) or (tuple(n.args) if n.target in _SYM_SIZE else None)))
 
 
 def _read_is_pruned(fctx, t: Any, k: Any) -> bool:
@@ -589,6 +579,21 @@ def _reads_pruned_size(fctx, value: Any) -> bool:
     that slicing shrinks: a size the original reshape derived from there must become a
     literal when this output dim is not pruned (``reshape(B, N, C)`` or ``C // heads``
     with C read off a pruned input)."""
+
+    def is_tensor(n: torch.fx.Node) -> bool:  # a tensor: not size arithmetic
+        shape = fctx.old_shape(n)
+        return isinstance(shape, tuple) and _is_tensor_shape(shape) and shape != ()
+
+    return any(_read_is_pruned(fctx, t, k)
+               for _, (t, k) in size_reads(value, descend=lambda n: not is_tensor(n)))
+
+
+def size_reads(value: Any, *, read: Callable[[torch.fx.Node], Any] | None = None,
+               descend: Callable[[torch.fx.Node], bool] = lambda n: True) -> Iterator[tuple]:
+    """``(node, (t, k))`` for every size read (``read``, default ``size_read``: ``t.shape[k]``
+    / ``t.size(k)``) in the int arithmetic computing ``value``, each node once; the walk
+    goes on into the inputs of a node that is not a read where ``descend(node)``."""
+    read = read or size_read
     seen: set = set()
     stack = [value]
     while stack:
@@ -596,19 +601,11 @@ def _reads_pruned_size(fctx, value: Any) -> bool:
         if not isinstance(n, torch.fx.Node) or n in seen:
             continue
         seen.add(n)
-        read = size_read(n)
-        if read is not None:
-            t, k = read
-            old, new = fctx.old_shape(t), fctx.new_shape(t)
-            if isinstance(old, tuple) and isinstance(new, tuple) and len(old) == len(new) \
-                    and -len(old) <= k < len(old) and old[k] != new[k]:
-                return True
-            continue
-        if isinstance(fctx.old_shape(n), tuple) and _is_tensor_shape(fctx.old_shape(n)) \
-                and fctx.old_shape(n) != ():  # a tensor: not size arithmetic
-            continue
-        stack.extend(n.all_input_nodes)
-    return False
+        got = read(n)
+        if got is not None:
+            yield n, got
+        elif descend(n):
+            stack.extend(n.all_input_nodes)
 
 
 def size_read(n: torch.fx.Node) -> tuple[torch.fx.Node, int] | None:

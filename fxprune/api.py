@@ -396,12 +396,20 @@ _OWN_DTYPE_RTOL = 1e-4
 
 def _run_plain(gm: torch.nn.Module, inputs: tuple, what: str) -> Any:
     """``gm(*inputs)`` in eval mode (flags restored), no grad, its own dtype; a failure
-    raised as a typed error."""
+    raised as a typed error. Buffers are put back as they were afterwards: a torch.export
+    graph captured in train mode updates BatchNorm statistics whatever its flags say, and
+    the analysed graph shares the user's tensors (which verify must never change)."""
+    saved = [(b, b.detach().clone()) for b in gm.buffers()]
     try:
         with torch.no_grad(), eval_mode(gm):
             return gm(*inputs)
     except Exception as exc:
         raise _run_error(what, getattr(exc, "fxprune_node", None), inputs, exc) from exc
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                if not torch.equal(b, value):
+                    b.copy_(value)
 
 
 def _same_per_sample(small: list, grown: list, b: int, rtol: float) -> bool:
